@@ -1,0 +1,154 @@
+"""Forgetting loss of a finetune on a text corpus (Kalajdzievski 2024; MiLoRA paper, section 5.4).
+
+Text (a local file or a hub dataset; WikiText-103 test by default) is tokenized as one stream and cut
+into blocks of `seq_len` tokens (each starting with BOS when the tokenizer has one). Both models read the
+same blocks, batched; at every real token position, with p the base model's and q the tuned model's
+next-token distribution (float64, see `metrics.next_token_divergence_sums`):
+
+- ``forgetting_loss`` = mean KL(p || q) = CE(p, q) - H(p): 0 for identical models;
+- ``cross_entropy``   = mean CE(p, q) = -sum_v p_v log q_v (Kalajdzievski's forgetting loss, which for
+  identical models equals ``base_entropy``);
+- ``base_entropy``    = mean H(p);
+- ``base_lm_loss`` / ``tuned_lm_loss`` = each model's mean next-token NLL on the text itself.
+
+Means are over all counted token positions of all blocks (not a mean of per-block means).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from milora.analysis import metrics
+
+DEFAULT_FORGETTING_DATA = "wikitext:wikitext-103-raw-v1:test"
+TEXT_FIELDS = ("text", "content", "document")
+
+DEFINITION = (
+    "forgetting_loss = mean over token positions of KL(p_base || p_tuned) = CE(p_base, p_tuned) - H(p_base), "
+    "with p the next-token distributions of the two models (0 for identical models); "
+    "cross_entropy = mean CE(p_base, p_tuned) = -sum_v p_base(v) log p_tuned(v) (Kalajdzievski 2024; "
+    "equals base_entropy for identical models); base_entropy = mean H(p_base); "
+    "*_lm_loss = mean next-token NLL of each model on the text itself."
+)
+
+
+def _texts_from_records(records: Iterable[dict], source: str) -> Iterator[str]:
+    field = None
+    for record in records:
+        if field is None:
+            field = next((f for f in TEXT_FIELDS if isinstance(record.get(f), str)), None)
+            if field is None:
+                field = next((k for k, v in record.items() if isinstance(v, str)), None)
+            if field is None:
+                raise ValueError(f"{source}: no text field in records (looked for {', '.join(TEXT_FIELDS)})")
+        yield record[field]
+
+
+def iter_texts(spec: str) -> Iterator[str]:
+    """The texts of a forgetting corpus, lazily.
+
+    `spec` is a local file (`.jsonl`/`.json`: records with a `text` field, else the first string field;
+    anything else: plain text, read line by line with newlines kept), or a hub dataset as
+    `NAME[:CONFIG[:SPLIT]]` (split `test` by default), e.g. `wikitext:wikitext-103-raw-v1:test`.
+    """
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            with path.open() as handle:
+                yield from _texts_from_records((json.loads(line) for line in handle if line.strip()), spec)
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+            yield from _texts_from_records(data if isinstance(data, list) else [data], spec)
+        else:
+            with path.open() as handle:
+                yield from handle
+        return
+    if path.exists() or spec.startswith((".", os.sep, "~")) or path.suffix in (".txt", ".json", ".jsonl"):
+        raise FileNotFoundError(f"forgetting data {spec!r} is not a readable file")
+    import datasets
+
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    dataset = datasets.load_dataset(name, config or None, split=split or "test")
+    yield from _texts_from_records(dataset, spec)
+
+
+def token_blocks(
+    texts: Iterable[str], tokenizer, seq_len: int, max_samples: int | None
+) -> list[list[int]]:
+    """Up to `max_samples` blocks of `seq_len` token ids from the concatenated texts (BOS first when the
+    tokenizer has one); the last block may be shorter. Stops reading texts once enough tokens are in."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = seq_len - len(bos)
+    if body < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room for text")
+    needed = None if max_samples is None else max_samples * body
+    stream: list[int] = []
+    for text in texts:
+        if not text:
+            continue
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if needed is not None and len(stream) >= needed:
+            break
+    if needed is not None:
+        stream = stream[:needed]
+    return [bos + stream[start:start + body] for start in range(0, len(stream), body)]
+
+
+def _batches(blocks: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size]
+        width = max(len(block) for block in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, block in enumerate(batch):
+            input_ids[row, : len(block)] = torch.tensor(block)
+            attention_mask[row, : len(block)] = 1
+        yield input_ids, attention_mask
+
+
+@torch.inference_mode()
+def forgetting_loss(
+    base_model,
+    tuned_model,
+    blocks: list[list[int]],
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    pad_id: int = 0,
+    show_progress: bool = True,
+) -> dict:
+    """Forgetting metrics (module docstring) of `tuned_model` against `base_model` on token `blocks`."""
+    from tqdm.auto import tqdm
+
+    if not blocks:
+        raise ValueError("no token blocks: the forgetting data has no text")
+    sums = {"base_entropy_sum": 0.0, "cross_entropy_sum": 0.0, "kl_sum": 0.0, "token_count": 0}
+    nll = {"base": 0.0, "tuned": 0.0, "token_count": 0}
+    batches = _batches(blocks, batch_size, pad_id)
+    total = (len(blocks) + batch_size - 1) // batch_size
+    for input_ids, attention_mask in tqdm(batches, total=total, desc="forgetting loss", disable=not show_progress):
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        base_logits = base_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        tuned_logits = tuned_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        for key, value in metrics.next_token_divergence_sums(base_logits, tuned_logits, attention_mask).items():
+            sums[key] += value
+        base_nll = metrics.next_token_nll_sum(base_logits, input_ids, attention_mask)
+        tuned_nll = metrics.next_token_nll_sum(tuned_logits, input_ids, attention_mask)
+        nll["base"] += base_nll["nll_sum"]
+        nll["tuned"] += tuned_nll["nll_sum"]
+        nll["token_count"] += base_nll["token_count"]
+    count = sums["token_count"]
+    return {
+        "definition": DEFINITION,
+        "forgetting_loss": sums["kl_sum"] / count,
+        "cross_entropy": sums["cross_entropy_sum"] / count,
+        "base_entropy": sums["base_entropy_sum"] / count,
+        "base_lm_loss": nll["base"] / nll["token_count"] if nll["token_count"] else None,
+        "tuned_lm_loss": nll["tuned"] / nll["token_count"] if nll["token_count"] else None,
+        "num_sequences": len(blocks),
+        "num_tokens": count,
+    }

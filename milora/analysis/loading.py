@@ -1,0 +1,134 @@
+"""Which weights `--base`, `--tuned` and `--adapter` stand for, and loading them as merged in-memory models.
+
+A model argument is a merged checkpoint (local directory or hub id), `tiny:<kind>`, a PEFT adapter directory,
+or a `milora init` directory DIR: the RESIDUAL base model (W - B0 A0) with its initial adapter in
+DIR/milora_init/ (an ordinary PEFT adapter directory). The rules:
+
+- `--base DIR` (init dir): the true base is DIR + merge(DIR/milora_init), i.e. the original W.
+- `--base M` (checkpoint): M.
+- `--tuned M` (checkpoint): M; `--tuned DIR` (init dir): DIR + merge(DIR/milora_init).
+- `--tuned ADAPTER` (adapter dir) or `--adapter ADAPTER` without `--tuned`: the adapter merged onto the
+  model it was trained from, which is the raw `--base` path: for an init dir that is the residual DIR, so
+  tuned = DIR + merge(ADAPTER) (an adapter trained from `milora init` holds B A, not B A - B0 A0).
+- `--tuned M --adapter ADAPTER`: M (raw, even if an init dir) + merge(ADAPTER).
+
+Adapters are merged in memory with PEFT (`PeftModel.from_pretrained(...).merge_and_unload()`), in the load
+dtype: float32 by default, so that a small update is not lost to bf16 rounding when merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+INIT_ADAPTER_SUBDIR = "milora_init"
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_RANK = 8
+
+
+def is_milora_init_dir(path: str | os.PathLike | None) -> bool:
+    """A `milora init` directory: holds `milora_init/adapter_config.json`."""
+    return path is not None and (Path(path) / INIT_ADAPTER_SUBDIR / ADAPTER_CONFIG).is_file()
+
+
+def is_adapter_dir(path: str | os.PathLike | None) -> bool:
+    """A PEFT adapter directory: `adapter_config.json` and no model `config.json`."""
+    return path is not None and (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
+
+
+def adapter_rank(adapter_dir: str | os.PathLike) -> int | None:
+    """The LoRA rank `r` in an adapter's config, or None if it has none."""
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    rank = config.get("r")
+    return int(rank) if isinstance(rank, int) else None
+
+
+@dataclass
+class ModelSource:
+    """The weights one side of the comparison stands for: `model` (raw), plus `adapter` merged on top."""
+
+    model: str
+    adapter: str | None = None
+    kind: str = "checkpoint"  # checkpoint | milora_init_dir | checkpoint+adapter
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def resolve_sources(base: str, tuned: str | None = None, adapter: str | None = None) -> tuple[ModelSource, ModelSource]:
+    """Apply the rules in the module docstring to the three command-line arguments."""
+    if is_adapter_dir(base):
+        raise ValueError(f"--base {base} is an adapter directory; give the model it applies to as --base")
+    if tuned is None and adapter is None:
+        raise ValueError("give the finetuned model: --tuned (checkpoint or adapter dir) and/or --adapter")
+    if adapter is not None and not is_adapter_dir(adapter):
+        raise ValueError(f"--adapter {adapter} has no {ADAPTER_CONFIG}")
+    if is_milora_init_dir(base):
+        base_source = ModelSource(base, str(Path(base) / INIT_ADAPTER_SUBDIR), "milora_init_dir")
+    else:
+        base_source = ModelSource(base)
+
+    if adapter is not None:
+        tuned_source = ModelSource(tuned if tuned is not None else base, adapter, "checkpoint+adapter")
+    elif is_adapter_dir(tuned):
+        tuned_source = ModelSource(base, tuned, "checkpoint+adapter")
+    elif is_milora_init_dir(tuned):
+        tuned_source = ModelSource(tuned, str(Path(tuned) / INIT_ADAPTER_SUBDIR), "milora_init_dir")
+    else:
+        tuned_source = ModelSource(tuned)
+    return base_source, tuned_source
+
+
+def default_rank(base_source: ModelSource, tuned_source: ModelSource) -> tuple[int, str]:
+    """The r of the principal/minor split when the user gives none: the base's `milora_init` adapter rank,
+    else the tuned adapter's rank, else 8. Returns (r, where it came from)."""
+    for source, label in ((base_source, "base adapter"), (tuned_source, "tuned adapter")):
+        if source.adapter is not None:
+            rank = adapter_rank(source.adapter)
+            if rank is not None:
+                return rank, f"{label} {source.adapter}"
+    return DEFAULT_RANK, "default"
+
+
+def merge_adapter_in_memory(model, adapter_dir: str):
+    """`model` with the PEFT adapter at `adapter_dir` merged into its weights (no disk writes)."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    # The saved A, B are loaded as they are; an init such as "pissa" must not run again on the base weights.
+    if hasattr(config, "init_lora_weights"):
+        config.init_lora_weights = True
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config)
+    return peft_model.merge_and_unload()
+
+
+def load_source(source: ModelSource, dtype: str = "float32"):
+    """The in-memory model `source` stands for (eval mode, on the CPU)."""
+    from milora.loading import load_model
+
+    model = load_model(source.model, dtype=dtype)
+    if source.adapter is not None:
+        model = merge_adapter_in_memory(model, source.adapter)
+    return model.eval()
+
+
+def load_tokenizer(*candidates: str | None):
+    """The tokenizer saved with the first candidate path that has one (a processor's tokenizer for LLaVA).
+
+    Raises the last loading error when none has one.
+    """
+    from milora.loading import load_processing_class
+
+    error: Exception | None = None
+    for path in candidates:
+        if path is None:
+            continue
+        try:
+            processing_class = load_processing_class(path)
+        except Exception as exc:  # noqa: BLE001 - try the next candidate, report the last failure
+            error = exc
+            continue
+        return getattr(processing_class, "tokenizer", processing_class)
+    raise error if error is not None else ValueError("no tokenizer candidates given")

@@ -1,0 +1,1 @@
+"""Subcommands of the `milora` CLI; each module has `main(argv) -> int`."""

@@ -1,0 +1,58 @@
+"""`milora init`: decompose once, write the residual base model and the initial adapter.
+
+Training then starts from the directory with no SVD (`milora_init_dir:` in a recipe), which is also how
+to run MiLoRA under DeepSpeed ZeRO-3, where no process holds whole weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from milora.decomposition import METHODS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="milora init",
+        description="Precompute a MiLoRA/PiSSA init: residual base model in OUT, initial adapter in OUT/milora_init/.",
+    )
+    parser.add_argument("--model", required=True, help="hub id, local directory, or tiny:KIND")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,up_proj,down_proj",
+                        help="comma-separated module names, a regex, or all-linear (default: %(default)s)")
+    parser.add_argument("--r", type=int, required=True, help="adapter rank")
+    parser.add_argument("--mode", default="minor", help="minor|milora, principal|pissa, mid, random (default: minor)")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="default: r (scaling 1)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    parser.add_argument("--device", default=None, help="where to decompose, e.g. cuda (default: the weights' device)")
+    parser.add_argument("--decomposition", default="gram", choices=METHODS, help="gram (fast, exact) or svd")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random mode")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from milora.init_dir import save_init_dir
+    from milora.loading import load_model, load_processing_class
+    from milora.model import apply_milora, normalize_mode
+
+    if normalize_mode(args.mode) is None:
+        raise SystemExit("milora init: plain LoRA needs no precomputed init; use --mode minor, principal, mid or random")
+    model = load_model(args.model, dtype=args.dtype)
+    try:
+        processing_class = load_processing_class(args.model)
+    except (OSError, ValueError) as error:
+        print(f"milora init: no tokenizer/processor saved ({error})")
+        processing_class = None
+    peft_model = apply_milora(
+        model, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
+        device=args.device, decomposition=args.decomposition, seed=args.seed,
+    )
+    metadata = {
+        "source_model": args.model, "mode": normalize_mode(args.mode), "r": args.r,
+        "lora_alpha": peft_model.peft_config["default"].lora_alpha, "targets": args.targets,
+        "decomposition": args.decomposition, "seed": args.seed,
+    }
+    save_init_dir(peft_model, args.out, processing_class, metadata)
+    print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/milora_init")
+    return 0

@@ -1,0 +1,115 @@
+"""After training: a MiLoRA/PiSSA adapter as a standard LoRA for the ORIGINAL base, and merged checkpoints.
+
+A MiLoRA adapter `B A` sits on the residual base `W_res = W - s B0 A0`. On the original `W` the same model
+is `W + s (B A - B0 A0)`, and `B A - B0 A0 = [B, B0] [A; -A0]`: a rank-2r LoRA. Keeping the scaling `s`
+fixed at rank 2r means doubling `lora_alpha` (or multiplying it by sqrt(2) with rsLoRA). This is the
+conversion PEFT performs for PiSSA, done here on saved files so it works for any of our modes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from milora.io import atomic_directory
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    adapter_dir = Path(adapter_dir)
+    for needed in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter_dir / needed).is_file():
+            raise FileNotFoundError(
+                f"{adapter_dir} has no {needed}: give a directory written by PeftModel.save_pretrained "
+                "(safetensors format)"
+            )
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    return config, load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+
+
+def _doubled_alpha(alpha: float, use_rslora: bool) -> float:
+    return alpha * math.sqrt(2) if use_rslora else 2 * alpha
+
+
+def lora_delta_factors(
+    B: torch.Tensor, A: torch.Tensor, B0: torch.Tensor, A0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-2r factors of `B A - B0 A0`: `([B, B0], [A; -A0])`."""
+    return torch.cat([B, B0], dim=1), torch.cat([A, -A0], dim=0)
+
+
+def convert_to_lora(adapter_dir: str | Path, initial_adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a standard LoRA adapter to `out_dir` that applies to the original (pre-MiLoRA) base model.
+
+    `adapter_dir` is the trained adapter, `initial_adapter_dir` the adapter as `apply_milora` initialised it
+    (recipes save it as `milora_init_adapter/`; `milora init` as `DIR/milora_init/`).
+    """
+    config, trained = _read_adapter(adapter_dir)
+    init_config, initial = _read_adapter(initial_adapter_dir)
+    for key in ("r", "lora_alpha", "use_rslora", "target_modules"):
+        if config.get(key) != init_config.get(key):
+            raise ValueError(
+                f"{adapter_dir} and {initial_adapter_dir} disagree on {key} ({config.get(key)!r} vs "
+                f"{init_config.get(key)!r}): the initial adapter must be the one this adapter was trained from"
+            )
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in trained.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            if key not in initial:
+                raise ValueError(f"{initial_adapter_dir} lacks {key}; it is not this adapter's initial state")
+            if ".lora_B." in key:
+                continue
+            key_B = key.replace(".lora_A.", ".lora_B.")
+            B, A = lora_delta_factors(trained[key_B], tensor, initial[key_B].to(trained[key_B].dtype), initial[key].to(tensor.dtype))
+            converted[key], converted[key_B] = A.contiguous(), B.contiguous()
+        else:
+            converted[key] = tensor  # modules_to_save, biases: already absolute values
+    use_rslora = bool(config.get("use_rslora", False))
+    config = dict(config)
+    config["r"] = 2 * config["r"]
+    config["lora_alpha"] = _doubled_alpha(config["lora_alpha"], use_rslora)
+    config["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
+    config["alpha_pattern"] = {k: _doubled_alpha(v, use_rslora) for k, v in (config.get("alpha_pattern") or {}).items()}
+    config["init_lora_weights"] = True
+    with atomic_directory(out_dir) as tmp:
+        save_file(converted, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(out_dir)
+
+
+def merge_adapter(peft_model, out_dir: str | Path, processing_class=None, safe_serialization: bool = True):
+    """Merge the adapter into the base weights and save a full checkpoint that `from_pretrained` loads.
+
+    The PEFT model is consumed (merged in place); the merged plain model is returned.
+    """
+    merged = peft_model.merge_and_unload()
+    with atomic_directory(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=safe_serialization)
+        if processing_class is not None:
+            processing_class.save_pretrained(tmp)
+    return merged
+
+
+def merge_checkpoint(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype="auto"):
+    """Load `base` (hub id, directory or tiny:KIND) + the adapter at `adapter_dir`, merge, save to `out_dir`.
+
+    The base must be the one the adapter applies to: the residual model of a `milora init` directory for
+    an adapter trained from it, the original model for a standard LoRA (`milora convert` output).
+    """
+    from peft import PeftModel
+
+    from milora.loading import load_model, load_processing_class
+
+    model = load_model(base, dtype=dtype)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    try:
+        processing_class = load_processing_class(base)
+    except (OSError, ValueError):
+        processing_class = None  # a bare weights directory: the merge is still useful
+    return merge_adapter(peft_model, out_dir, processing_class)

@@ -1,0 +1,74 @@
+"""`milora init` directories: a precomputed MiLoRA/PiSSA init that training loads with no SVD.
+
+Layout of `DIR` (what the paper's authors ship for their runs):
+
+    DIR/                 the residual base model `W - s B0 A0` (config + safetensors) and its tokenizer/processor
+    DIR/milora_init/     the initial adapter `B0, A0`: an ordinary PEFT adapter for the model in DIR
+    DIR/milora_init/milora.json   how it was made (mode, r, targets, source model)
+
+`AutoModelForCausalLM.from_pretrained(DIR)` + `PeftModel.from_pretrained(..., DIR/milora_init)` is exactly
+the model `apply_milora` returns, and the original weights are `merge(DIR, DIR/milora_init)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from milora.io import atomic_directory
+
+INIT_SUBDIR = "milora_init"
+METADATA_FILE = "milora.json"
+
+
+def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with PEFT's wrappers removed: base layers (now residual) under their
+    original names, no LoRA factors, the original copy of any `modules_to_save`."""
+    state = {}
+    for key, tensor in peft_model.get_base_model().state_dict().items():
+        if ".lora_" in key or ".modules_to_save." in key:
+            continue
+        clean = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+        state[clean] = tensor
+    return state
+
+
+def is_init_dir(path: str | Path) -> bool:
+    return (Path(path) / INIT_SUBDIR / "adapter_config.json").is_file()
+
+
+def save_init_dir(peft_model, out_dir: str | Path, processing_class=None, metadata: dict | None = None) -> Path:
+    """Write the residual base model, its tokenizer/processor and the initial adapter to `out_dir`."""
+    out_dir = Path(out_dir)
+    peft_model.peft_config["default"].base_model_name_or_path = str(out_dir.resolve())
+    with atomic_directory(out_dir) as tmp:
+        base = peft_model.get_base_model()
+        base.save_pretrained(tmp, state_dict=residual_state_dict(peft_model))
+        if processing_class is not None:
+            processing_class.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp / INIT_SUBDIR)
+        (tmp / INIT_SUBDIR / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True))
+    return out_dir
+
+
+def load_init_dir(init_dir: str | Path, dtype="auto", is_trainable: bool = True, **model_kwargs):
+    """The PEFT model stored in a `milora init` directory, ready to train (no decomposition runs)."""
+    from peft import PeftModel
+
+    from milora.loading import load_model
+
+    init_dir = Path(init_dir)
+    if not is_init_dir(init_dir):
+        raise FileNotFoundError(
+            f"{init_dir} is not a milora init directory (no {INIT_SUBDIR}/adapter_config.json); "
+            "create one with `milora init --model ... --out DIR`"
+        )
+    model = load_model(str(init_dir), dtype=dtype, **model_kwargs)
+    return PeftModel.from_pretrained(model, str(init_dir / INIT_SUBDIR), is_trainable=is_trainable)
+
+
+def read_metadata(init_dir: str | Path) -> dict:
+    path = Path(init_dir) / INIT_SUBDIR / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,84 @@
+"""Loading models and their tokenizer/processor by hub id, local path or `tiny:<kind>`, the same way
+everywhere (recipes, `milora init`, `milora merge`, analysis)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from milora import tiny
+
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_type_of(name_or_path: str) -> str:
+    """The `model_type` of a checkpoint (reads config.json locally; AutoConfig for hub ids)."""
+    if tiny.is_tiny(name_or_path):
+        return tiny.tiny_config(tiny.tiny_kind(name_or_path)).model_type
+    config_file = Path(name_or_path) / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text()).get("model_type", "")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path).model_type
+
+
+def is_vision_language(model_type: str) -> bool:
+    return model_type in ("llava", "llava_next", "llava_onevision")
+
+
+def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None = None, **kwargs):
+    """A causal LM (or a LLaVA model) from a hub id, a local directory or `tiny:<kind>`."""
+    dtype = resolve_dtype(dtype)
+    if tiny.is_tiny(name_or_path):
+        return tiny.tiny_model(tiny.tiny_kind(name_or_path), dtype=torch.float32 if dtype in (None, "auto") else dtype)
+    if not tiny.is_tiny(name_or_path) and "/" not in name_or_path.strip("./") and not Path(name_or_path).exists():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a local directory nor a hub id (org/name) nor tiny:<kind>"
+        )
+    if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{name_or_path} has no config.json: give a model directory saved with save_pretrained, "
+            "a hub id, or tiny:<kind>"
+        )
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    model_class = (
+        LlavaForConditionalGeneration if is_vision_language(model_type_of(name_or_path)) else AutoModelForCausalLM
+    )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return model_class.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+
+
+def load_processing_class(name_or_path: str):
+    """The tokenizer (or, for vision-language models, the processor) that goes with a model."""
+    if tiny.is_tiny(name_or_path):
+        kind = tiny.tiny_kind(name_or_path)
+        return tiny.tiny_processor() if kind == "llava" else tiny.tiny_tokenizer()
+    if is_vision_language(model_type_of(name_or_path)):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(name_or_path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)

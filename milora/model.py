@@ -1,0 +1,287 @@
+"""`apply_milora`: turn a Hugging Face model into a PEFT model whose LoRA adapters start from chosen
+singular components of the weights they adapt (MiLoRA, PiSSA, ablations) or from PEFT's default (LoRA).
+
+The adapters are ordinary PEFT LoRA layers; only their initial values and the frozen base weights
+(the residual `W - scaling * B A`) differ from plain LoRA. The math lives in `milora.decomposition`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import transpose
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from milora.decomposition import MODES, lora_factors, residual_weight, singular_components
+
+# User-facing names of the methods, mapped to the decomposition mode (None = plain LoRA init).
+MODE_ALIASES = {
+    "minor": "minor",
+    "milora": "minor",
+    "principal": "principal",
+    "pissa": "principal",
+    "mid": "mid",
+    "random": "random",
+    "lora": None,
+}
+ADAPTER_NAME = "default"
+_REGEX_CHARS = set("^$*+?[](){}|\\")
+
+
+class MiLoRAError(ValueError):
+    """Bad input to MiLoRA initialisation; the message names the problem and the fix."""
+
+
+def normalize_mode(mode: str) -> str | None:
+    """The decomposition mode for a user-facing method name (`milora` -> `minor`, `lora` -> None)."""
+    key = str(mode).lower()
+    if key not in MODE_ALIASES:
+        raise MiLoRAError(
+            f"unknown mode {mode!r}; choose one of {', '.join(MODE_ALIASES)} "
+            "(milora = minor, pissa = principal, lora = plain LoRA)"
+        )
+    return MODE_ALIASES[key]
+
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def language_model_prefix(model: torch.nn.Module) -> str | None:
+    """For vision-language models (LLaVA), the module path of the language tower; None for text models.
+
+    Only the language model is adapted there: the vision tower and projector keep their weights even
+    where their layers share names (q_proj, ...) with the language model's.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "text_config", None) is None or getattr(config, "vision_config", None) is None:
+        return None
+    for name in ("model.language_model", "language_model"):
+        try:
+            model.get_submodule(name)
+            return name
+        except AttributeError:
+            continue
+    raise MiLoRAError(f"{type(model).__name__} has a vision config but no language_model submodule to adapt")
+
+
+def _split_targets(targets) -> list[str]:
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",")] if not _REGEX_CHARS & set(targets) else [targets]
+    targets = [t for t in targets if t]
+    if not targets:
+        raise MiLoRAError("no target modules given; pass names such as ['q_proj', 'v_proj'] or 'all-linear'")
+    return list(targets)
+
+
+def _matches(name: str, target: str) -> bool:
+    if _REGEX_CHARS & set(target):
+        return re.fullmatch(target, name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def resolve_target_modules(model: torch.nn.Module, targets) -> list[str]:
+    """Full names of the modules `targets` selects (suffixes like `q_proj`, regexes, or `all-linear`).
+
+    Raises a `MiLoRAError` that lists existing module names when nothing matches, and names the module
+    when a match is not a linear layer.
+    """
+    targets = _split_targets(targets)
+    prefix = language_model_prefix(model)
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_scope = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and (prefix is None or name.startswith(prefix + "."))
+    ]
+    if targets == ["all-linear"]:
+        return [n for n, m in in_scope if _adaptable(m) and m is not output_layer]
+
+    selected = [(n, m) for n, m in in_scope if any(_matches(n, t) for t in targets)]
+    if not selected:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in in_scope if _adaptable(m)})
+        scope = f" inside {prefix}" if prefix else ""
+        raise MiLoRAError(
+            f"target modules {targets} matched no module{scope}. Linear layers that exist here: "
+            f"{', '.join(linear_names[:20])}. Pass some of those names, a regex, or 'all-linear'."
+        )
+    for name, module in selected:
+        if not _adaptable(module):
+            raise MiLoRAError(
+                f"target {name!r} is a {type(module).__name__}, not a linear layer; MiLoRA adapts nn.Linear "
+                "and Conv1D weights. Narrow the targets to linear layers (e.g. 'q_proj' instead of 'self_attn')."
+            )
+    return [n for n, _ in selected]
+
+
+def _peft_target_modules(model, targets, names: list[str]):
+    """What to put in LoraConfig.target_modules: the user's compact spelling when PEFT's own matching picks
+    exactly `names`, else the explicit list of full names (e.g. to keep LLaVA's vision tower out)."""
+    targets = _split_targets(targets)
+    if targets == ["all-linear"]:
+        return names
+    if any(_REGEX_CHARS & set(t) for t in targets):
+        candidates = ["|".join(f"(?:{t})" for t in targets)]
+    else:
+        all_matches = [n for n, _ in model.named_modules() if n and any(_matches(n, t) for t in targets)]
+        if all_matches == names:
+            return targets
+        prefix = language_model_prefix(model) or ""
+        candidates = [rf"{re.escape(prefix)}\..*\.(?:{'|'.join(map(re.escape, targets))})"]
+    for pattern in candidates:  # a compact regex when it selects exactly `names`
+        if [n for n, _ in model.named_modules() if n and re.fullmatch(pattern, n)] == names:
+            return pattern
+    return names
+
+
+def check_weight(name: str, weight: torch.Tensor, r: int) -> None:
+    """Refuse weights MiLoRA cannot decompose, with a message that says what to do."""
+    if not torch.is_floating_point(weight) or weight.dtype not in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float64
+    ):
+        raise MiLoRAError(
+            f"{name}: weight dtype {weight.dtype} is not a float type (quantized layers cannot be decomposed). "
+            "Load the model in bfloat16/float16/float32, run `milora init`, and quantize the residual model "
+            "it writes afterwards."
+        )
+    if weight.numel() == 0:
+        raise MiLoRAError(
+            f"{name}: the weight is empty on this process (partitioned by DeepSpeed ZeRO-3?). Initialise "
+            "before partitioning: run `milora init` once and train from its directory (milora_init_dir)."
+        )
+    smaller = min(weight.shape)
+    if r > smaller:
+        raise MiLoRAError(
+            f"{name}: rank r={r} is larger than the layer's smaller dimension {smaller} "
+            f"(weight shape {tuple(weight.shape)}); choose r <= {smaller} or leave this layer out of the targets."
+        )
+    if not torch.isfinite(weight).all():
+        raise MiLoRAError(f"{name}: the weight holds NaN or inf values; fix the checkpoint before initialising.")
+
+
+def _lora_layers(peft_model: PeftModel) -> list[tuple[str, LoraLayer]]:
+    return [
+        (name, module)
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
+    ]
+
+
+@torch.no_grad()
+def initialize_from_components(
+    layer: LoraLayer,
+    mode: str,
+    *,
+    device: torch.device | str | None = None,
+    method: str = "gram",
+    generator: torch.Generator | None = None,
+    adapter_name: str = ADAPTER_NAME,
+) -> None:
+    """Set one LoRA layer's factors from the chosen singular components and its base weight to the residual."""
+    base = layer.get_base_layer()
+    fan_in_fan_out = layer.fan_in_fan_out
+    stored = base.weight
+    weight = transpose(stored.data, fan_in_fan_out)  # (out, in)
+    work_device = torch.device(device) if device is not None else weight.device
+    scaling = layer.scaling[adapter_name]
+    components = singular_components(
+        weight.to(work_device), layer.r[adapter_name], mode, method=method, generator=generator
+    )
+    B, A = lora_factors(components, scaling)
+    residual = residual_weight(weight.to(work_device), B, A, scaling)
+    lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    lora_A.data.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
+    lora_B.data.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
+    stored.data.copy_(transpose(residual, fan_in_fan_out).to(device=stored.device, dtype=stored.dtype))
+
+
+def apply_milora(
+    model: torch.nn.Module,
+    targets: str | Iterable[str],
+    r: int,
+    *,
+    mode: str = "minor",
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    device: torch.device | str | None = None,
+    decomposition: str = "gram",
+    seed: int = 0,
+    show_progress: bool = True,
+    **lora_kwargs,
+) -> PeftModel:
+    """Wrap `model` in a PEFT LoRA model (adapter `default`) initialised by `mode`.
+
+    Args:
+        model: any Hugging Face model with linear (or GPT-2 Conv1D) layers; for LLaVA only the language
+            model is adapted.
+        targets: module name suffixes (`["q_proj", "v_proj"]` or `"q_proj,v_proj"`), a regex matched
+            against full module names, or `"all-linear"`.
+        r: adapter rank.
+        mode: `minor`/`milora` (last r triplets), `principal`/`pissa` (first r), `mid`, `random`, or
+            `lora` (PEFT's default init; the base weights stay untouched).
+        lora_alpha: defaults to `r` (scaling 1) for the SVD modes and `2 * r` for plain LoRA, the
+            paper's settings. Any alpha keeps the output unchanged at init (S is divided by the scaling).
+        device: where to run the decomposition (e.g. "cuda" for a model still on CPU); defaults to each
+            weight's device.
+        decomposition: `gram` (fast, exact in float64) or `svd` (full SVD, the reference).
+        seed: seeds the `random` mode.
+        **lora_kwargs: passed to `peft.LoraConfig` (`modules_to_save`, `use_rslora`, `task_type`, ...).
+    """
+    component_mode = normalize_mode(mode)
+    if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise MiLoRAError("the model already carries LoRA layers; pass the plain base model to apply_milora")
+    if not isinstance(r, int) or r < 1:
+        raise MiLoRAError(f"rank r must be a positive integer, got {r!r}")
+    names = resolve_target_modules(model, targets)
+    for name in names:
+        check_weight(name, transpose(model.get_submodule(name).weight, isinstance(model.get_submodule(name), Conv1D)), r)
+
+    if lora_alpha is None:
+        lora_alpha = r if component_mode is not None else 2 * r
+    task_type = lora_kwargs.pop("task_type", _default_task_type(model))
+    uses_conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=_peft_target_modules(model, targets, names),
+        fan_in_fan_out=lora_kwargs.pop("fan_in_fan_out", uses_conv1d),
+        task_type=task_type,
+        **lora_kwargs,
+    )
+    peft_model = get_peft_model(model, config)
+    if component_mode is None:
+        return peft_model
+
+    layers = _lora_layers(peft_model)
+    progress = tqdm(layers, desc=f"MiLoRA init ({mode}, r={r})", disable=not show_progress, unit="layer")
+    for index, (_, layer) in enumerate(progress):
+        # one generator per layer: the `random` mode does not depend on which layers came before
+        generator = torch.Generator().manual_seed(seed + index)
+        initialize_from_components(layer, component_mode, device=device, method=decomposition, generator=generator)
+    return peft_model
+
+
+def _default_task_type(model: torch.nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("ForConditionalGeneration"):
+        return "CAUSAL_LM"
+    return None
+
+
+__all__ = [
+    "MODES",
+    "MODE_ALIASES",
+    "MiLoRAError",
+    "apply_milora",
+    "check_weight",
+    "initialize_from_components",
+    "language_model_prefix",
+    "normalize_mode",
+    "resolve_target_modules",
+]
