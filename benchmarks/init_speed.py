@@ -1,0 +1,142 @@
+"""Time MiLoRA's decomposition against the official per-matrix full SVD on LLaMA-2-7B-shaped weights.
+
+Random weights are fine: the cost depends on the shapes only. Prints one table:
+
+- per shape: the official full SVD (`torch.linalg.svd` in float32, as the paper's code runs it),
+  our `gram` method (float64 eigendecomposition of the smaller Gram matrix + one GEMM), and their ratio;
+- the subspace overlap ||Q_ours^T Q_ref||_F^2 / r of our r minor singular vectors with those of a float64
+  full SVD (1.0 = the same subspace);
+- end to end: `apply_milora` on a LLaMA-2-7B-shaped model (q,k,v,up,down x 32 layers, r=64 -> 160
+  matrices) on the GPU, against the full-SVD time of those 160 matrices.
+
+    python benchmarks/init_speed.py                  # the recorded configuration
+    python benchmarks/init_speed.py --layers 2       # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from milora.decomposition import singular_components, subspace_overlap
+
+# (name, out_features, in_features) of LLaMA-2-7B's targeted projections
+SHAPES = {"q/k/v_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+PER_LAYER = {"q/k/v_proj": 3, "up_proj": 1, "down_proj": 1}
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def official_full_svd(weight, r):
+    # the paper's code: a full SVD per matrix in float32, then slicing the last r triplets
+    U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    return U[:, -r:], S[-r:], Vh[-r:]
+
+
+def per_shape_rows(device, r, repeats, dtype):
+    rows = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, (out_f, in_f) in SHAPES.items():
+        weight = (torch.randn(out_f, in_f, generator=generator, device=device) * 0.02).to(dtype)
+        official_full_svd(weight, r)  # warm-up: handles, workspaces
+        singular_components(weight, r, "minor")
+        t_svd = timed(lambda: official_full_svd(weight, r), device, repeats)
+        t_ours = timed(lambda: singular_components(weight, r, "minor"), device, repeats)
+        ours = singular_components(weight, r, "minor")
+        reference = singular_components(weight, r, "minor", method="svd")  # float64 full SVD
+        official_U = official_full_svd(weight, r)[0]
+        rows.append({
+            "shape": name, "out": out_f, "in": in_f, "count_per_layer": PER_LAYER[name],
+            "full_svd_s": t_svd, "ours_s": t_ours, "speedup": t_svd / t_ours,
+            "overlap_ours_vs_fp64_U": subspace_overlap(ours.U, reference.U),
+            "overlap_ours_vs_fp64_V": subspace_overlap(ours.Vh.T, reference.Vh.T),
+            "overlap_official_fp32_vs_fp64_U": subspace_overlap(official_U, reference.U),
+            "product_rel_err_vs_fp64": float((ours.product() - reference.product()).norm() / reference.product().norm()),
+        })
+    return rows
+
+
+def llama2_7b_shaped(layers, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=generator)
+    return model
+
+
+def end_to_end(device, layers, r, dtype):
+    from milora import apply_milora
+
+    model = llama2_7b_shaped(layers, dtype, device)
+    sync(device)
+    start = time.perf_counter()
+    peft_model = apply_milora(model, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], r, mode="minor")
+    sync(device)
+    seconds = time.perf_counter() - start
+    matrices = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default"))
+    del peft_model, model
+    return seconds, matrices
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--r", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    rows = per_shape_rows(args.device, args.r, args.repeats, dtype)
+    full_svd_total = sum(row["full_svd_s"] * row["count_per_layer"] * args.layers for row in rows)
+    ours_total_est = sum(row["ours_s"] * row["count_per_layer"] * args.layers for row in rows)
+    e2e_seconds, matrices = end_to_end(args.device, args.layers, args.r, dtype)
+
+    device_name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
+    print(f"\ndevice: {device_name}   torch {torch.__version__}   r={args.r}   weights {args.dtype}")
+    print(f"{'shape':<12}{'out x in':>14}{'full SVD s':>12}{'ours s':>10}{'speedup':>9}"
+          f"{'overlap U':>11}{'overlap V':>11}{'fp32 SVD ovl':>14}")
+    for row in rows:
+        print(f"{row['shape']:<12}{row['out']:>7}x{row['in']:<6}{row['full_svd_s']:>12.3f}{row['ours_s']:>10.4f}"
+              f"{row['speedup']:>8.1f}x{row['overlap_ours_vs_fp64_U']:>11.6f}{row['overlap_ours_vs_fp64_V']:>11.6f}"
+              f"{row['overlap_official_fp32_vs_fp64_U']:>14.6f}")
+    print(f"\n{matrices} matrices ({args.layers} layers x q,k,v,up,down):")
+    print(f"  official full SVD, per-matrix time x count : {full_svd_total:8.2f} s")
+    print(f"  ours, per-matrix time x count              : {ours_total_est:8.2f} s")
+    print(f"  ours, apply_milora end to end (PEFT wrap, residual write-back included): {e2e_seconds:8.2f} s")
+    print(f"  speedup end to end vs full SVD             : {full_svd_total / e2e_seconds:8.1f}x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": device_name, "rows": rows, "full_svd_total_s": full_svd_total,
+                       "ours_end_to_end_s": e2e_seconds, "matrices": matrices, "layers": args.layers}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
