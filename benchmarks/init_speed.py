@@ -2,8 +2,10 @@
 
 Random weights are fine: the cost depends on the shapes only. Prints one table:
 
-- per shape: the official full SVD (`torch.linalg.svd` in float32, as the paper's code runs it),
-  our `gram` method (float64 eigendecomposition of the smaller Gram matrix + one GEMM), and their ratio;
+- per shape: the official full SVD (`torch.linalg.svd` in float32, as the paper's code runs it), the
+  `gram` method (float64 eigh of the smaller Gram matrix), ours (`auto`: shifted block inverse iteration
+  on the Gram matrix on GPU, see milora/decomposition.py), the speedup, and whether the iteration
+  converged without falling back to `eigh`;
 - the subspace overlap ||Q_ours^T Q_ref||_F^2 / r of our r minor singular vectors with those of a float64
   full SVD (1.0 = the same subspace);
 - end to end: `apply_milora` on a LLaMA-2-7B-shaped model (q,k,v,up,down x 32 layers, r=64 -> 160
@@ -22,7 +24,7 @@ import time
 
 import torch
 
-from milora.decomposition import singular_components, subspace_overlap
+from milora.decomposition import _minor_components_by_subspace_iteration, singular_components, subspace_overlap
 
 # (name, out_features, in_features) of LLaMA-2-7B's targeted projections
 SHAPES = {"q/k/v_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
@@ -58,14 +60,18 @@ def per_shape_rows(device, r, repeats, dtype):
         weight = (torch.randn(out_f, in_f, generator=generator, device=device) * 0.02).to(dtype)
         official_full_svd(weight, r)  # warm-up: handles, workspaces
         singular_components(weight, r, "minor")
+        singular_components(weight, r, "minor", method="gram")
         t_svd = timed(lambda: official_full_svd(weight, r), device, repeats)
+        t_gram = timed(lambda: singular_components(weight, r, "minor", method="gram"), device, repeats)
         t_ours = timed(lambda: singular_components(weight, r, "minor"), device, repeats)
         ours = singular_components(weight, r, "minor")
+        converged = _minor_components_by_subspace_iteration(weight.double(), r) is not None
         reference = singular_components(weight, r, "minor", method="svd")  # float64 full SVD
         official_U = official_full_svd(weight, r)[0]
         rows.append({
             "shape": name, "out": out_f, "in": in_f, "count_per_layer": PER_LAYER[name],
-            "full_svd_s": t_svd, "ours_s": t_ours, "speedup": t_svd / t_ours,
+            "full_svd_s": t_svd, "gram_eigh_s": t_gram, "ours_s": t_ours, "speedup": t_svd / t_ours,
+            "subspace_converged": converged,
             "overlap_ours_vs_fp64_U": subspace_overlap(ours.U, reference.U),
             "overlap_ours_vs_fp64_V": subspace_overlap(ours.Vh.T, reference.Vh.T),
             "overlap_official_fp32_vs_fp64_U": subspace_overlap(official_U, reference.U),
@@ -121,12 +127,13 @@ def main():
 
     device_name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
     print(f"\ndevice: {device_name}   torch {torch.__version__}   r={args.r}   weights {args.dtype}")
-    print(f"{'shape':<12}{'out x in':>14}{'full SVD s':>12}{'ours s':>10}{'speedup':>9}"
-          f"{'overlap U':>11}{'overlap V':>11}{'fp32 SVD ovl':>14}")
+    print(f"{'shape':<12}{'out x in':>14}{'full SVD s':>12}{'gram s':>9}{'ours s':>10}{'speedup':>9}"
+          f"{'overlap U':>11}{'overlap V':>11}{'fp32 SVD ovl':>14}{'converged':>10}")
     for row in rows:
-        print(f"{row['shape']:<12}{row['out']:>7}x{row['in']:<6}{row['full_svd_s']:>12.3f}{row['ours_s']:>10.4f}"
+        print(f"{row['shape']:<12}{row['out']:>7}x{row['in']:<6}{row['full_svd_s']:>12.3f}{row['gram_eigh_s']:>9.4f}"
+              f"{row['ours_s']:>10.4f}"
               f"{row['speedup']:>8.1f}x{row['overlap_ours_vs_fp64_U']:>11.6f}{row['overlap_ours_vs_fp64_V']:>11.6f}"
-              f"{row['overlap_official_fp32_vs_fp64_U']:>14.6f}")
+              f"{row['overlap_official_fp32_vs_fp64_U']:>14.6f}{str(row['subspace_converged']):>10}")
     print(f"\n{matrices} matrices ({args.layers} layers x q,k,v,up,down):")
     print(f"  official full SVD, per-matrix time x count : {full_svd_total:8.2f} s")
     print(f"  ours, per-matrix time x count              : {ours_total_est:8.2f} s")

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from milora.data import DataError
+
 logger = logging.getLogger(__name__)
 
 LLAVA_V1_SYSTEM_PROMPT = (
@@ -82,8 +84,9 @@ IGNORE_INDEX = -100
 LLAVA_IMAGE_PLACEHOLDER = "<image>"  # what LLaVA JSON writes, whatever the processor's image token is
 
 
-class LlavaDataError(ValueError):
-    """A row of the LLaVA data cannot be used; the message names the row id (and image path) and the fix."""
+class LlavaDataError(DataError):
+    """The LLaVA data cannot be used as configured; the message names the file or the row id (and image path)
+    and the fix. A `milora.data.DataError`, so `recipes/sft.py` reports it as a one-line error."""
 
 
 class LlavaImageError(LlavaDataError):
@@ -107,7 +110,7 @@ def is_llava(model_or_config: Any) -> bool:
 def _read_rows(data_path: str | os.PathLike) -> list[dict]:
     path = Path(data_path)
     if not path.is_file():
-        raise FileNotFoundError(f"LLaVA data file {str(path)!r} does not exist (data_path)")
+        raise LlavaDataError(f"LLaVA data file {str(path)!r} does not exist")
     with path.open(encoding="utf-8") as handle:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in handle if line.strip()]
@@ -232,7 +235,8 @@ class LlavaDataCollator:
     Returns `input_ids`, `attention_mask`, `labels` (right padded; -100 except on assistant answers) and
     `pixel_values` (one per image row of the batch, in order; absent when the batch has no image).
     A row whose image cannot be read raises `LlavaImageError` naming the row id and path, or, with
-    `skip_missing_images`, is left out of the batch with a warning and counted in `num_skipped`.
+    `skip_missing_images`, is left out of the batch with a warning and counted in `num_skipped` (per process,
+    and per worker with `dataloader_num_workers`; the warning carries the running count).
     """
 
     processor: Any
@@ -246,12 +250,14 @@ class LlavaDataCollator:
 
     def __post_init__(self):
         if self.image_aspect_ratio not in ("pad", "original"):
-            raise ValueError(f"image_aspect_ratio must be 'pad' (LLaVA-1.5) or 'original', got {self.image_aspect_ratio!r}")
+            raise ValueError(
+                f"image_aspect_ratio must be 'pad' (LLaVA-1.5) or 'original', got {self.image_aspect_ratio!r}"
+            )
         tokenizer = self.processor.tokenizer
         if tokenizer.pad_token_id is None:
             raise ValueError("the processor's tokenizer has no pad token; set processor.tokenizer.pad_token first")
         mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        self._background = tuple(int(round(x * 255)) for x in mean)
+        self._background = tuple(int(x * 255) for x in mean)  # as LLaVA's expand2square
 
     # -- one row
     def load_image(self, row_id: str, path: str):
@@ -279,11 +285,12 @@ class LlavaDataCollator:
             **tokenizer.special_tokens_map,
         )
         text, spans = rendered[0], generation_indices[0]
-        # The template writes the BOS itself; the tokenizer must not add another one.
+        # The LLaVA template writes the BOS itself: the tokenizer must not add another (as apply_chat_template).
+        bos = tokenizer.bos_token
         out = self.processor(
             images=[image] if image is not None else None,
             text=[text],
-            add_special_tokens=False,
+            add_special_tokens=not (bos and text.startswith(bos)),
             return_offsets_mapping=True,
             return_text_replacement_offsets=True,
             return_tensors="pt",
@@ -373,6 +380,7 @@ def build_llava_train_data(
     image_aspect_ratio: str = "pad",
     verify_images: bool = False,
     set_processor_chat_template: bool = True,
+    max_samples: int | None = None,
 ):
     """LLaVA conversation JSON + image folder -> `(datasets.Dataset, LlavaDataCollator)` for `trl.SFTTrainer`.
 
@@ -390,6 +398,7 @@ def build_llava_train_data(
             before training rather than when their batch comes.
         set_processor_chat_template: set the template on `processor`, so the processor saved next to the
             adapter / merged model prompts the way training did.
+        max_samples: use the first N rows only (quick runs; `dataset_max_samples`).
 
     Returns:
         The dataset (columns `id`, `image` = full image path or None, `messages`) and the collator. Pass them
@@ -415,10 +424,12 @@ def build_llava_train_data(
         image_folder = Path(data_path).parent
     image_folder = str(image_folder)
     if not os.path.isdir(image_folder):
-        raise FileNotFoundError(f"image_folder {image_folder!r} is not a directory")
+        raise LlavaDataError(f"image_folder {image_folder!r} is not a directory")
     image_token = getattr(processor, "image_token", None) or LLAVA_IMAGE_PLACEHOLDER
 
     rows = _read_rows(data_path)
+    if max_samples is not None:
+        rows = rows[:max_samples]
     ids, images, messages = [], [], []
     skipped: list[tuple[str, str, str]] = []
     no_answer = []
@@ -457,9 +468,14 @@ def build_llava_train_data(
             len(no_answer), ", ".join(no_answer[:5]),
         )
     if not ids:
-        raise LlavaDataError(f"{data_path}: no usable rows left (skipped {len(skipped)} for images, {len(no_answer)} without answer)")
+        raise LlavaDataError(
+            f"{data_path}: no usable rows left (skipped {len(skipped)} for their image, {len(no_answer)} without "
+            "an answer)"
+        )
     with_image = sum(p is not None for p in images)
-    logger.info("LLaVA data %s: %d rows (%d with an image, %d text-only)", data_path, len(ids), with_image, len(ids) - with_image)
+    logger.info(
+        "LLaVA data %s: %d rows (%d with an image, %d text-only)", data_path, len(ids), with_image, len(ids) - with_image
+    )
 
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token

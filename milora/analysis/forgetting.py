@@ -91,7 +91,8 @@ def token_blocks(
     for text in texts:
         if not text:
             continue
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: a long line is not one model input, so the max-length warning does not apply.
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if needed is not None and len(stream) >= needed:
             break
     if needed is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 from milora.analysis.output import save_figure
 
@@ -31,6 +32,8 @@ def _heatmap(axes, grid, title: str):
     r_update, r_weight = grid.shape
     image = axes.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower", aspect="auto",
                         extent=(0.5, r_weight + 0.5, 0.5, r_update + 0.5))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title(title, fontsize=9)
     axes.set_xlabel("j (singular vectors of W)", fontsize=8)
     axes.set_ylabel("i (top of dW)", fontsize=8)
@@ -72,6 +75,7 @@ def plot_similarity_by_layer(records: list[dict], path: str | os.PathLike, side:
             y = [rec["similarity"][subset][side] for rec in group]
             axes.plot(x, y, marker="o", markersize=3, color=SUBSET_COLORS[subset], label=label)
         axes.set_ylim(-0.02, 1.02)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_title(layer_type, fontsize=9)
         axes.set_xlabel("layer", fontsize=8)
         axes.set_ylabel("phi(r, r)", fontsize=8)
@@ -91,6 +95,9 @@ def _spectrum(axes, values, r: int, title: str, color_values=None):
         rank = max(np.asarray(sigma).size for _, sigma in values)
         axes.axvspan(0.5, r + 0.5, color="tab:red", alpha=0.12, lw=0, label="principal (first r)")
         axes.axvspan(rank - r + 0.5, rank + 0.5, color="tab:blue", alpha=0.12, lw=0, label="minor (last r)")
+    # Few log ticks, no minor ones: tick layout is most of the drawing time of many small log panels.
+    axes.yaxis.set_major_locator(LogLocator(numticks=5))
+    axes.yaxis.set_minor_locator(NullLocator())
     axes.set_title(title, fontsize=9)
     axes.set_xlabel("index", fontsize=8)
     axes.set_ylabel("singular value", fontsize=8)
@@ -100,18 +107,25 @@ def _spectrum(axes, values, r: int, title: str, color_values=None):
 def plot_spectra(records: list[dict], spectra: dict, r: int, path: str | os.PathLike) -> Path:
     """Singular values of W (top row) and of dW (bottom row) per layer type, principal/minor split shaded."""
     types = sorted({rec["layer_type"] for rec in records})
-    figure = _figure(3.6 * max(1, len(types)), 5.6)
+    columns = max(1, min(len(types), 4))
+    groups = max(1, math.ceil(len(types) / columns))
+    figure = _figure(3.6 * columns, 5.4 * groups)
     if not types:
         figure.text(0.5, 0.5, "no weights selected", ha="center")
         return save_figure(figure, path)
-    grid_axes = figure.subplots(2, len(types), squeeze=False)
-    for col, layer_type in enumerate(types):
+    grid_axes = figure.subplots(2 * groups, columns, squeeze=False)
+    for position, layer_type in enumerate(types):
+        row, col = 2 * (position // columns), position % columns
         group = [rec for rec in records if rec["layer_type"] == layer_type]
         colors = [_layer_color(i, len(group)) for i in range(len(group))]
         base = [(rec["name"], spectra[rec["name"]]["base"]) for rec in group]
         update = [(rec["name"], spectra[rec["name"]]["update"]) for rec in group if "update" in spectra[rec["name"]]]
-        _spectrum(grid_axes[0][col], base, r, f"{layer_type}: W", colors)
-        _spectrum(grid_axes[1][col], update, r, f"{layer_type}: dW", colors)
+        _spectrum(grid_axes[row][col], base, r, f"{layer_type}: W (color: layer)", colors)
+        _spectrum(grid_axes[row + 1][col], update, r, f"{layer_type}: dW", colors)
+    for position in range(len(types), groups * columns):
+        row, col = 2 * (position // columns), position % columns
+        grid_axes[row][col].set_visible(False)
+        grid_axes[row + 1][col].set_visible(False)
     grid_axes[0][0].legend(handles=grid_axes[0][0].patches[:2], fontsize=7)
     return save_figure(figure, path)
 
@@ -130,7 +144,7 @@ def _amplification_bars(axes, by_layer_type: dict):
     axes.bar(x - 0.2, _finite(factor), width=0.4, color="tab:purple", label="top-r directions of dW")
     axes.bar(x + 0.2, _finite(random_factor), width=0.4, color="tab:gray", label="random directions")
     axes.set_xticks(x, types, rotation=30, fontsize=7)
-    axes.set_yscale("log")
+    axes.margins(y=0.3)
     axes.set_ylabel("||dW||_F / ||U^T W V||_F", fontsize=8)
     axes.set_title("amplification factor (mean per layer type)", fontsize=9)
     axes.tick_params(labelsize=7)
@@ -154,11 +168,19 @@ def _similarity_bars(axes, by_layer_type: dict, side: str):
         values = [by_layer_type[t]["similarity"][subset][side] for t in types]
         axes.bar(x + offset, values, width=0.27, color=SUBSET_COLORS[subset], label=SUBSET_LABELS[subset])
     axes.set_xticks(x, types, rotation=30, fontsize=7)
-    axes.set_ylim(0, 1.05)
+    axes.set_ylim(0, 1.3)
+    axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     axes.set_ylabel("phi(r, r)", fontsize=8)
     axes.set_title("top-r of dW vs r singular vectors of W", fontsize=9)
     axes.tick_params(labelsize=7)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", ncols=3)
+
+
+def _short_name(path: str) -> str:
+    """The last path component (hub ids keep their org/name form)."""
+    if Path(path).exists():
+        return Path(path).name or str(path)
+    return str(path)
 
 
 def plot_summary(report: dict, records: list[dict], spectra: dict, path: str | os.PathLike,
@@ -167,8 +189,10 @@ def plot_summary(report: dict, records: list[dict], spectra: dict, path: str | o
     type, amplification per layer type and the spectra of the most-updated weight (bottom row)."""
     changed = [rec for rec in records if not rec["unchanged"]]
     figure = _figure(12.0, 7.0)
-    title = f"milora analyze: {report['tuned']['model']}{' + adapter' if report['tuned']['adapter'] else ''}" \
-            f" vs {report['base']['model']}, r = {report['r']}"
+    tuned = _short_name(report["tuned"]["model"])
+    if report["tuned"]["adapter"]:
+        tuned += f" + {_short_name(report['tuned']['adapter'])}"
+    title = f"milora analyze: {tuned} vs {_short_name(report['base']['model'])}, r = {report['r']}"
     forgetting = report.get("forgetting") or {}
     if forgetting.get("forgetting_loss") is not None:
         title += f"; forgetting loss (KL) = {forgetting['forgetting_loss']:.4g}"

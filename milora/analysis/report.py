@@ -40,7 +40,9 @@ def _prepare_forgetting_blocks(spec, base_source, tuned_source, seq_len, max_sam
         return tokenizer, blocks, None
     except Exception as exc:  # noqa: BLE001 - the default corpus is optional (offline machines)
         if explicit:
-            raise
+            if isinstance(exc, (ValueError, FileNotFoundError)):
+                raise
+            raise ValueError(f"cannot load forgetting data {spec!r}: {type(exc).__name__}: {exc}") from exc
         reason = f"default forgetting data {spec!r} unavailable ({type(exc).__name__}: {exc}); " \
                  "pass --forgetting_data FILE to measure forgetting"
         print(f"milora analyze: warning: {reason}", file=sys.stderr)

@@ -32,7 +32,7 @@ class WeightPair:
     """One linear weight of the base model and the same weight of the tuned model (`out x in`)."""
 
     name: str  # module name, e.g. model.layers.0.self_attn.q_proj
-    layer_type: str  # last component of the module name, e.g. q_proj
+    layer_type: str  # last component of the module name, e.g. q_proj (see layer_type_of)
     layer_index: int | None  # first integer component of the name, e.g. 0; None for lm_head
     base: torch.Tensor
     tuned: torch.Tensor
@@ -41,6 +41,13 @@ class WeightPair:
 def layer_index_of(module_name: str) -> int | None:
     match = LAYER_INDEX_PATTERN.search(f".{module_name}.")
     return int(match.group(1)) if match else None
+
+
+def layer_type_of(module_name: str) -> str:
+    """The last component of the module name (`q_proj`); `vision.q_proj` inside a vision tower (LLaVA), so
+    vision and language layers are not averaged together."""
+    last = module_name.rsplit(".", 1)[-1]
+    return f"vision.{last}" if "vision" in module_name else last
 
 
 def parse_layer_spec(spec: str | None) -> set[int] | None:
@@ -122,7 +129,7 @@ def select_weight_pairs(
         base_weight, tuned_weight = base_weight.detach(), tuned_weight.detach()
         if transposed:
             base_weight, tuned_weight = base_weight.T, tuned_weight.T
-        pairs.append(WeightPair(name, name.rsplit(".", 1)[-1], index, base_weight, tuned_weight))
+        pairs.append(WeightPair(name, layer_type_of(name), index, base_weight, tuned_weight))
     notes = {
         "selected": len(pairs),
         "unchanged_skipped": unchanged,
@@ -132,7 +139,7 @@ def select_weight_pairs(
     return pairs, notes
 
 
-def _generator(seed: int, name: str, purpose: str, device: torch.device) -> torch.Generator:
+def _generator(seed: int, name: str, purpose: str) -> torch.Generator:
     # Seeded by the weight's name, so a weight's random baselines do not depend on which others were selected.
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}/{purpose}".encode()))
@@ -183,23 +190,22 @@ def analyze_weight_pair(pair: WeightPair, r: int, seed: int = 0, device: str | t
 
     grids: dict = {}
     similarity: dict = {}
-    random_positions = subset_positions = None
+    positions = {
+        subset: metrics.subset_indices(rank, r_used, subset, _generator(seed, pair.name, "similarity"))
+        for subset in metrics.SUBSETS
+    }
     for subset in metrics.SUBSETS:
-        generator = _generator(seed, pair.name, "similarity", device)
-        subset_positions = metrics.subset_indices(rank, r_used, subset, generator)
-        if subset == "random":
-            random_positions = subset_positions
         grids[subset], similarity[subset] = {}, {}
         for side in ("left", "right"):
-            chosen = weight_vectors[side][:, subset_positions.to(device)]
+            chosen = weight_vectors[side][:, positions[subset].to(device)]
             grid = metrics.subspace_similarity_grid(update_top[side], chosen)
             grids[subset][side] = grid.cpu()
             similarity[subset][side] = float(grid[-1, -1])
-    similarity["random_positions"] = random_positions.tolist()
+    similarity["random_positions"] = positions["random"].tolist()
     record["similarity"] = similarity
 
     projection_update = metrics.projection_frobenius_norm(base, update_top["left"], update_top["right"])
-    generator = _generator(seed, pair.name, "amplification", device)
+    generator = _generator(seed, pair.name, "amplification")
     random_left = metrics.random_orthonormal_basis(base.shape[0], r_used, generator).to(device)
     random_right = metrics.random_orthonormal_basis(base.shape[1], r_used, generator).to(device)
     projection_random = metrics.projection_frobenius_norm(base, random_left, random_right)
