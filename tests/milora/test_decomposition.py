@@ -1,0 +1,98 @@
+"""The decomposition math against float64 `torch.linalg.svd` references."""
+
+import pytest
+import torch
+
+from milora.decomposition import (
+    component_indices,
+    lora_factors,
+    residual_weight,
+    singular_components,
+    subspace_overlap,
+)
+
+
+def random_weight(out_features, in_features, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_features, in_features, generator=generator) * 0.02).to(dtype)
+
+
+def reference(weight, indices):
+    U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    return U[:, indices], S[indices], Vh[indices]
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 40), (40, 96)])
+@pytest.mark.parametrize("mode", ["minor", "principal", "mid", "random"])
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_components_equal_float64_svd_parts(shape, mode, method):
+    weight = random_weight(*shape, seed=len(mode))
+    r = 6
+    found = singular_components(weight, r, mode, method=method, generator=torch.Generator().manual_seed(1))
+    U, S, Vh = reference(weight, found.indices)
+    torch.testing.assert_close(found.S, S, rtol=1e-9, atol=1e-12)
+    # the triplet product is unique (no sign ambiguity): U_r S_r V_r^T
+    torch.testing.assert_close(found.product(), (U * S) @ Vh, rtol=0, atol=1e-10 * float(S.max()))
+    assert subspace_overlap(found.U, U) == pytest.approx(1.0, abs=1e-9)
+    assert subspace_overlap(found.Vh.T, Vh.T) == pytest.approx(1.0, abs=1e-9)
+    # orthonormal singular vectors
+    torch.testing.assert_close(found.U.T @ found.U, torch.eye(r, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(320, 320), (700, 256), (256, 700)])
+def test_subspace_iteration_matches_svd_minor_subspace(shape):
+    weight = random_weight(*shape, seed=3)
+    r = 8  # block 4r = 32 << min(shape): the iterative path, not the eigh fallback
+    found = singular_components(weight, r, "minor", method="subspace")
+    U, S, Vh = reference(weight, torch.arange(min(shape) - r, min(shape)))
+    torch.testing.assert_close(found.S, S, rtol=1e-8, atol=0)
+    assert subspace_overlap(found.U, U) > 1 - 1e-10
+    assert subspace_overlap(found.Vh.T, Vh.T) > 1 - 1e-10
+
+
+def test_subspace_iteration_falls_back_on_singular_gram():
+    weight = random_weight(200, 8, seed=4) @ random_weight(8, 200, seed=5)  # rank 8: singular Gram
+    found = singular_components(weight, 4, "minor", method="subspace")
+    assert float(found.S.max()) < 1e-6 * float(torch.linalg.svdvals(weight.double())[0])
+    assert found.U.shape == (200, 4)
+
+
+def test_minor_and_principal_select_opposite_ends():
+    weight = random_weight(30, 20)
+    S_all = torch.linalg.svdvals(weight.double())
+    minor = singular_components(weight, 5, "minor")
+    principal = singular_components(weight, 5, "principal")
+    torch.testing.assert_close(minor.S, S_all[-5:])
+    torch.testing.assert_close(principal.S, S_all[:5])
+    assert component_indices(20, 4, "mid").tolist() == [8, 9, 10, 11]
+
+
+def test_random_mode_is_seeded():
+    a = component_indices(50, 5, "random", torch.Generator().manual_seed(7))
+    b = component_indices(50, 5, "random", torch.Generator().manual_seed(7))
+    c = component_indices(50, 5, "random", torch.Generator().manual_seed(8))
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    assert len(set(a.tolist())) == 5
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0, 0.25])
+def test_factors_reconstruct_weight_for_any_scaling(scaling):
+    weight = random_weight(24, 16)
+    components = singular_components(weight, 4, "minor")
+    B, A = lora_factors(components, scaling)
+    torch.testing.assert_close(scaling * B @ A, components.product())
+    # balanced factors: B^T B = A A^T = diag(S / scaling)
+    torch.testing.assert_close(B.T @ B, torch.diag(components.S / scaling), atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(A @ A.T, torch.diag(components.S / scaling), atol=1e-12, rtol=1e-9)
+    residual = residual_weight(weight, B, A, scaling)
+    torch.testing.assert_close(residual + scaling * B @ A, weight.double())
+    # the residual holds exactly the other singular values
+    S_all = torch.linalg.svdvals(weight.double())
+    torch.testing.assert_close(torch.linalg.svdvals(residual)[:12], S_all[:12], rtol=1e-9, atol=1e-12)
+
+
+def test_rank_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="between 1 and 16"):
+        singular_components(random_weight(24, 16), 17, "minor")
+    with pytest.raises(ValueError, match="unknown mode"):
+        singular_components(random_weight(24, 16), 2, "smallest")
