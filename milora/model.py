@@ -14,10 +14,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from milora.decomposition import MODES, lora_factors, residual_weight, singular_components
+from milora.decomposition import MODES
+from milora.distributed import initialize_layers, is_zero3_partitioned
 
 # User-facing names of the methods, mapped to the decomposition mode (None = plain LoRA init).
 MODE_ALIASES = {
@@ -149,18 +149,16 @@ def check_weight(name: str, weight: torch.Tensor, r: int) -> None:
             "Load the model in bfloat16/float16/float32, run `milora init`, and quantize the residual model "
             "it writes afterwards."
         )
-    if weight.numel() == 0:
-        raise MiLoRAError(
-            f"{name}: the weight is empty on this process (partitioned by DeepSpeed ZeRO-3?). Initialise "
-            "before partitioning: run `milora init` once and train from its directory (milora_init_dir)."
-        )
-    smaller = min(weight.shape)
+    shape = tuple(weight.ds_shape) if is_zero3_partitioned(weight) else tuple(weight.shape)
+    if weight.numel() == 0 and not is_zero3_partitioned(weight):
+        raise MiLoRAError(f"{name}: the weight is empty; load real weights before initialising.")
+    smaller = min(shape)
     if r > smaller:
         raise MiLoRAError(
             f"{name}: rank r={r} is larger than the layer's smaller dimension {smaller} "
-            f"(weight shape {tuple(weight.shape)}); choose r <= {smaller} or leave this layer out of the targets."
+            f"(weight shape {shape}); choose r <= {smaller} or leave this layer out of the targets."
         )
-    if not torch.isfinite(weight).all():
+    if not is_zero3_partitioned(weight) and not torch.isfinite(weight).all():
         raise MiLoRAError(f"{name}: the weight holds NaN or inf values; fix the checkpoint before initialising.")
 
 
@@ -172,34 +170,6 @@ def _lora_layers(peft_model: PeftModel) -> list[tuple[str, LoraLayer]]:
     ]
 
 
-@torch.no_grad()
-def initialize_from_components(
-    layer: LoraLayer,
-    mode: str,
-    *,
-    device: torch.device | str | None = None,
-    method: str = "gram",
-    generator: torch.Generator | None = None,
-    adapter_name: str = ADAPTER_NAME,
-) -> None:
-    """Set one LoRA layer's factors from the chosen singular components and its base weight to the residual."""
-    base = layer.get_base_layer()
-    fan_in_fan_out = layer.fan_in_fan_out
-    stored = base.weight
-    weight = transpose(stored.data, fan_in_fan_out)  # (out, in)
-    work_device = torch.device(device) if device is not None else weight.device
-    scaling = layer.scaling[adapter_name]
-    components = singular_components(
-        weight.to(work_device), layer.r[adapter_name], mode, method=method, generator=generator
-    )
-    B, A = lora_factors(components, scaling)
-    residual = residual_weight(weight.to(work_device), B, A, scaling)
-    lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    lora_A.data.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
-    lora_B.data.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
-    stored.data.copy_(transpose(residual, fan_in_fan_out).to(device=stored.device, dtype=stored.dtype))
-
-
 def apply_milora(
     model: torch.nn.Module,
     targets: str | Iterable[str],
@@ -209,9 +179,10 @@ def apply_milora(
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     device: torch.device | str | None = None,
-    decomposition: str = "gram",
+    decomposition: str = "auto",
     seed: int = 0,
     show_progress: bool = True,
+    cache_dir: str | None = None,
     **lora_kwargs,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA model (adapter `default`) initialised by `mode`.
@@ -228,8 +199,12 @@ def apply_milora(
             paper's settings. Any alpha keeps the output unchanged at init (S is divided by the scaling).
         device: where to run the decomposition (e.g. "cuda" for a model still on CPU); defaults to each
             weight's device.
-        decomposition: `gram` (fast, exact in float64) or `svd` (full SVD, the reference).
+        decomposition: `auto` (default), `gram`, `subspace` or `svd`; see `milora.decomposition`.
         seed: seeds the `random` mode.
+        cache_dir: reuse (or store) the computed factors there, keyed by weights, targets, r, mode, seed.
+
+    Under torch.distributed the layers are split across ranks and broadcast; under DeepSpeed ZeRO-3
+    they are gathered group by group (see `milora.distributed`).
         **lora_kwargs: passed to `peft.LoraConfig` (`modules_to_save`, `use_rslora`, `task_type`, ...).
     """
     component_mode = normalize_mode(mode)
@@ -239,7 +214,8 @@ def apply_milora(
         raise MiLoRAError(f"rank r must be a positive integer, got {r!r}")
     names = resolve_target_modules(model, targets)
     for name in names:
-        check_weight(name, transpose(model.get_submodule(name).weight, isinstance(model.get_submodule(name), Conv1D)), r)
+        module = model.get_submodule(name)
+        check_weight(name, transpose(module.weight, isinstance(module, Conv1D)), r)
 
     if lora_alpha is None:
         lora_alpha = r if component_mode is not None else 2 * r
@@ -258,12 +234,10 @@ def apply_milora(
     if component_mode is None:
         return peft_model
 
-    layers = _lora_layers(peft_model)
-    progress = tqdm(layers, desc=f"MiLoRA init ({mode}, r={r})", disable=not show_progress, unit="layer")
-    for index, (_, layer) in enumerate(progress):
-        # one generator per layer: the `random` mode does not depend on which layers came before
-        generator = torch.Generator().manual_seed(seed + index)
-        initialize_from_components(layer, component_mode, device=device, method=decomposition, generator=generator)
+    initialize_layers(
+        _lora_layers(peft_model), component_mode, device=device, method=decomposition, seed=seed,
+        show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
+    )
     return peft_model
 
 
@@ -280,7 +254,6 @@ __all__ = [
     "MiLoRAError",
     "apply_milora",
     "check_weight",
-    "initialize_from_components",
     "language_model_prefix",
     "normalize_mode",
     "resolve_target_modules",

@@ -1,0 +1,189 @@
+"""Initialising many layers: split across processes, cached on disk, and ZeRO-3 aware.
+
+- Several processes (`accelerate launch`, `torchrun`, DeepSpeed): layer `i` is decomposed by rank
+  `i % world_size` only, and its factors are broadcast, so N GPUs share the work and every rank ends
+  with identical adapters and residual weights.
+- DeepSpeed ZeRO-3: weights are partitioned. Layers are processed in groups of `world_size`; each layer
+  of a group is gathered with its owner as the modifying rank, so ranks decompose in parallel and
+  DeepSpeed re-partitions the owner's residual and factors on exit.
+- Cache: with `cache_dir`, the factors are stored under a key made of a fingerprint of the target
+  weights, the targets, r, alpha, mode, seed and method; a later run with the same key loads them and
+  only recomputes the cheap residual `W - s B A`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft.utils.other import transpose
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from milora.decomposition import lora_factors, residual_weight, singular_components
+from milora.io import atomic_directory
+
+ADAPTER_NAME = "default"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """A cheap fingerprint of a weight: shape, dtype, float64 sum and a strided sample of its values."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step].to(torch.float64).cpu()
+    digest = hashlib.sha256()
+    digest.update(f"{tuple(weight.shape)}|{weight.dtype}|{float(flat.double().sum()):.17g}".encode())
+    digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(layers, r, alpha, mode, seed, method, fingerprints: list[str]) -> str:
+    description = {
+        "layers": [name for name, _ in layers], "r": r, "alpha": alpha, "mode": mode, "seed": seed,
+        "method": method, "weights": fingerprints,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _layer_weight(layer) -> torch.Tensor:
+    return transpose(layer.get_base_layer().weight.data, layer.fan_in_fan_out)
+
+
+def _compute_factors(layer, mode, device, method, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = _layer_weight(layer)
+    work_device = torch.device(device) if device is not None else weight.device
+    components = singular_components(
+        weight.to(work_device), layer.r[ADAPTER_NAME], mode, method=method, generator=generator
+    )
+    return lora_factors(components, layer.scaling[ADAPTER_NAME])
+
+
+@torch.no_grad()
+def _write_layer(layer, B: torch.Tensor, A: torch.Tensor, device) -> None:
+    """Set the LoRA factors and replace the base weight by the residual `W - s B A`."""
+    base = layer.get_base_layer().weight
+    weight = _layer_weight(layer)
+    work_device = torch.device(device) if device is not None else weight.device
+    scaling = layer.scaling[ADAPTER_NAME]
+    B64, A64 = B.to(work_device, torch.float64), A.to(work_device, torch.float64)
+    residual = residual_weight(weight.to(work_device), B64, A64, scaling)
+    lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+    lora_A.data.copy_(A64.to(device=lora_A.device, dtype=lora_A.dtype))
+    lora_B.data.copy_(B64.to(device=lora_B.device, dtype=lora_B.dtype))
+    base.data.copy_(transpose(residual, layer.fan_in_fan_out).to(device=base.device, dtype=base.dtype))
+
+
+def _broadcast_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_factors(factors: dict[int, tuple[torch.Tensor, torch.Tensor]], layers, rank, world_size):
+    """Every rank receives every layer's (B, A) from the rank that computed it."""
+    device = _broadcast_device()
+    for index, (_, layer) in enumerate(layers):
+        owner = index % world_size
+        out_f, in_f = _layer_weight(layer).shape
+        r = layer.r[ADAPTER_NAME]
+        if rank == owner:
+            B, A = (t.to(device, torch.float64).contiguous() for t in factors[index])
+        else:
+            B = torch.empty(out_f, r, dtype=torch.float64, device=device)
+            A = torch.empty(r, in_f, dtype=torch.float64, device=device)
+        dist.broadcast(B, src=owner)
+        dist.broadcast(A, src=owner)
+        factors[index] = (B, A)
+
+
+def _load_cache(path: Path, count: int):
+    file = path / "factors.safetensors"
+    if not file.is_file():
+        return None
+    tensors = load_file(str(file))
+    return {i: (tensors[f"{i}.B"], tensors[f"{i}.A"]) for i in range(count)}
+
+
+def _save_cache(path: Path, factors, metadata: dict) -> None:
+    tensors = {}
+    for i, (B, A) in factors.items():
+        tensors[f"{i}.B"] = B.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{i}.A"] = A.detach().to("cpu", torch.float32).contiguous()
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / "factors.safetensors"))
+        (tmp / "key.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def initialize_layers(
+    layers,
+    mode: str,
+    *,
+    device=None,
+    method: str = "auto",
+    seed: int = 0,
+    show_progress: bool = True,
+    cache_dir: str | Path | None = None,
+    description: str = "MiLoRA init",
+) -> None:
+    """Initialise every `(name, LoraLayer)` in `layers` from its `mode` singular components."""
+    rank, world_size = world()
+    if any(is_zero3_partitioned(layer.get_base_layer().weight) for _, layer in layers):
+        return _initialize_zero3(layers, mode, device, method, seed, show_progress, rank, world_size, description)
+
+    first = layers[0][1]
+    cache_path = None
+    factors = None
+    if cache_dir is not None:
+        fingerprints = [weight_fingerprint(layer.get_base_layer().weight) for _, layer in layers]
+        key = cache_key(layers, first.r[ADAPTER_NAME], first.scaling[ADAPTER_NAME], mode, seed, method, fingerprints)
+        cache_path = Path(cache_dir) / key
+        factors = _load_cache(cache_path, len(layers))
+    computed = factors is None
+    if computed:
+        factors = {}
+        owned = [i for i in range(len(layers)) if i % world_size == rank]
+        for i in tqdm(owned, desc=description, disable=not show_progress or rank != 0, unit="layer"):
+            # one generator per layer: the `random` mode does not depend on which layers came before
+            generator = torch.Generator().manual_seed(seed + i)
+            factors[i] = _compute_factors(layers[i][1], mode, device, method, generator)
+        if world_size > 1:
+            _broadcast_factors(factors, layers, rank, world_size)
+    for i, (_, layer) in enumerate(layers):
+        _write_layer(layer, *factors[i], device)
+    if computed and cache_path is not None and rank == 0:
+        _save_cache(cache_path, factors, {"layers": len(layers), "mode": mode, "seed": seed, "method": method})
+
+
+def _initialize_zero3(layers, mode, device, method, seed, show_progress, rank, world_size, description):
+    import deepspeed
+
+    groups = [list(range(start, min(start + world_size, len(layers)))) for start in range(0, len(layers), world_size)]
+    for group in tqdm(groups, desc=description + " (ZeRO-3)", disable=not show_progress or rank != 0, unit="group"):
+        with contextlib.ExitStack() as stack:
+            for position, index in enumerate(group):
+                layer = layers[index][1]
+                params = [layer.get_base_layer().weight, layer.lora_A[ADAPTER_NAME].weight,
+                          layer.lora_B[ADAPTER_NAME].weight]
+                # the owner's writes to the gathered tensors are what DeepSpeed keeps on exit
+                stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=position))
+            if rank < len(group):
+                index = group[rank]
+                layer = layers[index][1]
+                generator = torch.Generator().manual_seed(seed + index)
+                B, A = _compute_factors(layer, mode, device, method, generator)
+                _write_layer(layer, B, A, device)

@@ -1,0 +1,68 @@
+"""Split initialisation across processes (torch.distributed, gloo on CPU) and the on-disk init cache."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import milora.distributed as distributed
+from milora import apply_milora
+from milora.tiny import tiny_model
+
+from .conftest import LLAMA_TARGETS
+
+
+def adapter_and_residual_state(peft_model):
+    return {
+        n: p.detach().clone()
+        for n, p in peft_model.named_parameters()
+        if ".lora_" in n or ".base_layer." in n
+    }
+
+
+def _worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    calls = []
+    original = distributed.singular_components
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    distributed.singular_components = counting
+    peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, show_progress=False)
+    torch.save({"state": adapter_and_residual_state(peft_model), "calls": len(calls)}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_split_the_work_and_agree(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    layers = 2 * len(LLAMA_TARGETS)
+    assert [r["calls"] for r in results] == [layers // 2, layers // 2]  # each matrix decomposed once
+    single = adapter_and_residual_state(apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, show_progress=False))
+    for name, tensor in single.items():
+        assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name  # ranks identical
+        torch.testing.assert_close(results[0]["state"][name], tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_cache_reuses_factors_and_keys_on_inputs(tmp_path, monkeypatch, input_ids):
+    first = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, cache_dir=tmp_path, show_progress=False)
+    assert len(list(tmp_path.iterdir())) == 1
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("decomposition ran despite a cache hit")
+
+    monkeypatch.setattr(distributed, "singular_components", must_not_run)
+    second = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, cache_dir=tmp_path, show_progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(second(input_ids).logits, first(input_ids).logits)
+    for name, tensor in adapter_and_residual_state(first).items():
+        torch.testing.assert_close(adapter_and_residual_state(second)[name], tensor, atol=1e-6, rtol=1e-5)
+    monkeypatch.undo()
+    # another rank, mode or set of weights is another key
+    apply_milora(tiny_model("llama"), LLAMA_TARGETS, 2, cache_dir=tmp_path, show_progress=False)
+    apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode="pissa", cache_dir=tmp_path, show_progress=False)
+    apply_milora(tiny_model("llama", seed=5), LLAMA_TARGETS, 4, cache_dir=tmp_path, show_progress=False)
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 4
