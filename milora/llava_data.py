@@ -47,8 +47,10 @@ LLAVA_V1_SYSTEM_PROMPT = (
 )
 
 # LLaVA-1.5's `conv_vicuna_v1` (SeparatorStyle.TWO, seps " " and "</s>"):
-#   "<s>SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>"
-# with the answers and their "</s>" (the only trained tokens) inside `{% generation %}`. Content may be a
+#   "SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>"
+# with the answers and their "</s>" (the only trained tokens) inside `{% generation %}`. No BOS in the text:
+# the tokenizer adds it, as LLaVA's `tokenizer(prompt)` did, so a prompt built as plain text at evaluation
+# ("SYSTEM USER: <image>\nQ ASSISTANT:", eval_harness/llava_generation.py) tokenizes the same way. Content may be a
 # string (with the image token inline) or a list of {"type": "image"} / {"type": "text", "text": ...} items,
 # so `processor.apply_chat_template` works with either message style at inference.
 LLAVA_V1_CHAT_TEMPLATE = (
@@ -64,7 +66,7 @@ LLAVA_V1_CHAT_TEMPLATE = (
     "{%- else -%}"
     "{%- set system = '" + LLAVA_V1_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}{%- set loop_messages = messages -%}"
     "{%- endif -%}"
-    "{{ bos_token }}{% if system %}{{ system + ' ' }}{% endif %}"
+    "{%- if system -%}{{ system + ' ' }}{%- endif -%}"
     "{%- for message in loop_messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{ 'ASSISTANT: ' }}{% generation %}{{ render(message['content']) + eos_token }}{% endgeneration %}"
@@ -285,7 +287,7 @@ class LlavaDataCollator:
             **tokenizer.special_tokens_map,
         )
         text, spans = rendered[0], generation_indices[0]
-        # The LLaVA template writes the BOS itself: the tokenizer must not add another (as apply_chat_template).
+        # The tokenizer adds the BOS, unless the template wrote it already (as processor.apply_chat_template).
         bos = tokenizer.bos_token
         out = self.processor(
             images=[image] if image is not None else None,
@@ -474,7 +476,8 @@ def build_llava_train_data(
         )
     with_image = sum(p is not None for p in images)
     logger.info(
-        "LLaVA data %s: %d rows (%d with an image, %d text-only)", data_path, len(ids), with_image, len(ids) - with_image
+        "LLaVA data %s: %d rows (%d with an image, %d text-only)",
+        data_path, len(ids), with_image, len(ids) - with_image,
     )
 
     if processor.tokenizer.pad_token is None:
