@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq_len", type=int, default=512, help="tokens per block (default: 512)")
     parser.add_argument("--batch_size", type=int, default=8, help="blocks per forward pass (default: 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32",
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64", "auto"),
                         help="dtype the models are loaded and merged in (default: float32; bfloat16 halves memory "
                              "but adds rounding noise to dW)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baselines (default: 0)")
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
 
+    from milora.analysis.loading import AnalysisInputError
     from milora.analysis.report import analyze
 
     try:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             targets=args.targets, layers=args.layers, forgetting_data=args.forgetting_data,
             max_samples=args.max_samples, seq_len=args.seq_len, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, seed=args.seed, show_progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
+    except (AnalysisInputError, FileNotFoundError) as exc:
         print(f"milora analyze: error: {exc}", file=sys.stderr)
         return 2
     summary = report["selection"]["selected"]

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m milora.analysis.example", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="output directory of the report")
-    parser.add_argument("--png", default=None, help="also copy summary.png here (e.g. docs/images/analysis_example.png)")
+    parser.add_argument("--png", default=None,
+                        help="also copy summary.png here (e.g. docs/images/analysis_example.png)")
+    parser.add_argument("--summary_only", action="store_true", help="draw summary.png only (faster)")
     args = parser.parse_args(argv)
 
     from milora.analysis.report import analyze
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base_dir, tuned_dir, text_file = build_example_pair(Path(tmp))
         report = analyze(str(base_dir), str(tuned_dir), args.out, r=EXAMPLE_RANK, forgetting_data=str(text_file),
-                         max_samples=8, seq_len=128, device="cpu")
+                         max_samples=8, seq_len=128, device="cpu", show_progress=False,
+                         plot_names=("summary",) if args.summary_only else None)
     # The temporary paths mean nothing to a reader of the report.
     from milora.analysis.output import atomic_write_bytes, write_json
 

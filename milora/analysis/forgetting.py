@@ -53,8 +53,9 @@ def iter_texts(spec: str) -> Iterator[str]:
     """The texts of a forgetting corpus, lazily.
 
     `spec` is a local file (`.jsonl`/`.json`: records with a `text` field, else the first string field;
-    anything else: plain text, read line by line with newlines kept), or a hub dataset as
-    `NAME[:CONFIG[:SPLIT]]` (split `test` by default), e.g. `wikitext:wikitext-103-raw-v1:test`.
+    anything else: plain text, read line by line with newlines kept), or a dataset for `datasets.load_dataset`
+    as `NAME[:CONFIG[:SPLIT]]` (split `test` by default, streamed): a hub id such as
+    `wikitext:wikitext-103-raw-v1:test`, or a local folder of data files (`DIR`, `DIR::train`).
     """
     path = Path(spec)
     if path.is_file():
@@ -68,12 +69,17 @@ def iter_texts(spec: str) -> Iterator[str]:
             with path.open() as handle:
                 yield from handle
         return
-    if path.exists() or spec.startswith((".", os.sep, "~")) or path.suffix in (".txt", ".json", ".jsonl"):
-        raise FileNotFoundError(f"forgetting data {spec!r} is not a readable file")
+    if path.is_dir():
+        name, config, split = spec, None, None
+    else:
+        name, config, split = (spec.split(":") + [None, None])[:3]
+        if not Path(name).is_dir() and (
+                spec.startswith((".", os.sep, "~")) or path.suffix in (".txt", ".json", ".jsonl")):
+            raise FileNotFoundError(f"forgetting data {spec!r} is not a readable file")
     import datasets
 
-    name, config, split = (spec.split(":") + [None, None])[:3]
-    dataset = datasets.load_dataset(name, config or None, split=split or "test")
+    # Streaming: only the rows read are fetched (WikiText-103's train split alone is hundreds of MB).
+    dataset = datasets.load_dataset(name, config or None, split=split or "test", streaming=True)
     yield from _texts_from_records(dataset, spec)
 
 

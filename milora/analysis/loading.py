@@ -1,8 +1,8 @@
 """Which weights `--base`, `--tuned` and `--adapter` stand for, and loading them as merged in-memory models.
 
 A model argument is a merged checkpoint (local directory or hub id), `tiny:<kind>`, a PEFT adapter directory,
-or a `milora init` directory DIR: the RESIDUAL base model (W - B0 A0) with its initial adapter in
-DIR/milora_init/ (an ordinary PEFT adapter directory). The rules:
+or a `milora init` directory DIR: the RESIDUAL base model (W - s B0 A0, s the LoRA scaling) with its initial
+adapter in DIR/milora_init/ (an ordinary PEFT adapter directory). The rules:
 
 - `--base DIR` (init dir): the true base is DIR + merge(DIR/milora_init), i.e. the original W.
 - `--base M` (checkpoint): M.
@@ -25,7 +25,12 @@ from pathlib import Path
 
 INIT_ADAPTER_SUBDIR = "milora_init"
 ADAPTER_CONFIG = "adapter_config.json"
+INIT_METADATA = "milora.json"  # written by `milora init` next to the initial adapter
 DEFAULT_RANK = 8
+
+
+class AnalysisInputError(ValueError):
+    """A command-line input that cannot be analysed as given (reported as a usage error, not a crash)."""
 
 
 def is_milora_init_dir(path: str | os.PathLike | None) -> bool:
@@ -54,17 +59,22 @@ class ModelSource:
     kind: str = "checkpoint"  # checkpoint | milora_init_dir | checkpoint+adapter
 
     def describe(self) -> dict:
-        return asdict(self)
+        """JSON form, with the `milora.json` that `milora init` writes beside its adapter (mode, r, ...) if any."""
+        description = asdict(self)
+        metadata_file = Path(self.adapter) / INIT_METADATA if self.adapter else None
+        if metadata_file is not None and metadata_file.is_file():
+            description["init_metadata"] = json.loads(metadata_file.read_text())
+        return description
 
 
 def resolve_sources(base: str, tuned: str | None = None, adapter: str | None = None) -> tuple[ModelSource, ModelSource]:
     """Apply the rules in the module docstring to the three command-line arguments."""
     if is_adapter_dir(base):
-        raise ValueError(f"--base {base} is an adapter directory; give the model it applies to as --base")
+        raise AnalysisInputError(f"--base {base} is an adapter directory; give the model it applies to as --base")
     if tuned is None and adapter is None:
-        raise ValueError("give the finetuned model: --tuned (checkpoint or adapter dir) and/or --adapter")
+        raise AnalysisInputError("give the finetuned model: --tuned (checkpoint or adapter dir) and/or --adapter")
     if adapter is not None and not is_adapter_dir(adapter):
-        raise ValueError(f"--adapter {adapter} has no {ADAPTER_CONFIG}")
+        raise AnalysisInputError(f"--adapter {adapter} has no {ADAPTER_CONFIG}")
     if is_milora_init_dir(base):
         base_source = ModelSource(base, str(Path(base) / INIT_ADAPTER_SUBDIR), "milora_init_dir")
     else:
@@ -90,6 +100,24 @@ def default_rank(base_source: ModelSource, tuned_source: ModelSource) -> tuple[i
             if rank is not None:
                 return rank, f"{label} {source.adapter}"
     return DEFAULT_RANK, "default"
+
+
+def source_warnings(tuned_source: ModelSource) -> list[str]:
+    """Warnings about a likely mix-up: an adapter trained from a `milora init` directory (its config names that
+    directory, as `milora init` writes it) merged onto a model that is not an init directory. Its B A already
+    contains B0 A0, so merging it onto the original weights would count the initial adapter as an update."""
+    if tuned_source.adapter is None or is_milora_init_dir(tuned_source.model):
+        return []
+    config = json.loads((Path(tuned_source.adapter) / ADAPTER_CONFIG).read_text())
+    trained_from = config.get("base_model_name_or_path")
+    if not trained_from or not is_milora_init_dir(trained_from):
+        return []
+    if Path(tuned_source.adapter).resolve() == (Path(trained_from) / INIT_ADAPTER_SUBDIR).resolve():
+        return []  # the initial adapter itself, merged where the user asked
+    return [
+        f"adapter {tuned_source.adapter} was trained from the milora init directory {trained_from}, but is merged "
+        f"onto {tuned_source.model}; pass --base {trained_from} so that dW = B A - B0 A0"
+    ]
 
 
 def merge_adapter_in_memory(model, adapter_dir: str):

@@ -48,13 +48,14 @@ def plot_similarity_heatmaps(by_layer_type: dict, path: str | os.PathLike, side:
     if not types:
         figure.text(0.5, 0.5, "no changed weights", ha="center")
         return save_figure(figure, path)
-    grid_axes = figure.subplots(len(types), 3, squeeze=False)
+    grid_axes = figure.subplots(len(types), 3, squeeze=False, sharex=True, sharey=True)
     image = None
     for row, layer_type in enumerate(types):
         entry = by_layer_type[layer_type]
         for col, subset in enumerate(SUBSET_LABELS):
             image = _heatmap(grid_axes[row][col], entry["similarity_grid"][subset][side],
                              f"{layer_type}: dW vs {SUBSET_LABELS[subset]}")
+            grid_axes[row][col].label_outer()  # axis labels on the outer panels only (less text, faster)
     figure.colorbar(image, ax=grid_axes, shrink=0.8, label=f"phi(i, j), {side} singular vectors")
     return save_figure(figure, path)
 
@@ -95,9 +96,12 @@ def _spectrum(axes, values, r: int, title: str, color_values=None):
         rank = max(np.asarray(sigma).size for _, sigma in values)
         axes.axvspan(0.5, r + 0.5, color="tab:red", alpha=0.12, lw=0, label="principal (first r)")
         axes.axvspan(rank - r + 0.5, rank + 0.5, color="tab:blue", alpha=0.12, lw=0, label="minor (last r)")
-    # Few log ticks, no minor ones: tick layout is most of the drawing time of many small log panels.
-    axes.yaxis.set_major_locator(LogLocator(numticks=5))
-    axes.yaxis.set_minor_locator(NullLocator())
+    if values:
+        # Few log ticks, no minor ones: tick layout is most of the drawing time of many small log panels.
+        axes.yaxis.set_major_locator(LogLocator(numticks=5))
+        axes.yaxis.set_minor_locator(NullLocator())
+    else:
+        axes.text(0.5, 0.5, "unchanged", ha="center", va="center", transform=axes.transAxes, fontsize=8)
     axes.set_title(title, fontsize=9)
     axes.set_xlabel("index", fontsize=8)
     axes.set_ylabel("singular value", fontsize=8)

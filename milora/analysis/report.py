@@ -21,6 +21,7 @@ from milora.analysis import loading, plots, weights
 from milora.analysis.output import write_json
 
 REPORT_VERSION = 1
+PLOT_NAMES = ("summary", "similarity_heatmaps", "similarity_by_layer", "spectra", "amplification")
 NO_FORGETTING = ("", "none", "skip")
 
 
@@ -40,9 +41,8 @@ def _prepare_forgetting_blocks(spec, base_source, tuned_source, seq_len, max_sam
         return tokenizer, blocks, None
     except Exception as exc:  # noqa: BLE001 - the default corpus is optional (offline machines)
         if explicit:
-            if isinstance(exc, (ValueError, FileNotFoundError)):
-                raise
-            raise ValueError(f"cannot load forgetting data {spec!r}: {type(exc).__name__}: {exc}") from exc
+            message = f"cannot use forgetting data {spec!r}: {type(exc).__name__}: {exc}"
+            raise loading.AnalysisInputError(message) from exc
         reason = f"default forgetting data {spec!r} unavailable ({type(exc).__name__}: {exc}); " \
                  "pass --forgetting_data FILE to measure forgetting"
         print(f"milora analyze: warning: {reason}", file=sys.stderr)
@@ -65,23 +65,36 @@ def analyze(
     dtype: str = "float32",
     seed: int = 0,
     show_progress: bool = True,
+    plot_names: tuple[str, ...] | None = None,
 ) -> dict:
     """Analyse `tuned` (and/or `adapter`) against `base` (see `loading` for what each argument may be), write
-    the output directory (module docstring) and return the report dict."""
+    the output directory (module docstring) and return the report dict.
+
+    `plot_names`: which of PLOT_NAMES to draw (default: all); drawing is most of the time for a small model.
+    """
     from tqdm.auto import tqdm
 
     started = time.time()
     out_dir = Path(out_dir)
     device = resolve_device(device)
     base_source, tuned_source = loading.resolve_sources(base, tuned, adapter)
+    warnings = loading.source_warnings(tuned_source)
+    for warning in warnings:
+        print(f"milora analyze: warning: {warning}", file=sys.stderr)
     if r is None:
         r, r_source = loading.default_rank(base_source, tuned_source)
     else:
         r_source = "--r"
     if r < 1:
-        raise ValueError(f"r must be at least 1, got {r}")
+        raise loading.AnalysisInputError(f"r must be at least 1, got {r}")
+    unknown_plots = set(plot_names or ()) - set(PLOT_NAMES)
+    if unknown_plots:
+        raise loading.AnalysisInputError(f"unknown plots {sorted(unknown_plots)}; choose from {', '.join(PLOT_NAMES)}")
     target_list = weights.parse_target_spec(targets)
-    layer_set = weights.parse_layer_spec(layers)
+    try:
+        layer_set = weights.parse_layer_spec(layers)
+    except ValueError as exc:
+        raise loading.AnalysisInputError(f"--layers {layers!r}: {exc}") from exc
 
     forgetting_spec = None if forgetting_data is None or forgetting_data.lower() in NO_FORGETTING else forgetting_data
     blocks = tokenizer = None
@@ -136,6 +149,7 @@ def analyze(
         "by_layer_type": by_layer_type,
         "weights": [{k: v for k, v in rec.items() if not k.startswith("_")} for rec in records],
         "forgetting": forgetting,
+        "warnings": warnings,
     }
 
     files = {"spectra": "spectra.json"}
@@ -149,6 +163,8 @@ def analyze(
         "amplification": ("amplification.png", lambda p: plots.plot_amplification(by_layer_type, p)),
     }
     for key, (filename, draw) in plot_files.items():
+        if plot_names is not None and key not in plot_names:
+            continue
         draw(out_dir / filename)
         files[key] = filename
     report["files"] = files

@@ -241,7 +241,9 @@ def summarize_by_layer_type(records: list[dict]) -> dict:
         entry: dict = {"weights": len(group), "changed": len(changed)}
         if changed:
             entry["similarity"] = {
-                subset: {side: _mean([rec["similarity"][subset][side] for rec in changed]) for side in ("left", "right")}
+                subset: {
+                    side: _mean([rec["similarity"][subset][side] for rec in changed]) for side in ("left", "right")
+                }
                 for subset in metrics.SUBSETS
             }
             entry["amplification"] = {
