@@ -1,0 +1,139 @@
+"""Running lm-eval tasks on a merged checkpoint and reading their metrics back.
+
+One `HFLM` (lm-eval's Hugging Face model wrapper: batched, left-padded generation) is built per run and shared
+by every task; each task (or group) is evaluated by its own ``simple_evaluate`` call, so a task whose data
+cannot be loaded is reported as skipped instead of stopping the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eval_harness.local_tasks import TASKS_DIR
+
+LOGGER = logging.getLogger(__name__)
+
+
+def task_manager(extra_include_paths: Sequence[str | os.PathLike] = (), include_defaults: bool = False):
+    """A TaskManager over the project's tasks (+ extra folders, which win on name clashes).
+
+    ``include_defaults=True`` adds lm-eval's own tasks (boolq, piqa, ifeval, ...), at the cost of indexing them.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + [str(p) for p in extra_include_paths]
+    return TaskManager(include_path=paths, include_defaults=include_defaults)
+
+
+def build_lm(
+    model_path: str,
+    device: str = "cpu",
+    batch_size: int | str = 8,
+    dtype: str = "auto",
+    max_length: int | None = None,
+):
+    """lm-eval's HFLM for a merged checkpoint directory (or hub id)."""
+    from lm_eval.models.huggingface import HFLM
+
+    kwargs: dict[str, Any] = {"pretrained": model_path, "device": device, "batch_size": batch_size, "dtype": dtype}
+    if max_length:
+        kwargs["max_length"] = max_length
+    return HFLM(**kwargs)
+
+
+def metrics_of(results: dict) -> dict[str, dict[str, Any]]:
+    """``{task_or_group: {metric: value}}`` from simple_evaluate's output, filter suffix and stderr dropped."""
+    table: dict[str, dict[str, Any]] = {}
+    for section in ("results", "groups"):
+        for task, values in (results.get(section) or {}).items():
+            row = table.setdefault(task, {})
+            for key, value in values.items():
+                if "," not in key or "_stderr" in key:
+                    continue
+                metric, filter_name = key.split(",", 1)
+                name = metric if filter_name == "none" else f"{metric}/{filter_name}"
+                if isinstance(value, (int, float)) or hasattr(value, "item"):
+                    row[name] = float(value)
+            if "sample_len" in values:
+                row["n"] = int(values["sample_len"])
+    return table
+
+
+@dataclass
+class TaskRun:
+    """What running a list of lm-eval tasks produced."""
+
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: dict[str, list[dict]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def sample_rows(samples: list[dict]) -> list[dict]:
+    """Per-doc records worth keeping: prompt, doc, target, the (filtered) response and its metrics."""
+    rows = []
+    for sample in samples:
+        arguments = sample.get("arguments") or [[None]]
+        rows.append(
+            {
+                "doc_id": sample.get("doc_id"),
+                "prompt": arguments[0][0],  # the context the model saw (of the first request)
+                "target": sample.get("target"),
+                "response": sample.get("filtered_resps"),
+                "metrics": {m: sample.get(m) for m in sample.get("metrics", [])},
+                "doc": sample.get("doc"),
+            }
+        )
+    return rows
+
+
+def run_tasks(
+    lm,
+    tasks: Sequence[str],
+    manager,
+    limit: int | float | None = None,
+    gen_kwargs: dict[str, Any] | None = None,
+    apply_chat_template: bool = False,
+    keep_going: bool = True,
+) -> TaskRun:
+    """Evaluate each task (or group) separately on the shared model; failures go to ``skipped``."""
+    from lm_eval import simple_evaluate
+
+    if any("ifeval" in task for task in tasks):
+        # lm-eval's own IFEval checkers (its `ifeval` task as well as ours) need NLTK's sentence model, which
+        # they would try to download; provide it (or the offline fallback) first.
+        from eval_harness.ifeval import ensure_sentence_tokenizer
+
+        ensure_sentence_tokenizer()
+    run = TaskRun()
+    for task in tasks:
+        try:
+            results = simple_evaluate(
+                model=lm,
+                tasks=[task],
+                task_manager=manager,
+                limit=limit,
+                gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
+                apply_chat_template=apply_chat_template,
+                bootstrap_iters=0,
+                log_samples=True,
+                num_fewshot=None,
+            )
+        except Exception as error:  # noqa: BLE001 - one unavailable data set must not stop the suite
+            if not keep_going:
+                raise
+            LOGGER.warning("task %s skipped: %s", task, error)
+            run.skipped[task] = f"{type(error).__name__}: {error}"[:500]
+            continue
+        run.metrics.update(metrics_of(results))
+        for name, samples in (results.get("samples") or {}).items():
+            run.samples[name] = sample_rows(samples)
+    return run
+
+
+def default_output_dir(model_path: str, suite: str) -> Path:
+    return Path("outputs") / "eval" / Path(model_path.rstrip("/")).name / suite

@@ -1,0 +1,81 @@
+"""Shared fixtures of the eval_harness tests: offline settings, fixture paths, tiny merged checkpoints.
+
+Everything runs offline (no hub), on one CPU thread (the tiny models are faster that way and the machine's
+cores are shared), with NLTK's offline sentence-model fallback written into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "datasets" not in sys.modules and "HF_DATASETS_CACHE" not in os.environ:
+    # The local fixture files (many in fresh temporary folders) would each leave a cache entry under ~/.cache.
+    _DATASETS_CACHE = tempfile.mkdtemp(prefix="milora-eval-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+    atexit.register(shutil.rmtree, _DATASETS_CACHE, True)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # for `import stub_judge`
+    sys.path.insert(0, str(HERE))
+
+FIXTURES = HERE / "fixtures"
+GSM8K_TEST_FILE = REPO_ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_cpu_setup(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["MILORA_NLTK_DATA"] = str(tmp_path_factory.mktemp("nltk_data"))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def gsm8k_test_file() -> Path:
+    if not GSM8K_TEST_FILE.is_file():
+        pytest.skip(f"the shared GSM8K test set is not at {GSM8K_TEST_FILE}")
+    return GSM8K_TEST_FILE
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A merged-checkpoint directory: the tiny llama and its byte tokenizer, saved with save_pretrained."""
+    from milora.tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A LLaVA merged-checkpoint directory: tiny LLaVA weights and its processor."""
+    from milora.tiny import tiny_model, tiny_processor
+
+    path = tmp_path_factory.mktemp("tiny_llava")
+    tiny_model("llava").save_pretrained(path)
+    tiny_processor().save_pretrained(path)
+    return path

@@ -1,0 +1,284 @@
+"""The project's lm-eval tasks, run by lm-eval itself (simple_evaluate) from local fixture files.
+
+Two kinds of model: the tiny merged checkpoint through lm-eval's HFLM (the real generation path), and an
+"oracle" LM (a real `lm_eval.api.model.LM` subclass) that answers every prompt with the reference answer
+written in the data file (or a wrong one), so the whole task pipeline -- doc conversion, prompt, answer
+extraction, metric aggregation -- must give exactly 1.0 (or 0.0).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import lm_eval
+import pytest
+from lm_eval import simple_evaluate
+from lm_eval.api.model import LM
+
+from eval_harness import lm_eval_runner
+from eval_harness.local_tasks import TASKS_DIR, project_task_yaml, write_local_task_yaml
+
+# fmt: off
+PROJECT_TASKS = [
+    "milora_boolq", "milora_piqa", "milora_social_i_qa", "milora_hellaswag", "milora_winogrande",
+    "milora_arc_easy", "milora_arc_challenge", "milora_openbookqa", "milora_gsm8k", "milora_math", "milora_ifeval",
+]
+# fmt: on
+LIMIT = 3
+
+
+@pytest.fixture(scope="module")
+def gsm8k_slice(tmp_path_factory, gsm8k_test_file) -> Path:
+    path = tmp_path_factory.mktemp("gsm8k") / "gsm8k_slice.jsonl"
+    with open(gsm8k_test_file, encoding="utf-8") as handle:
+        path.write_text("".join(next(handle) for _ in range(4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_files(fixtures_dir, gsm8k_slice) -> dict[str, Path]:
+    return {
+        "milora_boolq": fixtures_dir / "commonsense" / "boolq" / "test.json",  # LLM-Adapters format
+        "milora_piqa": fixtures_dir / "hub_rows" / "piqa.jsonl",  # raw hub rows
+        "milora_arc_challenge": fixtures_dir / "commonsense" / "ARC-Challenge" / "test.json",
+        "milora_gsm8k": gsm8k_slice,  # the real test set
+        "milora_math": fixtures_dir / "math_test.jsonl",
+        "milora_ifeval": fixtures_dir / "ifeval_sample.jsonl",
+    }
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory, data_files):
+    variant_dir = tmp_path_factory.mktemp("local_tasks")
+    for task, path in data_files.items():
+        write_local_task_yaml(project_task_yaml(task), path, variant_dir)
+    return lm_eval_runner.task_manager([variant_dir])
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama_dir):
+    return lm_eval_runner.build_lm(str(tiny_llama_dir), device="cpu", batch_size=4, max_length=256)
+
+
+# --------------------------------------------------------------------------- task files
+
+
+def test_include_path_indexes_every_project_task_and_the_group():
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    assert set(PROJECT_TASKS) <= set(manager.all_subtasks)
+    assert "milora_commonsense" in manager.all_groups
+    assert "milora_math_tasks" in manager.all_tags
+
+
+def test_tasks_read_the_hub_by_default():
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    sources = {task: load_yaml(project_task_yaml(task), resolve_func=False)["dataset_path"] for task in PROJECT_TASKS}
+    assert sources["milora_gsm8k"] == "openai/gsm8k"
+    assert sources["milora_math"] == "DigitalLearningGmbH/MATH-lighteval"
+    assert sources["milora_ifeval"] == "google/IFEval"
+    assert all("/" in source for source in sources.values()), sources  # hub ids, no local loader
+
+
+def test_local_variant_yaml_points_at_the_file(tmp_path, fixtures_dir):
+    data = fixtures_dir / "math_test.jsonl"
+    path = write_local_task_yaml(project_task_yaml("milora_math"), data, tmp_path, task_name="milora_math_local")
+    text = path.read_text()
+    assert "dataset_path: json" in text and str(data.resolve()) in text
+    assert "include: " + str(project_task_yaml("milora_math")) in text
+    manager = lm_eval_runner.task_manager([tmp_path])
+    task = manager.load(["milora_math_local"])["tasks"]["milora_math_local"]
+    assert task.config.dataset_kwargs == {"data_files": {"test": str(data.resolve())}}
+    assert callable(task.config.process_results)  # inherited from the base YAML's utils.py
+    assert len(task.test_docs()) == 4
+    with pytest.raises(FileNotFoundError):
+        write_local_task_yaml(project_task_yaml("milora_math"), tmp_path / "missing.jsonl", tmp_path)
+    with pytest.raises(ValueError):
+        write_local_task_yaml(project_task_yaml("milora_math"), tmp_path / "data.txt", tmp_path)
+
+
+# --------------------------------------------------------------------------- tiny checkpoint through HFLM
+
+
+def test_tiny_checkpoint_gets_metrics_on_every_local_task(tiny_lm, manager, data_files):
+    run = lm_eval_runner.run_tasks(tiny_lm, list(data_files), manager, limit=LIMIT, gen_kwargs={"max_gen_toks": 4})
+    assert run.skipped == {}
+    expected = {
+        "milora_boolq": {"acc"},
+        "milora_piqa": {"acc"},
+        "milora_arc_challenge": {"acc"},
+        "milora_gsm8k": {"exact_match", "exact_match_flex"},
+        "milora_math": {"exact_match", "exact_match_flex"},
+        "milora_ifeval": {
+            "prompt_level_strict_acc",
+            "inst_level_strict_acc",
+            "prompt_level_loose_acc",
+            "inst_level_loose_acc",
+        },
+    }
+    for task, metric_names in expected.items():
+        metrics = run.metrics[task]
+        assert metric_names <= set(metrics), task
+        assert all(0.0 <= metrics[m] <= 1.0 for m in metric_names)
+        assert metrics["n"] == min(LIMIT, sum(1 for _ in _rows(data_files[task])))
+    sample = run.samples["milora_piqa"][0]
+    assert sample["doc"]["prompt"].startswith("Below is an instruction that describes a task.")
+    assert sample["doc"]["prompt"].endswith("Answer format: solution1/solution2\n\n### Response:\n")
+    assert sample["prompt"] == sample["doc"]["prompt"]  # exactly what the model was given
+    gsm8k_prompt = run.samples["milora_gsm8k"][0]["prompt"]
+    assert gsm8k_prompt.endswith("### Response: Let's think step by step.")
+
+
+def test_builtin_lm_eval_tasks_still_run_on_the_merged_checkpoint(tiny_lm, tmp_path, fixtures_dir):
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    sources = {
+        "boolq": (
+            builtin / "super_glue" / "boolq" / "default.yaml",
+            fixtures_dir / "hub_rows" / "boolq_super_glue.jsonl",
+        ),
+        "piqa": (builtin / "piqa" / "piqa.yaml", fixtures_dir / "hub_rows" / "piqa.jsonl"),
+        "arc_easy": (builtin / "arc" / "arc_easy.yaml", fixtures_dir / "hub_rows" / "arc_easy.jsonl"),
+        "ifeval": (builtin / "ifeval" / "ifeval.yaml", fixtures_dir / "ifeval_sample.jsonl"),
+    }
+    for yaml_path, data in sources.values():
+        write_local_task_yaml(yaml_path, data, tmp_path)
+    manager = lm_eval_runner.task_manager([tmp_path])
+    run = lm_eval_runner.run_tasks(
+        tiny_lm, list(sources), manager, limit=2, gen_kwargs={"max_gen_toks": 4}, keep_going=False
+    )
+    assert {"acc"} <= set(run.metrics["boolq"])
+    for task in ("piqa", "arc_easy"):
+        assert {"acc", "acc_norm"} <= set(run.metrics[task])
+    assert {"prompt_level_strict_acc", "inst_level_loose_acc"} <= set(run.metrics["ifeval"])
+    assert all(run.metrics[task]["n"] == 2 for task in sources)
+
+
+# --------------------------------------------------------------------------- oracle answers
+
+
+def _rows(path: Path) -> list[dict]:
+    text = Path(path).read_text().strip()
+    return json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
+
+
+class OracleLM(LM):
+    """Answers a prompt with the reference response of the data row whose question the prompt contains."""
+
+    def __init__(self, responses: dict[str, str]):
+        super().__init__()
+        self.responses = responses
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        answers = []
+        for request in requests:
+            context = request.args[0]
+            matches = [answer for key, answer in self.responses.items() if key in context]
+            assert len(matches) == 1, context[:200]
+            answers.append(matches[0])
+        return answers
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+
+def _oracle_responses(data_files, correct: bool) -> dict[str, str]:
+    responses = {}
+    for row in _rows(data_files["milora_boolq"]) + _rows(data_files["milora_arc_challenge"]):
+        output = row["output"]  # LLM-Adapters' reference response, e.g. "the correct answer is true"
+        if not correct:
+            output = (
+                "the correct answer is false"
+                if row["answer"] == "true"
+                else (
+                    "the correct answer is true"
+                    if row["answer"] == "false"
+                    else f"the correct answer is answer{1 + int(row['answer'][-1]) % 4}"
+                )
+            )
+        responses[row["instruction"]] = output
+    for row in _rows(data_files["milora_gsm8k"]):
+        body, final = row["answer"].split("####")
+        final = final.strip() if correct else str(int(final.strip().replace(",", "")) + 1)
+        responses[row["question"]] = re.sub(r"<<[^>]*>>", "", body).strip() + f"\nThe answer is: {final}"
+    for row in _rows(data_files["milora_math"]):
+        boxed = re.findall(r"\\boxed\{(.*)\}", row["solution"])[-1]
+        final = boxed if correct else boxed + "+1"
+        responses[row["problem"]] = f"{row['solution']}\nThe answer is: {final}"
+    return responses
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_oracle_answers_score_exactly(manager, data_files, correct):
+    tasks = ["milora_boolq", "milora_arc_challenge", "milora_gsm8k", "milora_math"]
+    results = simple_evaluate(
+        model=OracleLM(_oracle_responses(data_files, correct)), tasks=tasks, task_manager=manager, bootstrap_iters=0
+    )
+    metrics = lm_eval_runner.metrics_of(results)
+    expected = 1.0 if correct else 0.0
+    assert metrics["milora_boolq"]["acc"] == expected
+    assert metrics["milora_arc_challenge"]["acc"] == expected
+    assert metrics["milora_gsm8k"]["exact_match"] == expected
+    assert metrics["milora_math"]["exact_match"] == expected
+    assert metrics["milora_gsm8k"]["n"] == 4 and metrics["milora_math"]["n"] == 4
+
+
+# --------------------------------------------------------------------------- the real lm_eval command
+
+
+def test_lm_eval_command_runs_a_project_task_from_outside_the_repository(tiny_llama_dir, tmp_path, fixtures_dir):
+    """`lm_eval run --include_path ...` in a foreign working directory, milora not installed: the task's
+    utils.py must still find eval_harness, and lm-eval must write its results file."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    variant_dir = tmp_path / "tasks"
+    write_local_task_yaml(
+        project_task_yaml("milora_boolq"),
+        fixtures_dir / "commonsense" / "boolq" / "test.json",
+        variant_dir,
+        task_name="milora_boolq_fixture",
+    )
+    executable = shutil.which("lm_eval") or str(Path(sys.executable).parent / "lm_eval")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    completed = subprocess.run(
+        [
+            executable,
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tiny_llama_dir},max_length=256",
+            "--tasks",
+            "milora_boolq_fixture",
+            "--include_path",
+            str(variant_dir),
+            "--device",
+            "cpu",
+            "--limit",
+            "2",
+            "--gen_kwargs",
+            "max_gen_toks=4",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "milora_boolq_fixture" in completed.stdout
+    (results_file,) = list((tmp_path / "out").rglob("results_*.json"))
+    results = json.loads(results_file.read_text())["results"]["milora_boolq_fixture"]
+    assert results["acc,none"] in (0.0, 0.5, 1.0)
