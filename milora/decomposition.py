@@ -21,7 +21,7 @@ Two exact methods compute the triplets, both in float64:
 - ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (Cholesky solves,
   all GEMM-shaped work, which GPUs run far faster than the tridiagonalisation inside `eigh`), with a
   shift towards the smallest eigenvalue and a final Rayleigh-Ritz step. It stops when every wanted Ritz
-  pair's residual `||G v - theta v||` is below `1e-10` of the mean eigenvalue, and falls back to the
+  pair's residual `||G v - theta v||` is below `1e-7` of the mean eigenvalue, and falls back to the
   `gram` method when that does not happen within its iteration budget or the Gram matrix is singular,
   so the result is always the exact minor subspace up to float64 round-off.
 
@@ -134,12 +134,22 @@ def _components_from_gram_eigenpairs(w, wide, eigenvalues, vectors, indices) -> 
 # Block size of the subspace iteration is SUBSPACE_BLOCK * r: the extra directions speed convergence
 # where the minor end of the spectrum is dense (as it is for trained and random weights alike).
 SUBSPACE_BLOCK = 4
-SUBSPACE_MAX_ITERATIONS = 24
-SUBSPACE_TOLERANCE = 1e-10
+SUBSPACE_MAX_ITERATIONS = 40
+# Stop when every wanted Ritz pair has ||G v - theta v|| <= tolerance * mean eigenvalue. The subspace angle is
+# at most residual / gap, which keeps the overlap with the exact minor subspace within ~1e-10 of 1 for
+# the spectra we measured (random and trained weights); the tests check it against float64 SVD.
+SUBSPACE_TOLERANCE = 1e-7
 
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x)[0]
+    """Orthonormal basis of the columns of `x`: CholeskyQR2 (two GEMM-shaped passes), Householder QR when
+    `x` is too ill-conditioned for it."""
+    for _ in range(2):
+        factor, info = torch.linalg.cholesky_ex(x.T @ x, upper=True)
+        if int(info) != 0:
+            return torch.linalg.qr(x)[0]
+        x = torch.linalg.solve_triangular(factor, x, upper=True, left=False)
+    return x
 
 
 def _rayleigh_ritz(gram: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,17 +159,17 @@ def _rayleigh_ritz(gram: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tenso
     return values, basis @ coefficients
 
 
-def _shifted_cholesky(gram: torch.Tensor, shift: float) -> tuple[torch.Tensor, float]:
+def _shifted_cholesky(gram: torch.Tensor, shift: float) -> tuple[torch.Tensor | None, float]:
     """Cholesky factor of `gram - shift I` for the largest tried shift below the smallest eigenvalue.
 
     A factorisation succeeds exactly when the shift is below the smallest eigenvalue, so failures just
     lower the shift; shift 0 is the plain Gram matrix."""
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    for _ in range(8):
+    for _ in range(6):
         factor, info = torch.linalg.cholesky_ex(gram - shift * eye)
         if int(info) == 0:
             return factor, shift
-        shift *= 0.9
+        shift *= 0.8
     factor, info = torch.linalg.cholesky_ex(gram)
     return (factor, 0.0) if int(info) == 0 else (None, 0.0)
 
@@ -181,13 +191,13 @@ def _minor_components_by_subspace_iteration(w: torch.Tensor, r: int) -> Singular
     mean_eigenvalue = float(torch.diagonal(gram).mean())
     for iteration in range(1, SUBSPACE_MAX_ITERATIONS + 1):
         basis = _orthonormal(torch.cholesky_solve(basis, factor))
-        if iteration == 2:
+        if iteration == 3:
             # shift towards the smallest eigenvalue: convergence goes as (lambda_r - s) / (lambda_block - s)
             values, basis = _rayleigh_ritz(gram, basis)
-            factor, shift = _shifted_cholesky(gram, 0.95 * float(values[0]))
+            factor, shift = _shifted_cholesky(gram, 0.9 * float(values[0]))
             if factor is None:
                 return None
-        if iteration >= 6 and iteration % 3 == 0:
+        if iteration >= 4 and iteration % 2 == 0:
             values, basis = _rayleigh_ritz(gram, basis)
             wanted_values, wanted_vectors = values[:r], basis[:, :r]
             residual = (gram @ wanted_vectors - wanted_vectors * wanted_values).norm(dim=0).max()

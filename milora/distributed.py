@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -129,6 +131,46 @@ def _save_cache(path: Path, factors, metadata: dict) -> None:
         (tmp / "key.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
 
+def _compute_owned(layers, owned, mode, device, method, seed, workers, progress):
+    """Factors of the `owned` layers; on a GPU, `workers` threads each run their own CUDA stream, since
+    one decomposition is a chain of small, latency-bound kernels that leaves most of the GPU idle."""
+
+    def compute(i):
+        # one generator per layer: the `random` mode does not depend on which layers came before
+        return _compute_factors(layers[i][1], mode, device, method, torch.Generator().manual_seed(seed + i))
+
+    work_device = torch.device(device) if device is not None else _layer_weight(layers[0][1]).device
+    if workers is None:
+        workers = 4 if work_device.type == "cuda" else 1
+    if workers <= 1 or work_device.type != "cuda" or len(owned) <= 1:
+        factors = {}
+        for i in owned:
+            factors[i] = compute(i)
+            progress.update()
+        return factors
+
+    local = threading.local()
+
+    def on_own_stream(i):
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(work_device)
+        with torch.cuda.stream(local.stream):
+            B, A = compute(i)
+        local.stream.synchronize()
+        return B, A
+
+    factors = {}
+    consumer = torch.cuda.current_stream(work_device)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, (B, A) in zip(owned, pool.map(on_own_stream, owned)):
+            # the tensors were allocated on a worker's stream: tell the allocator they are used on ours
+            B.record_stream(consumer)
+            A.record_stream(consumer)
+            factors[i] = (B, A)
+            progress.update()
+    return factors
+
+
 def initialize_layers(
     layers,
     mode: str,
@@ -139,6 +181,7 @@ def initialize_layers(
     show_progress: bool = True,
     cache_dir: str | Path | None = None,
     description: str = "MiLoRA init",
+    workers: int | None = None,
 ) -> None:
     """Initialise every `(name, LoraLayer)` in `layers` from its `mode` singular components."""
     rank, world_size = world()
@@ -155,12 +198,10 @@ def initialize_layers(
         factors = _load_cache(cache_path, len(layers))
     computed = factors is None
     if computed:
-        factors = {}
         owned = [i for i in range(len(layers)) if i % world_size == rank]
-        for i in tqdm(owned, desc=description, disable=not show_progress or rank != 0, unit="layer"):
-            # one generator per layer: the `random` mode does not depend on which layers came before
-            generator = torch.Generator().manual_seed(seed + i)
-            factors[i] = _compute_factors(layers[i][1], mode, device, method, generator)
+        progress = tqdm(total=len(owned), desc=description, disable=not show_progress or rank != 0, unit="layer")
+        factors = _compute_owned(layers, owned, mode, device, method, seed, workers, progress)
+        progress.close()
         if world_size > 1:
             _broadcast_factors(factors, layers, rank, world_size)
     for i, (_, layer) in enumerate(layers):

@@ -183,6 +183,7 @@ def apply_milora(
     seed: int = 0,
     show_progress: bool = True,
     cache_dir: str | None = None,
+    workers: int | None = None,
     **lora_kwargs,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA model (adapter `default`) initialised by `mode`.
@@ -202,6 +203,7 @@ def apply_milora(
         decomposition: `auto` (default), `gram`, `subspace` or `svd`; see `milora.decomposition`.
         seed: seeds the `random` mode.
         cache_dir: reuse (or store) the computed factors there, keyed by weights, targets, r, mode, seed.
+        workers: decompositions in flight at once on a GPU, each on its own CUDA stream (default 4; 1 on CPU).
 
     Under torch.distributed the layers are split across ranks and broadcast; under DeepSpeed ZeRO-3
     they are gathered group by group (see `milora.distributed`).
@@ -237,6 +239,7 @@ def apply_milora(
     initialize_layers(
         _lora_layers(peft_model), component_mode, device=device, method=decomposition, seed=seed,
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
+        workers=workers,
     )
     return peft_model
 

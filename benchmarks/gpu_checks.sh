@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU-machine checks recorded in docs/benchmarks.md, in one call (from the repository root, $OUT set):
+#   bash benchmarks/gpu_checks.sh [init_speed] [throughput] [llava] [zero]
+# Each step's full log goes to $OUT/<step>.log; this prints each return code, time and the lines that matter.
+set -uo pipefail
+source scripts/gpu_env.sh || exit 1
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+LAUNCH="python3 -m accelerate.commands.launch"
+steps=${*:-init_speed throughput llava zero}
+
+step() {
+    local name=$1; shift
+    local start=$SECONDS
+    "$@" >"$OUT/$name.log" 2>&1
+    echo "=== $name: rc=$? in $((SECONDS - start)) s: $*"
+}
+losses() {  # first and last logged training loss of a run
+    grep -o "'loss': '[0-9.e+-]*'" "$OUT/$1.log" | sed -n '1p;$p' | tr '\n' ' '; echo
+}
+
+for s in $steps; do case $s in
+init_speed)
+    step init_speed python3 benchmarks/init_speed.py --json "$OUT/init_speed.json"
+    sed -n '/^device/,$p' "$OUT/init_speed.log" ;;
+throughput)
+    step throughput python3 benchmarks/train_throughput.py --json "$OUT/throughput.json"
+    sed -n '/^device/,$p' "$OUT/throughput.log" ;;
+llava)
+    step llava $LAUNCH --num_processes 1 --mixed_precision bf16 recipes/sft.py recipes/tiny_llava_milora.yaml \
+        --bf16 true --output_dir /tmp/llava --max_steps 40 --logging_steps 5
+    losses llava; ls /tmp/llava /tmp/llava/merged | tr '\n' ' '; echo
+    python3 -c "
+import torch; from transformers import LlavaForConditionalGeneration
+m = LlavaForConditionalGeneration.from_pretrained('/tmp/llava/merged'); print('merged LLaVA reloads:', type(m).__name__, sum(p.numel() for p in m.parameters()), 'params')" 2>&1 | tail -1 ;;
+zero)
+    step zero2 $LAUNCH --config_file deepspeed_configs/accelerate_zero2.yaml --num_processes 1 recipes/sft.py \
+        recipes/tiny_milora.yaml --bf16 true --max_steps 20 --logging_steps 5 --output_dir /tmp/z2
+    losses zero2
+    step milora_init python3 -m milora.cli init --model tiny:llama --r 8 --out /tmp/tiny_init
+    step zero3 $LAUNCH --config_file deepspeed_configs/accelerate_zero3.yaml --num_processes 1 recipes/sft.py \
+        recipes/tiny_milora.yaml --milora_init_dir /tmp/tiny_init --bf16 true --max_steps 20 --logging_steps 5 \
+        --merge false --output_dir /tmp/z3
+    losses zero3; ls /tmp/z3 | tr '\n' ' '; echo
+    step zero3_init_check $LAUNCH --config_file deepspeed_configs/accelerate_zero3.yaml --num_processes 1 \
+        benchmarks/zero3_init_check.py
+    grep "^rank" "$OUT/zero3_init_check.log" ;;
+esac; done
