@@ -14,6 +14,7 @@ be overridden on the command line (`--learning_rate 1e-4`), and an unknown key i
 
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import math
@@ -62,6 +63,15 @@ class DataArguments:
     dataset_max_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N rows only (quick runs)."}
     )
+    image_folder: str | None = field(
+        default=None,
+        metadata={"help": "LLaVA data: folder the rows' image paths are relative to (default: the JSON's folder)."},
+    )
+    skip_missing_images: bool = field(
+        default=False,
+        metadata={"help": "LLaVA data: skip rows whose image is missing or unreadable (counted in the log) instead "
+                  "of stopping with the row id and path."},
+    )
 
 
 @dataclass
@@ -93,10 +103,19 @@ class ModelArguments:
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         metadata={"help": "Modules to adapt: name suffixes, a regex, or all-linear."},
     )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter (LLaVA: multi_modal_projector)."},
+    )
     milora_init_dir: str | None = field(
         default=None,
         metadata={"help": "Start from a `milora init` directory (residual model + initial adapter): no SVD at "
                   "start-up; required for SVD methods under DeepSpeed ZeRO-3."},
+    )
+    milora_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Reuse the SVD factors computed for the same weights, targets, rank and method by an "
+                  "earlier run (stored there on first use): a resumed or repeated run skips the decomposition."},
     )
 
 
@@ -202,7 +221,24 @@ def _split_recipe_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _cli_keys(argv: list[str]) -> set[str]:
-    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    """Field names set on the command line (`--lora-r` spells `lora_r`, `--no_merge` sets `merge`)."""
+    known = {k for names in valid_keys().values() for k in names}
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            keys.add(key[3:] if key.startswith("no_") and key[3:] in known else key)
+    return keys
+
+
+def _parse(args: list[str]):
+    try:
+        return _RecipeParser(RECIPE_TYPES).parse_args_and_config(args)
+    except ValueError as error:
+        if isinstance(error, RecipeError) or "arguments are not used" not in str(error):
+            raise
+        unused = ast.literal_eval(str(error).split(": ", 1)[1])
+        raise unknown_key_error([a.lstrip("-") for a in unused if a.startswith("--")] or unused, "the command line") from None
 
 
 def parse_recipe(argv: list[str] | None = None) -> Recipe:
@@ -218,10 +254,15 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     if unknown:
         raise unknown_key_error(unknown, "the command line")
 
-    parser = _RecipeParser(RECIPE_TYPES)
     args = (["--config", recipe_path] if recipe_path else []) + overrides
-    data, model, training = parser.parse_args_and_config(args)
-    recipe = Recipe(data, model, training, recipe_path, frozenset(set(config) | _cli_keys(overrides)))
+    explicit = frozenset(set(config) | _cli_keys(overrides))
+    data, model, training = _parse(args)
+    steps = accumulation_steps(training, explicit)
+    if steps != training.gradient_accumulation_steps:
+        # Parse again rather than patch the field: DeepSpeed's "auto" batch sizes are filled in while the
+        # training arguments are built.
+        data, model, training = _parse([*args, "--gradient_accumulation_steps", str(steps)])
+    recipe = Recipe(data, model, training, recipe_path, explicit)
     check_recipe(recipe)
     return recipe
 
@@ -274,8 +315,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"unknown method {model.method!r}{where}; choose one of {', '.join(METHODS)}")
     if not isinstance(model.lora_r, int) or model.lora_r < 1:
         raise RecipeError(f"lora_r must be a positive integer, got {model.lora_r!r}")
-    if model.lora_alpha is None:
-        model.lora_alpha = 2 * model.lora_r if model.method == "lora" else model.lora_r
     if data.dataset_format not in FORMATS:
         raise RecipeError(f"unknown dataset_format {data.dataset_format!r}{where}; choose one of {', '.join(FORMATS)}")
 
@@ -283,6 +322,7 @@ def check_recipe(recipe: Recipe) -> None:
     model.milora_init_dir = resolve_input_path(model.milora_init_dir, recipe.path)
     data.dataset_name = resolve_input_path(data.dataset_name, recipe.path)
     training.chat_template_path = resolve_input_path(training.chat_template_path, recipe.path)
+    data.image_folder = resolve_input_path(data.image_folder, recipe.path)
 
     if model.milora_init_dir is not None:
         if not is_init_dir(model.milora_init_dir):
@@ -292,6 +332,7 @@ def check_recipe(recipe: Recipe) -> None:
             )
         if model.method == "lora":
             raise RecipeError("milora_init_dir holds an SVD init; it cannot be combined with method: lora")
+        _adopt_init_dir_settings(recipe)
     elif model.model_name_or_path is None:
         raise RecipeError(f"no model{where}: set model_name_or_path (hub id, local directory or tiny:KIND)")
     else:
@@ -306,6 +347,9 @@ def check_recipe(recipe: Recipe) -> None:
         elif os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
             raise RecipeError(f"model_name_or_path {name} has no config.json (not a saved model directory)")
 
+    if model.lora_alpha is None:
+        model.lora_alpha = 2 * model.lora_r if model.method == "lora" else model.lora_r
+
     if data.dataset_name is None:
         raise RecipeError(f"no dataset{where}: set dataset_name (hub id or local json/jsonl/parquet file)")
     if is_local_data_path(data.dataset_name) and not os.path.exists(os.path.expanduser(data.dataset_name)):
@@ -313,31 +357,59 @@ def check_recipe(recipe: Recipe) -> None:
         if recipe.path and not os.path.isabs(data.dataset_name):
             tried.append(os.path.join(os.path.dirname(os.path.abspath(recipe.path)), data.dataset_name))
         raise RecipeError(f"dataset file not found: {data.dataset_name} (looked for {' and '.join(tried)})")
-    if training.chat_template_path and training.chat_template_path.endswith((".jinja", ".j2")):
-        if not os.path.isfile(training.chat_template_path):
-            raise RecipeError(f"chat_template_path {training.chat_template_path}: no such file")
+    template = training.chat_template_path
+    if template and template.endswith((".jinja", ".j2")) and not os.path.isfile(template):
+        raise RecipeError(f"chat_template_path {training.chat_template_path}: no such file")
 
     zero_stage = deepspeed_zero_stage(training)
     if zero_stage == 3 and model.method != "lora" and model.milora_init_dir is None:
         raise RecipeError(
             f"method {model.method} under DeepSpeed ZeRO-3 needs milora_init_dir: ZeRO-3 partitions the weights "
             "as they load, so no process holds a whole matrix to decompose. Run `milora init --model "
-            f"{model.model_name_or_path} --mode {model.method} --r {model.lora_r} --out DIR` once (one GPU or "
-            "CPU), then train with milora_init_dir: DIR (see deepspeed_configs/README.md)"
+            f"{model.model_name_or_path} --mode {model.method} --r {model.lora_r} --lora_alpha {model.lora_alpha} "
+            f"--targets {_targets_arg(model.lora_target_modules)} --out DIR` once (one GPU or CPU), then train with "
+            "milora_init_dir: DIR (see deepspeed_configs/README.md)"
         )
     if zero_stage == 3 and training.merge:
         raise RecipeError(
             "merge: true is not available under DeepSpeed ZeRO-3 (the weights are partitioned); train with "
             "merge: false, then run `milora merge` on the saved adapter (see deepspeed_configs/README.md)"
         )
-    _set_gradient_accumulation(recipe)
     training.resume_from_checkpoint = resolve_resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
 
 
-def _set_gradient_accumulation(recipe: Recipe) -> None:
-    training = recipe.training
+def _targets_arg(targets) -> str:
+    return ",".join(targets) if isinstance(targets, (list, tuple)) else str(targets)
+
+
+def _adopt_init_dir_settings(recipe: Recipe) -> None:
+    """Take method, rank, alpha and targets from a `milora init` directory; refuse a recipe that sets them
+    differently (a PiSSA recipe pointed at a MiLoRA init, a rank-32 recipe at a rank-64 init)."""
+    from milora.init_dir import INIT_SUBDIR, read_metadata
+    from milora.model import normalize_mode
+
+    model = recipe.model
+    adapter = json.loads((Path(model.milora_init_dir) / INIT_SUBDIR / "adapter_config.json").read_text())
+    mode = read_metadata(model.milora_init_dir).get("mode")
+    method_of_mode = {"minor": "milora", "principal": "pissa", "mid": "mid", "random": "random"}
+    found = {"method": method_of_mode.get(mode, model.method), "lora_r": adapter["r"], "lora_alpha": adapter["lora_alpha"]}
+    for key, value in found.items():
+        ours = getattr(model, key)
+        same = normalize_mode(ours) == normalize_mode(value) if key == "method" else ours == value
+        if key in recipe.explicit_keys and ours is not None and not same:
+            raise RecipeError(
+                f"{key}: {ours} contradicts milora_init_dir {model.milora_init_dir}, which was made with "
+                f"{key} {value}; use a matching init directory or drop {key} from the recipe"
+            )
+        setattr(model, key, value)
+    targets = adapter.get("target_modules")
+    model.lora_target_modules = sorted(targets) if isinstance(targets, list) else targets
+
+
+def accumulation_steps(training: MiloraSFTConfig, explicit_keys=frozenset()) -> int:
+    """gradient_accumulation_steps for `effective_batch_size` examples per optimizer step on this many processes."""
     if training.effective_batch_size is None:
-        return
+        return training.gradient_accumulation_steps
     per_step = training.per_device_train_batch_size * max(training.world_size, 1)
     steps = training.effective_batch_size / per_step
     if steps < 1 or not float(steps).is_integer():
@@ -346,13 +418,13 @@ def _set_gradient_accumulation(recipe: Recipe) -> None:
             f"per_device_train_batch_size {training.per_device_train_batch_size} x {training.world_size} "
             "process(es)"
         )
-    if "gradient_accumulation_steps" in recipe.explicit_keys and training.gradient_accumulation_steps != int(steps):
+    if "gradient_accumulation_steps" in explicit_keys and training.gradient_accumulation_steps != int(steps):
         raise RecipeError(
             f"gradient_accumulation_steps {training.gradient_accumulation_steps} contradicts effective_batch_size "
             f"{training.effective_batch_size} (which needs {int(steps)} on {training.world_size} process(es)); "
             "set only one of them"
         )
-    training.gradient_accumulation_steps = int(steps)
+    return int(steps)
 
 
 def resolve_resume_checkpoint(value, output_dir: str) -> str | None:
@@ -376,7 +448,43 @@ def resolve_resume_checkpoint(value, output_dir: str) -> str | None:
     return text
 
 
-# --- model, adapter and outputs ------------------------------------------------------------------------------
+# --- data, model, adapter and outputs ------------------------------------------------------------------------
+
+
+def load_training_data(recipe: Recipe, processing_class):
+    """`(train_dataset, eval_dataset, data_collator)` for `SFTTrainer`, and the loss masking that goes with them.
+
+    Text data goes through `milora.data` (prompt/completion or chat rows, TRL tokenizes and masks them);
+    LLaVA models through `milora.llava_data` (its own collator reads the images and masks all but the answers).
+    """
+    from milora.data import load_sft_dataset
+    from milora.llava_data import build_llava_train_data, is_llava
+
+    data, model, training = recipe.data, recipe.model, recipe.training
+    if is_llava(model.milora_init_dir or model.model_name_or_path):
+        if training.eval_strategy != "no":
+            raise RecipeError("LLaVA recipes train without an eval set; set eval_strategy: 'no'")
+        train_dataset, collator = build_llava_train_data(
+            data.dataset_name, data.image_folder, processing_class, training.max_length,
+            data.skip_missing_images, max_samples=data.dataset_max_samples,
+        )
+        training.assistant_only_loss = False
+        training.remove_unused_columns = False
+        training.dataset_kwargs = {**(training.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        return train_dataset, None, collator
+
+    kwargs = {
+        "dataset_format": data.dataset_format, "config": data.dataset_config,
+        "messages_field": data.dataset_messages_field, "max_samples": data.dataset_max_samples,
+    }
+    train_dataset = load_sft_dataset(data.dataset_name, split=data.dataset_train_split, **kwargs)
+    eval_dataset = None
+    if training.eval_strategy != "no":
+        eval_dataset = load_sft_dataset(data.dataset_name, split=data.dataset_test_split, **kwargs)
+    if training.assistant_only_loss is None:
+        # prompt/completion rows get completion-only loss from TRL; chat rows need assistant-only loss
+        training.assistant_only_loss = "messages" in train_dataset.column_names
+    return train_dataset, eval_dataset, None
 
 
 def model_dtype(model_args: ModelArguments):
@@ -403,20 +511,20 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
     """The PEFT model to train: `apply_milora` on the base model, or a `milora init` directory loaded as is."""
     from milora import apply_milora, load_init_dir
     from milora.loading import load_model
+    from milora.tiny import is_tiny
 
     dtype = model_dtype(model_args)
-    kwargs = {"revision": model_args.model_revision, "trust_remote_code": training.trust_remote_code}
     if model_args.milora_init_dir is not None:
-        return load_init_dir(
+        peft_model = load_init_dir(
             model_args.milora_init_dir, dtype=dtype, attn_implementation=model_args.attn_implementation,
             trust_remote_code=training.trust_remote_code,
         )
-    from milora.tiny import is_tiny
-
-    if is_tiny(model_args.model_name_or_path):
-        kwargs = {}
+        set_lora_dropout(peft_model, model_args.lora_dropout)
+        return peft_model
+    hub_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training.trust_remote_code}
     model = load_model(
-        model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation, **kwargs
+        model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+        **({} if is_tiny(model_args.model_name_or_path) else hub_kwargs),
     )
     return apply_milora(
         model,
@@ -426,8 +534,22 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         seed=training.seed,
+        modules_to_save=model_args.lora_modules_to_save,
+        cache_dir=model_args.milora_cache_dir,
+        # decompose on this process's GPU: minutes for a 7B model instead of most of an hour on CPU
+        device=training.device if training.device.type == "cuda" else None,
         show_progress=training.local_process_index == 0 and not training.disable_tqdm,
     )
+
+
+def set_lora_dropout(peft_model, p: float, adapter_name: str = "default") -> None:
+    """Use the recipe's dropout on an adapter loaded from disk (`milora init` saves its adapter without one)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_dropout:
+            module.lora_dropout[adapter_name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+    peft_model.peft_config[adapter_name].lora_dropout = p
 
 
 def needs_initial_adapter(model_args: ModelArguments) -> bool:

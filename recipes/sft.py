@@ -1,0 +1,82 @@
+"""Finetune a causal LM with LoRA, PiSSA or MiLoRA through TRL's `SFTTrainer`, from one YAML recipe.
+
+    python recipes/sft.py recipes/tiny_milora.yaml                       # offline, CPU, about a minute
+    accelerate launch recipes/sft.py recipes/llama2-7b_math_milora.yaml  # any recipe key can follow as --key value
+    accelerate launch --config_file deepspeed_configs/accelerate_zero2.yaml recipes/sft.py RECIPE.yaml
+
+Outputs in `output_dir`:
+    adapter_model.safetensors, adapter_config.json, tokenizer   the trained adapter; for pissa/milora/mid/random
+                                                              it applies to the residual base (W - B0 A0)
+    milora_init_adapter/   the adapter as initialised, before training (SVD methods)
+    lora_adapter/          the standard-LoRA conversion (rank 2r) for the ORIGINAL base model (SVD methods)
+    merged/                the merged full checkpoint with its tokenizer, for lm_eval (`merge: true`)
+    checkpoint-N/, runs/   Trainer checkpoints (`resume_from_checkpoint: true`) and TensorBoard logs
+    milora_run.json        what was trained and where each output is
+
+Keys and their defaults: `milora/sft_config.py`. Text data is formatted by `milora.data`, LLaVA data by
+`milora.llava_data.build_llava_train_data`, both through `milora.sft_config.load_training_data`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:
+    import milora  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from milora import MiLoRAError
+from milora.data import DataError
+from milora.sft_config import (
+    RecipeError,
+    build_peft_model,
+    load_tokenizer,
+    load_training_data,
+    parse_recipe,
+    prepare_initial_adapter,
+    save_outputs,
+)
+
+
+def train(argv: list[str] | None = None):
+    """Parse, build, train, save; returns the finished `SFTTrainer`."""
+    from trl import SFTTrainer
+
+    recipe = parse_recipe(argv)
+    model_args, training_args = recipe.model, recipe.training
+
+    # Data before the model: a bad dataset fails in seconds, before a 7B model loads or an SVD runs.
+    tokenizer = load_tokenizer(model_args, training_args)
+    with training_args.main_process_first(desc="loading the dataset"):
+        train_dataset, eval_dataset, data_collator = load_training_data(recipe, tokenizer)
+
+    model = build_peft_model(model_args, training_args)
+    prepare_initial_adapter(model, model_args, training_args)
+
+    trainer = SFTTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=data_collator,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    save_outputs(trainer, model_args, recipe.data, training_args)
+    trainer.accelerator.print(f"sft.py: done, outputs in {training_args.output_dir}")
+    if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group
+        trainer.end()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(argv)
+    except (RecipeError, DataError, MiLoRAError) as error:  # bad recipe input: one line, no traceback
+        print(f"sft.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""`milora.sft_config`: a YAML recipe parses into the HF/TRL dataclasses the TrlParser way, with the toolkit's
+defaults, command-line overrides, and clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from milora.sft_config import (
+    MiloraSFTConfig,
+    RecipeError,
+    initial_adapter_mismatch,
+    parse_recipe,
+    resolve_resume_checkpoint,
+    valid_keys,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = str(REPO_ROOT / "recipes" / "tiny_milora.yaml")
+DATA = str(REPO_ROOT / "recipes" / "data" / "tiny_math.jsonl")
+
+
+def write(tmp_path: Path, **recipe) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "tiny:llama", "dataset_name": DATA,
+                                    "output_dir": str(tmp_path / "out"), **recipe}))
+    return str(path)
+
+
+def test_positional_recipe_and_config_flag_agree():
+    a, b = parse_recipe([TINY]), parse_recipe(["--config", TINY])
+    assert a.model == b.model and a.data == b.data and a.training.learning_rate == b.training.learning_rate
+    assert a.model.method == "milora" and a.model.lora_r == 8 and a.training.learning_rate == 1e-2
+
+
+def test_command_line_overrides_any_key():
+    recipe = parse_recipe([TINY, "--learning_rate", "1e-4", "--lora_r", "4", "--method", "PiSSA",
+                           "--lora_target_modules", "q_proj", "v_proj", "--num_train_epochs=5"])
+    assert recipe.training.learning_rate == 1e-4 and recipe.training.num_train_epochs == 5
+    assert recipe.model.lora_r == 4 and recipe.model.method == "pissa"
+    assert recipe.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert {"learning_rate", "lora_r", "num_train_epochs", "model_name_or_path"} <= recipe.explicit_keys
+
+
+def test_dashed_and_negated_flags():
+    recipe = parse_recipe([TINY, "--lora-r", "4", "--no_save_standard_lora", "--merge", "false"])
+    assert recipe.model.lora_r == 4 and not recipe.training.merge and not recipe.training.save_standard_lora
+    assert {"lora_r", "merge", "save_standard_lora"} <= recipe.explicit_keys
+    with pytest.raises(RecipeError, match="unknown recipe key.*no_merge"):
+        parse_recipe([TINY, "--no_merge"])
+
+
+def test_two_recipes_are_refused():
+    with pytest.raises(RecipeError, match="two recipes given"):
+        parse_recipe([TINY, "--config", TINY])
+
+
+def test_keys_are_the_dataclass_fields():
+    keys = valid_keys()
+    assert {"dataset_name", "dataset_format", "dataset_train_split"} <= set(keys["DataArguments"])
+    assert {"model_name_or_path", "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+            "milora_init_dir", "dtype", "attn_implementation"} <= set(keys["ModelArguments"])
+    assert {"learning_rate", "max_length", "packing", "padding_free", "completion_only_loss", "merge",
+            "resume_from_checkpoint", "effective_batch_size"} <= set(keys["MiloraSFTConfig"])
+
+
+def test_unknown_key_error_lists_valid_keys(tmp_path):
+    with pytest.raises(RecipeError) as error:
+        parse_recipe([write(tmp_path, lora_dropuot=0.1, warmup=3)])
+    message = str(error.value)
+    assert "unknown recipe keys 'lora_dropuot' (did you mean lora_dropout" in message and "'warmup'" in message
+    assert "ModelArguments: model_name_or_path" in message and "MiloraSFTConfig:" in message
+
+
+def test_env_block_sets_environment(tmp_path):
+    parse_recipe([write(tmp_path, env={"MILORA_TEST_ENV": "yes"})])
+    assert os.environ.pop("MILORA_TEST_ENV") == "yes"
+
+
+@pytest.mark.parametrize("method,alpha", [("lora", 16), ("pissa", 8), ("milora", 8), ("mid", 8), ("random", 8)])
+def test_alpha_defaults_follow_the_paper(tmp_path, method, alpha):
+    assert parse_recipe([write(tmp_path, method=method, lora_r=8)]).model.lora_alpha == alpha
+
+
+def test_defaults(tmp_path):
+    recipe = parse_recipe([write(tmp_path)])
+    training: MiloraSFTConfig = recipe.training
+    assert training.report_to == ["tensorboard"]
+    assert training.bf16 is False  # no GPU here; on by default where a GPU supports it
+    assert recipe.model.attn_implementation == "sdpa" and recipe.model.method == "milora"
+    assert recipe.model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert training.assistant_only_loss is None  # decided from the data: on for chat rows
+
+
+def test_effective_batch_size_sets_accumulation(tmp_path):
+    recipe = parse_recipe([write(tmp_path, effective_batch_size=16, per_device_train_batch_size=4)])
+    assert recipe.training.gradient_accumulation_steps == 4
+    recipe = parse_recipe([write(tmp_path, effective_batch_size=16, per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=4)])
+    assert recipe.training.gradient_accumulation_steps == 4
+
+
+def test_paths_resolve_beside_the_recipe(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "m.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    recipe = parse_recipe([write(tmp_path, dataset_name="data/m.jsonl")])
+    assert recipe.data.dataset_name == str(tmp_path / "data" / "m.jsonl")
+
+
+def test_hub_ids_stay_hub_ids(tmp_path):
+    recipe = parse_recipe([write(tmp_path, dataset_name="meta-math/MetaMathQA",
+                                 model_name_or_path="meta-llama/Llama-2-7b-hf")])
+    assert recipe.data.dataset_name == "meta-math/MetaMathQA"
+    assert recipe.model.model_name_or_path == "meta-llama/Llama-2-7b-hf"
+
+
+def test_resume_values(tmp_path):
+    assert resolve_resume_checkpoint(None, str(tmp_path)) is None
+    assert resolve_resume_checkpoint(False, str(tmp_path)) is None
+    assert resolve_resume_checkpoint("false", str(tmp_path)) is None
+    for step in (3, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-12")
+    assert resolve_resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-12")
+    assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-3"), "x") == str(tmp_path / "checkpoint-3")
+    with pytest.raises(RecipeError, match="no checkpoint-N directory"):
+        resolve_resume_checkpoint(True, str(tmp_path / "empty"))
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    from milora import apply_milora, save_init_dir
+    from milora.tiny import tiny_model, tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("init")
+    peft_model = apply_milora(tiny_model("llama"), "q_proj,v_proj", 4, mode="pissa", show_progress=False)
+    save_init_dir(peft_model, out, tiny_tokenizer(), {"mode": "principal", "source_model": "tiny:llama", "r": 4})
+    return out
+
+
+def test_init_dir_supplies_method_rank_and_targets(tmp_path, init_dir):
+    recipe = parse_recipe([write(tmp_path, milora_init_dir=str(init_dir))])
+    assert recipe.model.method == "pissa" and recipe.model.lora_r == 4 and recipe.model.lora_alpha == 4
+    assert recipe.model.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("key,value", [("method", "milora"), ("lora_r", 8), ("lora_alpha", 16)])
+def test_init_dir_contradicted_by_the_recipe(tmp_path, init_dir, key, value):
+    with pytest.raises(RecipeError, match=f"{key}: {value} contradicts milora_init_dir"):
+        parse_recipe([write(tmp_path, milora_init_dir=str(init_dir), **{key: value})])
+
+
+def test_init_dir_refuses_lora(tmp_path, init_dir):
+    with pytest.raises(RecipeError, match="cannot be combined with method: lora"):
+        parse_recipe([write(tmp_path, milora_init_dir=str(init_dir), method="lora")])
+
+
+def test_initial_adapter_comparison_is_sign_invariant(tmp_path, init_dir):
+    """Resuming rebuilds the init; an SVD may return a singular pair with both signs flipped, which is the same
+    B0 A0 and so the same residual, while another rank or method is not."""
+    import torch
+    from peft import PeftModel
+
+    from milora import load_init_dir
+
+    model = load_init_dir(init_dir)
+    saved = init_dir / "milora_init"
+    assert initial_adapter_mismatch(model, saved) is None
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight[1] *= -1
+        layer.lora_B["default"].weight[:, 1] *= -1
+    assert initial_adapter_mismatch(model, saved) is None
+    with torch.no_grad():
+        layer.lora_B["default"].weight[:, 0] *= 1.5
+    assert "layers.0.self_attn.q_proj" in initial_adapter_mismatch(model, saved)
+    assert isinstance(model, PeftModel)
