@@ -44,16 +44,27 @@ def lora_delta_factors(
     return torch.cat([B, B0], dim=1), torch.cat([A, -A0], dim=0)
 
 
-def convert_to_lora(adapter_dir: str | Path, initial_adapter_dir: str | Path, out_dir: str | Path) -> Path:
+def convert_to_lora(
+    adapter_dir: str | Path,
+    initial_adapter_dir: str | Path,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+) -> Path:
     """Write a standard LoRA adapter to `out_dir` that applies to the original (pre-MiLoRA) base model.
 
     `adapter_dir` is the trained adapter, `initial_adapter_dir` the adapter as `apply_milora` initialised it
     (recipes save it as `milora_init_adapter/`; `milora init` as `DIR/milora_init/`).
+    `base_model_name_or_path` is recorded in the new adapter's config (the original model's id or path);
+    by default the trained adapter's entry is kept.
     """
     config, trained = _read_adapter(adapter_dir)
     init_config, initial = _read_adapter(initial_adapter_dir)
+    def comparable(value):
+        # PEFT writes target_modules from a set: the order depends on the process's hash seed
+        return sorted(value) if isinstance(value, list) else value
+
     for key in ("r", "lora_alpha", "use_rslora", "target_modules"):
-        if config.get(key) != init_config.get(key):
+        if comparable(config.get(key)) != comparable(init_config.get(key)):
             raise ValueError(
                 f"{adapter_dir} and {initial_adapter_dir} disagree on {key} ({config.get(key)!r} vs "
                 f"{init_config.get(key)!r}): the initial adapter must be the one this adapter was trained from"
@@ -77,6 +88,8 @@ def convert_to_lora(adapter_dir: str | Path, initial_adapter_dir: str | Path, ou
     config["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
     config["alpha_pattern"] = {k: _doubled_alpha(v, use_rslora) for k, v in (config.get("alpha_pattern") or {}).items()}
     config["init_lora_weights"] = True
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = base_model_name_or_path
     with atomic_directory(out_dir) as tmp:
         save_file(converted, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

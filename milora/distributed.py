@@ -159,10 +159,12 @@ def _compute_owned(layers, owned, mode, device, method, seed, workers, progress)
         local.stream.synchronize()
         return B, A
 
-    factors = {}
+    # the first layer on this thread: CUDA libraries initialise lazily, and only once, safely, from one thread
+    factors = {owned[0]: compute(owned[0])}
+    progress.update()
     consumer = torch.cuda.current_stream(work_device)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, (B, A) in zip(owned, pool.map(on_own_stream, owned)):
+        for i, (B, A) in zip(owned[1:], pool.map(on_own_stream, owned[1:])):
             # the tensors were allocated on a worker's stream: tell the allocator they are used on ours
             B.record_stream(consumer)
             A.record_stream(consumer)
@@ -228,3 +230,13 @@ def _initialize_zero3(layers, mode, device, method, seed, show_progress, rank, w
                 generator = torch.Generator().manual_seed(seed + index)
                 B, A = _compute_factors(layer, mode, device, method, generator)
                 _write_layer(layer, B, A, device)
+        if world_size > 1:
+            # LoRA factors that DeepSpeed does not partition (created after zero.Init) are plain tensors:
+            # every rank takes the owner's values, as on the non-ZeRO path
+            for position, index in enumerate(group):
+                layer = layers[index][1]
+                for param in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight):
+                    if not is_zero3_partitioned(param):
+                        buffer = param.data.to(_broadcast_device())
+                        dist.broadcast(buffer, src=position)
+                        param.data.copy_(buffer)

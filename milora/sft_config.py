@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,15 @@ def deepspeed_zero_stage(training: MiloraSFTConfig) -> int | None:
     return 3 if is_deepspeed_zero3_enabled() else None
 
 
+def liger_usable() -> bool:
+    """Liger's Triton kernels run on CUDA GPUs only, and only when the package is installed."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Resolve local paths, fill method-dependent defaults and reject what cannot run, before anything loads."""
     from milora.data import FORMATS, is_local_data_path
@@ -360,6 +370,14 @@ def check_recipe(recipe: Recipe) -> None:
     template = training.chat_template_path
     if template and template.endswith((".jinja", ".j2")) and not os.path.isfile(template):
         raise RecipeError(f"chat_template_path {training.chat_template_path}: no such file")
+
+    if training.use_liger_kernel and not liger_usable():
+        warnings.warn(
+            "use_liger_kernel: Liger's fused kernels need a CUDA GPU and `pip install liger-kernel` "
+            "(or `pip install -e .[gpu]`); training without them.",
+            stacklevel=2,
+        )
+        training.use_liger_kernel = False
 
     zero_stage = deepspeed_zero_stage(training)
     if zero_stage == 3 and model.method != "lora" and model.milora_init_dir is None:
