@@ -24,8 +24,12 @@ init_speed)
     step init_speed python3 benchmarks/init_speed.py --json "$OUT/init_speed.json"
     sed -n '/^device/,$p' "$OUT/init_speed.log" ;;
 throughput)
-    step throughput python3 benchmarks/train_throughput.py --json "$OUT/throughput.json"
-    sed -n '/^device/,$p' "$OUT/throughput.log" ;;
+    # one process per variant: runs in one process disturbed each other (the second was always slower)
+    for v in a b c b-noliger c-noliger; do
+        step "throughput_$v" python3 benchmarks/train_throughput.py --variants "$v" --warmup 5 --steps 20 \
+            --json "$OUT/throughput_$v.json"
+    done
+    python3 benchmarks/train_throughput.py --table "$OUT"/throughput_{a,b,c,b-noliger,c-noliger}.json ;;
 llava)
     step llava $LAUNCH --num_processes 1 --mixed_precision bf16 recipes/sft.py recipes/tiny_llava_milora.yaml \
         --bf16 true --output_dir /tmp/llava --max_steps 40 --logging_steps 5

@@ -174,7 +174,13 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variants", default="a,b,c,b-noliger,c-noliger")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--table", nargs="+", default=None,
+                        help="only print the table of these --json results (one process per variant)")
     args = parser.parse_args()
+    if args.table:
+        loaded = [json.loads(Path(f).read_text()) for f in args.table]
+        print_table([r for d in loaded for r in d["results"]], loaded[0]["device"], argparse.Namespace(**loaded[0]["args"]))
+        return
     if args.intermediate == 11008 and args.hidden != 4096:
         args.intermediate = args.hidden * 11008 // 4096
 
@@ -191,8 +197,14 @@ def main():
         results.append(run_variant(variant, args, rows, tokenizer, dtype))
         gc.collect()
 
-    by_name = {r["variant"]: r for r in results}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print_table(results, device, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "results": results}, indent=2))
+
+
+def print_table(results, device, args):
+    by_name = {r["variant"]: r for r in results}
     print(f"\ndevice: {device}  torch {torch.__version__}  layers={args.layers} hidden={args.hidden} r={args.r} "
           f"batch={args.batch_size} steps={args.steps}")
     print(f"{'variant':<10}{'step s':>9}{'tokens/s':>11}{'peak GiB':>10}{'vs (a)':>8}{'vs (b)':>8}  settings")
@@ -204,8 +216,6 @@ def main():
         print(f"{r['variant']:<10}{r['median_step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{r['peak_mem_gib']:>10.1f}"
               f"{vs_a:>7.2f}x{vs_b:>7.3f}   {settings}")
     print("'vs (a)': tokens/s ratio to plain TRL+PEFT; 'vs (b)': step-time ratio to our LoRA recipe with the same kernels")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
