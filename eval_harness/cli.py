@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -172,10 +173,26 @@ def local_files_for(args: argparse.Namespace, tasks: Sequence[str]) -> dict[str,
 # --------------------------------------------------------------------------- suites
 
 
+def model_context_length(model: str) -> int | None:
+    """`max_position_embeddings` of a local checkpoint (text config for LLaVA), None when unknown."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config") or config
+    return config.get("max_position_embeddings")
+
+
 def generation_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
     overrides: dict[str, Any] = {}
     if args.max_gen_toks:
         overrides["max_gen_toks"] = args.max_gen_toks
+    else:
+        context = model_context_length(args.model)
+        if context is not None and context <= 1024:
+            # the tasks generate up to 512 tokens, which a short-context model cannot fit with its prompt
+            overrides["max_gen_toks"] = context // 4
+            print(f"milora eval: context of {context} tokens; generating at most {context // 4} (--max_gen_toks)")
     if args.num_beams:
         overrides["num_beams"] = args.num_beams
     return overrides or None
