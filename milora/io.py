@@ -52,6 +52,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text writes str, got {type(text).__name__}")
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
