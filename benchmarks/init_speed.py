@@ -80,11 +80,10 @@ def per_shape_rows(device, r, repeats, dtype):
     return rows
 
 
-def llama2_7b_shaped(layers, dtype, device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_llama(config, dtype, device):
+    """A LlamaForCausalLM of `config` with N(0, 0.02) weights, built straight on `device` (no CPU copy)."""
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
@@ -93,6 +92,14 @@ def llama2_7b_shaped(layers, dtype, device):
         for p in model.parameters():
             p.normal_(0, 0.02, generator=generator)
     return model
+
+
+def llama2_7b_shaped(layers, dtype, device):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    return random_llama(config, dtype, device)
 
 
 def end_to_end(device, layers, r, dtype):

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -80,21 +81,15 @@ def synthetic_rows(count: int, seed: int = 0) -> list[dict]:
 
 
 def build_model(args, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from init_speed import random_llama
+    from transformers import LlamaConfig
 
     config = LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=32000,
         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=generator)
+    model = random_llama(config, dtype, "cuda" if torch.cuda.is_available() else "cpu")
     model.config._attn_implementation = "sdpa"
     return model
 
