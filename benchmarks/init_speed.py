@@ -20,9 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from milora.decomposition import _minor_components_by_subspace_iteration, singular_components, subspace_overlap
 
