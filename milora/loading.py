@@ -51,7 +51,7 @@ def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None 
     dtype = resolve_dtype(dtype)
     if tiny.is_tiny(name_or_path):
         return tiny.tiny_model(tiny.tiny_kind(name_or_path), dtype=torch.float32 if dtype in (None, "auto") else dtype)
-    if not tiny.is_tiny(name_or_path) and "/" not in name_or_path.strip("./") and not Path(name_or_path).exists():
+    if "/" not in name_or_path.strip("./") and not Path(name_or_path).exists():
         raise FileNotFoundError(
             f"model {name_or_path!r} is neither a local directory nor a hub id (org/name) nor tiny:<kind>"
         )

@@ -17,7 +17,7 @@ from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
 from milora.decomposition import MODES
-from milora.distributed import initialize_layers, is_zero3_partitioned
+from milora.distributed import ADAPTER_NAME, initialize_layers, is_zero3_partitioned
 
 # User-facing names of the methods, mapped to the decomposition mode (None = plain LoRA init).
 MODE_ALIASES = {
@@ -29,7 +29,6 @@ MODE_ALIASES = {
     "random": "random",
     "lora": None,
 }
-ADAPTER_NAME = "default"
 _REGEX_CHARS = set("^$*+?[](){}|\\")
 
 

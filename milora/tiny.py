@@ -129,6 +129,15 @@ def tiny_model(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return model.to(dtype)
 
 
+def save_tiny_checkpoint(kind: str, path, seed: int = 0):
+    """Save `tiny_model(kind, seed)` with its tokenizer (processor for LLaVA) to `path`, like a hub checkpoint."""
+    from pathlib import Path
+
+    tiny_model(kind, seed=seed).save_pretrained(path)
+    (tiny_processor() if kind == "llava" else tiny_tokenizer()).save_pretrained(path)
+    return Path(path)
+
+
 def is_tiny(name_or_path: str) -> bool:
     return isinstance(name_or_path, str) and name_or_path.startswith(TINY_PREFIX)
 

@@ -39,11 +39,10 @@ def minor_update(weight: torch.Tensor, r: int, noise: float, generator: torch.Ge
 
 def build_example_pair(root: Path) -> tuple[Path, Path, Path]:
     """(base checkpoint dir, tuned checkpoint dir, text file) under `root`."""
-    from milora.tiny import tiny_model, tiny_tokenizer
+    from milora.tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
     base_dir, tuned_dir, text_file = root / "base", root / "tuned", root / "text.txt"
-    tiny_model("llama").save_pretrained(base_dir)
-    tiny_tokenizer().save_pretrained(base_dir)
+    save_tiny_checkpoint("llama", base_dir)
     tuned = tiny_model("llama")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

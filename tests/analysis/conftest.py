@@ -69,12 +69,9 @@ def helpers():
 
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
-    from milora.tiny import tiny_model, tiny_tokenizer
+    from milora.tiny import save_tiny_checkpoint
 
-    path = tmp_path_factory.mktemp("base")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="session")

@@ -62,20 +62,14 @@ def gsm8k_test_file() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A merged-checkpoint directory: the tiny llama and its byte tokenizer, saved with save_pretrained."""
-    from milora.tiny import tiny_model, tiny_tokenizer
+    from milora.tiny import save_tiny_checkpoint
 
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """A LLaVA merged-checkpoint directory: tiny LLaVA weights and its processor."""
-    from milora.tiny import tiny_model, tiny_processor
+    from milora.tiny import save_tiny_checkpoint
 
-    path = tmp_path_factory.mktemp("tiny_llava")
-    tiny_model("llava").save_pretrained(path)
-    tiny_processor().save_pretrained(path)
-    return path
+    return save_tiny_checkpoint("llava", tmp_path_factory.mktemp("tiny_llava"))

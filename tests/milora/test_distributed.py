@@ -1,7 +1,5 @@
 """Split initialisation across processes (torch.distributed, gloo on CPU) and the on-disk init cache."""
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
