@@ -1,8 +1,10 @@
-"""Atomic writes: an output directory or file appears whole or not at all."""
+"""File I/O in one place: atomic writes (an output directory or file appears whole or not at all) and
+JSON / JSON Lines reading and writing."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -55,6 +57,46 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     if not isinstance(text, str):
         raise TypeError(f"atomic_write_text writes str, got {type(text).__name__}")
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike):
+    """The parsed content of a JSON file."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The rows of a JSON Lines file (blank lines skipped); a bad line raises ValueError naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def read_json_rows(path: str | os.PathLike) -> list:
+    """Rows from a `.jsonl` file or a `.json` file holding a list (as LLM-Adapters and LLaVA ship them)."""
+    if str(path).endswith(".jsonl"):
+        return read_jsonl(path)
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, found {type(rows).__name__}")
+    return rows
+
+
+def write_json(path: str | os.PathLike, value, indent: int | None = 2) -> Path:
+    """Write `value` as JSON, atomically (with a trailing newline)."""
+    return atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    """Write rows as JSON Lines, atomically."""
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _umask() -> int:

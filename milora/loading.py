@@ -30,6 +30,19 @@ def resolve_dtype(dtype):
     return DTYPES[dtype]
 
 
+def default_device() -> str:
+    """`cuda` when a GPU is visible, else `cpu`."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bfloat16 on a GPU that supports it, float32 elsewhere (the `auto` choice of recipes and evaluation)."""
+    on_gpu = device is None or str(device).startswith("cuda")
+    if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def model_type_of(name_or_path: str) -> str:
     """The `model_type` of a checkpoint (reads config.json locally; AutoConfig for hub ids)."""
     if tiny.is_tiny(name_or_path):
