@@ -12,15 +12,17 @@ the model `apply_milora` returns, and the original weights are `merge(DIR, DIR/m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from milora.io import atomic_directory
+from milora.io import atomic_directory, read_json, write_json
+from milora.layout import ADAPTER_CONFIG_FILE, INIT_SUBDIR, METADATA_FILE
 
-INIT_SUBDIR = "milora_init"
-METADATA_FILE = "milora.json"
+__all__ = [
+    "INIT_SUBDIR", "METADATA_FILE", "is_init_dir", "load_init_dir", "read_metadata", "residual_state_dict",
+    "save_init_dir",
+]
 
 
 def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
@@ -36,7 +38,7 @@ def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
 
 
 def is_init_dir(path: str | Path) -> bool:
-    return (Path(path) / INIT_SUBDIR / "adapter_config.json").is_file()
+    return (Path(path) / INIT_SUBDIR / ADAPTER_CONFIG_FILE).is_file()
 
 
 def save_init_dir(peft_model, out_dir: str | Path, processing_class=None, metadata: dict | None = None) -> Path:
@@ -49,7 +51,7 @@ def save_init_dir(peft_model, out_dir: str | Path, processing_class=None, metada
         if processing_class is not None:
             processing_class.save_pretrained(tmp)
         peft_model.save_pretrained(tmp / INIT_SUBDIR)
-        (tmp / INIT_SUBDIR / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True))
+        write_json(tmp / INIT_SUBDIR / METADATA_FILE, dict(sorted((metadata or {}).items())))
     return out_dir
 
 
@@ -62,7 +64,7 @@ def load_init_dir(init_dir: str | Path, dtype="auto", is_trainable: bool = True,
     init_dir = Path(init_dir)
     if not is_init_dir(init_dir):
         raise FileNotFoundError(
-            f"{init_dir} is not a milora init directory (no {INIT_SUBDIR}/adapter_config.json); "
+            f"{init_dir} is not a milora init directory (no {INIT_SUBDIR}/{ADAPTER_CONFIG_FILE}); "
             "create one with `milora init --model ... --out DIR`"
         )
     model = load_model(str(init_dir), dtype=dtype, **model_kwargs)
@@ -71,4 +73,4 @@ def load_init_dir(init_dir: str | Path, dtype="auto", is_trainable: bool = True,
 
 def read_metadata(init_dir: str | Path) -> dict:
     path = Path(init_dir) / INIT_SUBDIR / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
