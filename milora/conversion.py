@@ -8,28 +8,27 @@ conversion PEFT performs for PiSSA, done here on saved files so it works for any
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from milora.io import atomic_directory
+from milora.io import atomic_directory, read_json, write_json
+from milora.layout import ADAPTER_CONFIG_FILE
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     adapter_dir = Path(adapter_dir)
-    for needed in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+    for needed in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS):
         if not (adapter_dir / needed).is_file():
             raise FileNotFoundError(
                 f"{adapter_dir} has no {needed}: give a directory written by PeftModel.save_pretrained "
                 "(safetensors format)"
             )
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    config = read_json(adapter_dir / ADAPTER_CONFIG_FILE)
     return config, load_file(str(adapter_dir / ADAPTER_WEIGHTS))
 
 
@@ -92,7 +91,7 @@ def convert_to_lora(
         config["base_model_name_or_path"] = base_model_name_or_path
     with atomic_directory(out_dir) as tmp:
         save_file(converted, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        write_json(tmp / ADAPTER_CONFIG_FILE, dict(sorted(config.items())))
     return Path(out_dir)
 
 

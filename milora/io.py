@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -65,18 +66,22 @@ def read_json(path: str | os.PathLike):
         return json.load(handle)
 
 
-def read_jsonl(path: str | os.PathLike) -> list:
-    """The rows of a JSON Lines file (blank lines skipped); a bad line raises ValueError naming file and line."""
-    rows = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator:
+    """The rows of a JSON Lines file, one at a time (blank lines skipped); a bad line raises ValueError
+    naming file and line."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-    return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The rows of a JSON Lines file (blank lines skipped); a bad line raises ValueError naming file and line."""
+    return list(iter_jsonl(path))
 
 
 def read_json_rows(path: str | os.PathLike) -> list:

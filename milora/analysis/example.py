@@ -72,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                          max_samples=8, seq_len=128, device="cpu", show_progress=False,
                          plot_names=("summary",) if args.summary_only else None)
     # The temporary paths mean nothing to a reader of the report.
-    from milora.analysis.output import atomic_write_bytes, write_json
+    from milora.analysis.output import write_report_json
+    from milora.io import atomic_write_bytes
 
     report["base"]["model"], report["tuned"]["model"] = "tiny:llama", "tiny:llama + constructed minor update"
     report["forgetting"]["data"] = "example text (milora.analysis.example.EXAMPLE_TEXT)"
-    write_json(Path(args.out) / "report.json", report)
+    write_report_json(Path(args.out) / "report.json", report)
     if args.png:
         atomic_write_bytes(args.png, (Path(args.out) / "summary.png").read_bytes())
     print(f"example report in {args.out}")

@@ -16,7 +16,6 @@ Means are over all counted token positions of all blocks (not a mean of per-bloc
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from milora.analysis import metrics
+from milora.io import iter_jsonl, read_json
 
 DEFAULT_FORGETTING_DATA = "wikitext:wikitext-103-raw-v1:test"
 TEXT_FIELDS = ("text", "content", "document")
@@ -60,10 +60,9 @@ def iter_texts(spec: str) -> Iterator[str]:
     path = Path(spec)
     if path.is_file():
         if path.suffix == ".jsonl":
-            with path.open() as handle:
-                yield from _texts_from_records((json.loads(line) for line in handle if line.strip()), spec)
+            yield from _texts_from_records(iter_jsonl(path), spec)
         elif path.suffix == ".json":
-            data = json.loads(path.read_text())
+            data = read_json(path)
             yield from _texts_from_records(data if isinstance(data, list) else [data], spec)
         else:
             with path.open() as handle:

@@ -18,14 +18,14 @@ dtype: float32 by default, so that a small update is not lost to bf16 rounding w
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-INIT_ADAPTER_SUBDIR = "milora_init"
-ADAPTER_CONFIG = "adapter_config.json"
-INIT_METADATA = "milora.json"  # written by `milora init` next to the initial adapter
+from milora.init_dir import is_init_dir
+from milora.io import read_json
+from milora.layout import ADAPTER_CONFIG_FILE, INIT_SUBDIR, METADATA_FILE
+
 DEFAULT_RANK = 8
 
 
@@ -35,17 +35,17 @@ class AnalysisInputError(ValueError):
 
 def is_milora_init_dir(path: str | os.PathLike | None) -> bool:
     """A `milora init` directory: holds `milora_init/adapter_config.json`."""
-    return path is not None and (Path(path) / INIT_ADAPTER_SUBDIR / ADAPTER_CONFIG).is_file()
+    return path is not None and is_init_dir(path)
 
 
 def is_adapter_dir(path: str | os.PathLike | None) -> bool:
     """A PEFT adapter directory: `adapter_config.json` and no model `config.json`."""
-    return path is not None and (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
+    return path is not None and (Path(path) / ADAPTER_CONFIG_FILE).is_file() and not (Path(path) / "config.json").is_file()
 
 
 def adapter_rank(adapter_dir: str | os.PathLike) -> int | None:
     """The LoRA rank `r` in an adapter's config, or None if it has none."""
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    config = read_json(Path(adapter_dir) / ADAPTER_CONFIG_FILE)
     rank = config.get("r")
     return int(rank) if isinstance(rank, int) else None
 
@@ -61,9 +61,9 @@ class ModelSource:
     def describe(self) -> dict:
         """JSON form, with the `milora.json` that `milora init` writes beside its adapter (mode, r, ...) if any."""
         description = asdict(self)
-        metadata_file = Path(self.adapter) / INIT_METADATA if self.adapter else None
+        metadata_file = Path(self.adapter) / METADATA_FILE if self.adapter else None
         if metadata_file is not None and metadata_file.is_file():
-            description["init_metadata"] = json.loads(metadata_file.read_text())
+            description["init_metadata"] = read_json(metadata_file)
         return description
 
 
@@ -74,9 +74,9 @@ def resolve_sources(base: str, tuned: str | None = None, adapter: str | None = N
     if tuned is None and adapter is None:
         raise AnalysisInputError("give the finetuned model: --tuned (checkpoint or adapter dir) and/or --adapter")
     if adapter is not None and not is_adapter_dir(adapter):
-        raise AnalysisInputError(f"--adapter {adapter} has no {ADAPTER_CONFIG}")
+        raise AnalysisInputError(f"--adapter {adapter} has no {ADAPTER_CONFIG_FILE}")
     if is_milora_init_dir(base):
-        base_source = ModelSource(base, str(Path(base) / INIT_ADAPTER_SUBDIR), "milora_init_dir")
+        base_source = ModelSource(base, str(Path(base) / INIT_SUBDIR), "milora_init_dir")
     else:
         base_source = ModelSource(base)
 
@@ -85,7 +85,7 @@ def resolve_sources(base: str, tuned: str | None = None, adapter: str | None = N
     elif is_adapter_dir(tuned):
         tuned_source = ModelSource(base, tuned, "checkpoint+adapter")
     elif is_milora_init_dir(tuned):
-        tuned_source = ModelSource(tuned, str(Path(tuned) / INIT_ADAPTER_SUBDIR), "milora_init_dir")
+        tuned_source = ModelSource(tuned, str(Path(tuned) / INIT_SUBDIR), "milora_init_dir")
     else:
         tuned_source = ModelSource(tuned)
     return base_source, tuned_source
@@ -108,11 +108,11 @@ def source_warnings(tuned_source: ModelSource) -> list[str]:
     contains B0 A0, so merging it onto the original weights would count the initial adapter as an update."""
     if tuned_source.adapter is None or is_milora_init_dir(tuned_source.model):
         return []
-    config = json.loads((Path(tuned_source.adapter) / ADAPTER_CONFIG).read_text())
+    config = read_json(Path(tuned_source.adapter) / ADAPTER_CONFIG_FILE)
     trained_from = config.get("base_model_name_or_path")
     if not trained_from or not is_milora_init_dir(trained_from):
         return []
-    if Path(tuned_source.adapter).resolve() == (Path(trained_from) / INIT_ADAPTER_SUBDIR).resolve():
+    if Path(tuned_source.adapter).resolve() == (Path(trained_from) / INIT_SUBDIR).resolve():
         return []  # the initial adapter itself, merged where the user asked
     return [
         f"adapter {tuned_source.adapter} was trained from the milora init directory {trained_from}, but is merged "

@@ -1,16 +1,15 @@
-"""Atomic file output for `milora analyze`: every file appears whole (temp file + os.replace) or not at all."""
+"""File output for `milora analyze`: strict-JSON values and PNG figures, written atomically through `milora.io`."""
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from pathlib import Path
 
-from milora.io import atomic_write_bytes
+from milora.io import atomic_write_bytes, write_json
 
-__all__ = ["atomic_write_bytes", "json_ready", "save_figure", "write_json"]
+__all__ = ["json_ready", "save_figure", "write_report_json"]
 
 
 def json_ready(value):
@@ -24,9 +23,9 @@ def json_ready(value):
     return value
 
 
-def write_json(path: str | os.PathLike, value) -> Path:
-    text = json.dumps(json_ready(value), indent=2, allow_nan=False) + "\n"
-    return atomic_write_bytes(path, text.encode())
+def write_report_json(path: str | os.PathLike, value) -> Path:
+    """`value` as strict JSON (non-finite floats as null), written atomically."""
+    return write_json(path, json_ready(value))
 
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 90) -> Path:

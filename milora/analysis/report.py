@@ -18,7 +18,7 @@ import torch
 
 from milora.analysis import forgetting as forgetting_module
 from milora.analysis import loading, plots, weights
-from milora.analysis.output import write_json
+from milora.analysis.output import write_report_json
 
 REPORT_VERSION = 1
 PLOT_NAMES = ("summary", "similarity_heatmaps", "similarity_by_layer", "spectra", "amplification")
@@ -153,7 +153,7 @@ def analyze(
     }
 
     files = {"spectra": "spectra.json"}
-    write_json(out_dir / "spectra.json", {
+    write_report_json(out_dir / "spectra.json", {
         name: {kind: values.tolist() for kind, values in entry.items()} for name, entry in spectra.items()})
     plot_files = {
         "summary": ("summary.png", lambda p: plots.plot_summary(report, records, spectra, p)),
@@ -169,5 +169,5 @@ def analyze(
         files[key] = filename
     report["files"] = files
     report["seconds"] = round(time.time() - started, 3)
-    write_json(out_dir / "report.json", report)
+    write_report_json(out_dir / "report.json", report)
     return report
