@@ -6,18 +6,11 @@ Everything is built offline from `milora.tiny`; the models are real transformers
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 RANK = 4
 ADAPTED = ("q_proj", "v_proj")

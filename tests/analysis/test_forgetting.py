@@ -127,11 +127,9 @@ def test_iter_texts_loads_a_dataset_folder_like_a_hub_dataset(tmp_path):
     assert list(forgetting.iter_texts(f"{folder}::train")) == ["train row"]
 
 
-def test_iter_texts_reads_the_shared_gsm8k_file():
+def test_iter_texts_reads_the_shared_gsm8k_file(shared_data_dir):
     """A real JSONL file without a `text` field: the first string field (`question`) is used."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k_test.jsonl"
+    path = shared_data_dir / "gsm8k_test.jsonl"
     if not path.is_file():
         pytest.skip("shared/data/gsm8k_test.jsonl not present")
     first = next(forgetting.iter_texts(str(path)))
