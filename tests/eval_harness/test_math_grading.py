@@ -1,13 +1,25 @@
-"""GSM8K / MATH answer extraction and LaTeX equivalence, on real answer strings."""
+"""GSM8K / MATH answer extraction and equivalence (MetaMath's protocol, math-verify for the lenient score)."""
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from eval_harness import math_grading as mg
+
+MATH_TEST_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "math" / "math_test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def math_test_rows():
+    if not MATH_TEST_FILE.is_file():
+        pytest.skip(f"the shared MATH test set is not at {MATH_TEST_FILE}")
+    return [json.loads(line) for line in MATH_TEST_FILE.read_text(encoding="utf-8").splitlines()]
 
 
 def _gsm8k_rows(path, n=40):
@@ -66,6 +78,10 @@ def test_a_wrong_final_answer_is_wrong(gsm8k_test_file):
         ("First guess. The answer is: 5\nWait, recount. The answer is: 6", 6),  # the LAST marker counts
         ("The answer is: 10/4", 2),  # MetaMath reads a/b as a fraction and rounds (2.5 -> 2, banker's rounding)
         ("The answer is: 7/0", 7),  # a zero denominator gives the numerator
+        ("The answer is: 7/00", None),  # MetaMath raises ZeroDivisionError here; unparsable scores 0
+        ("The answer is: -" + "9" * 400, None),  # MetaMath raises OverflowError in round()
+        ("The answer is: " + "9" * 400 + "/3", None),  # too large for a float
+        ("The answer is: /5", None),  # no numerator
         ("The answer is: 18.0", 18),
         ("So the total is 18.", None),  # no marker
         ("The answer is: eighteen", None),  # no number after the marker
@@ -97,7 +113,7 @@ def test_gold_answers_are_the_last_boxed_content_of_real_solutions(fixtures_dir)
     [
         ("so $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
         ("first \\boxed{1} then \\boxed{\\left(3, \\frac{\\pi}{2}\\right)}", "\\left(3, \\frac{\\pi}{2}\\right)"),
-        ("\\fbox{5}", "5"),
+        ("\\fbox{5}", None),  # found, but lm-eval's and MetaMath's remove_boxed only read \\boxed
         ("answer $\\boxed 7$", "7"),
         ("no box here", None),
         ("\\boxed{unbalanced", None),
@@ -126,64 +142,117 @@ def test_flexible_math_extraction_falls_back_to_the_last_box():
     assert mg.extract_math_answer_flexible("The answer is: $\\boxed{\\frac{3}{4}}$") == "\\frac{3}{4}"
 
 
-@pytest.mark.parametrize(
-    "prediction, gold",
-    [
-        ("\\dfrac{1}{2}", "\\frac12"),
-        ("\\tfrac{3}{4}", "\\frac{3}{4}"),
-        ("0.5", "\\frac{1}{2}"),
-        ("0.25", "\\frac14"),
-        ("1/2", "\\frac{1}{2}"),
-        ("\\frac{-1}{2}", "-\\frac{1}{2}"),
-        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
-        ("(0.5, 2)", "\\left(\\frac12, 2\\right)"),
-        ("20\\sqrt{3}", "20\\sqrt3"),
-        ("3\\sqrt{2}", "\\sqrt{18}"),
-        ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"),
-        ("10\\text{ inches}", "10"),
-        ("5\\mbox{ cm}^2", "5"),
-        ("12 dollars", "12"),
-        ("90^\\circ", "90"),
-        ("90^{\\circ}", "90"),
-        ("\\$18.90", "18.90"),
-        ("50\\%", "50"),
-        ("x = 5", "5"),
-        ("1,000", "1000"),
-        ("\\text{(C)}", "C"),
-        ("\\text{Devon}", "Devon"),
-        ("2, -3", "-3, 2"),
-        ("2x+1", "1+2x"),
-        ("(-\\infty, 0) \\cup (1, \\infty)", "(-\\infty,0)\\cup(1,\\infty)"),
-        (" 3 ", "3"),
-        ("3.", "3"),
-    ],
-)
-def test_equivalent_latex_answers(prediction, gold):
+# Hendrycks' is_equiv (MetaMath / lm-eval): string equality after strip_string, nothing more.
+STRICT_EQUAL = [
+    ("\\dfrac{1}{2}", "\\frac12"),
+    ("\\tfrac{3}{4}", "\\frac{3}{4}"),
+    ("0.5", "\\frac{1}{2}"),
+    ("1/2", "\\frac{1}{2}"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("20\\sqrt{3}", "20\\sqrt3"),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"),
+    ("10\\text{ inches}", "10"),
+    ("5\\text{ m/s}", "5"),  # audit: any "\\text{ " suffix is a unit
+    ("90^\\circ", "90"),
+    ("90^{\\circ}", "90"),
+    ("\\$18.90", "18.90"),
+    ("50\\%", "50"),
+    ("x = 5", "5"),
+    ("k = 7", "7"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),  # audit
+    ("(-\\infty, 0) \\cup (1, \\infty)", "(-\\infty,0)\\cup(1,\\infty)"),
+    (" 3 ", "3"),
+]
+
+# Different for Hendrycks; math-verify (the lenient score) finds them equal.
+FLEX_ONLY_EQUAL = [
+    ("0.25", "\\frac14"),
+    ("\\frac{-1}{2}", "-\\frac{1}{2}"),
+    ("(0.5, 2)", "\\left(\\frac12, 2\\right)"),
+    ("3\\sqrt{2}", "\\sqrt{18}"),
+    ("1,000", "1000"),
+    ("2, -3", "-3, 2"),
+    ("2x+1", "1+2x"),
+    ("\\frac{2}{4}", "\\frac12"),
+    ("0.333333", "\\frac13"),  # math-verify's own numeric rounding; never in the strict score
+]
+
+# Different under both.
+DIFFERENT = [
+    ("1000001", "1000000"),  # audit: no relative tolerance
+    ("5 pi", "5"),  # audit: a trailing word is not dropped as a unit
+    ("5\\pi", "5"),
+    ("9^{9^{9}}", "1"),  # audit: must not hang
+    ("\\frac{1}{3}", "0.33"),
+    ("(1,2)", "(2,1)"),
+    ("[1,2]", "(1,2)"),
+    ("2", "3"),
+    ("\\sqrt{2}", "2"),
+    ("-5", "5"),
+    ("12 dollars", "12"),
+]
+
+
+@pytest.mark.parametrize("prediction, gold", STRICT_EQUAL)
+def test_hendrycks_equal_answers(prediction, gold):
     assert mg.is_math_equiv(prediction, gold)
     assert mg.is_math_equiv(gold, prediction)
+    assert mg.is_math_equiv_flex(prediction, gold)
 
 
-@pytest.mark.parametrize(
-    "prediction, gold",
-    [
-        ("\\frac{1}{3}", "0.33"),
-        ("(1,2)", "(2,1)"),
-        ("[1,2]", "(1,2)"),
-        ("(1,2)", "1,2"),
-        ("2", "3"),
-        ("\\sqrt{2}", "2"),
-        ("x^2", "2x"),
-        ("2x", "2"),
-        ("-5", "5"),
-        (None, "1"),
-        ("1", None),
-    ],
-)
-def test_different_latex_answers(prediction, gold):
+@pytest.mark.parametrize("prediction, gold", FLEX_ONLY_EQUAL)
+def test_only_the_lenient_score_accepts(prediction, gold):
     assert not mg.is_math_equiv(prediction, gold)
+    assert mg.is_math_equiv_flex(prediction, gold)
 
 
-def test_model_text_is_never_executed():
-    marker = "__import__('os').system('echo pwned')"
-    assert not mg.is_math_equiv(marker, "0")
-    assert mg._latex_to_sympy_source(marker) is None
+@pytest.mark.parametrize("prediction, gold", DIFFERENT)
+def test_different_answers(prediction, gold):
+    assert not mg.is_math_equiv(prediction, gold)
+    assert not mg.is_math_equiv_flex(prediction, gold, time_limit_s=2.0)
+
+
+def test_a_missing_answer_never_matches():
+    for equiv in (mg.is_math_equiv, mg.is_math_equiv_flex):
+        assert not equiv(None, "1")
+        assert not equiv("1", None)
+        assert not equiv(None, None)  # the official helper says True here; MetaMath never gets that far
+
+
+def test_power_tower_is_cut_off_by_the_time_limit_in_a_worker_thread():
+    outcome = []
+    started = time.monotonic()
+    worker = threading.Thread(target=lambda: outcome.append(mg.is_math_equiv_flex("9^{9^{9}}", "7", time_limit_s=1.0)))
+    worker.start()
+    worker.join(timeout=30)
+    assert outcome == [False]
+    assert time.monotonic() - started < 15  # the limit plus a worker restart, on a busy machine
+    assert mg.is_math_equiv_flex("3\\sqrt{2}", "\\sqrt{18}")  # the worker comes back for the next comparison
+
+
+def test_real_gold_answers_survive_metamath_re_extraction(math_test_rows):
+    """Every gold answer, written as MetaMath's final line, is equal to itself under the strict score, except
+    the one gold that ends with a period: MetaMath strips the answer's final period, not the gold's."""
+    failures = []
+    for row in math_test_rows:
+        gold = mg.math_gold_answer(row["solution"])
+        completion = row["solution"] + "\nThe answer is: " + gold
+        if not mg.is_math_equiv(mg.extract_math_answer(completion), gold):
+            failures.append(gold)
+    assert failures == ["\\frac{7}{5} + \\frac{1}{5} i."]
+
+
+def test_real_gold_answers_match_their_boxed_solution_under_the_lenient_score(math_test_rows):
+    for row in math_test_rows[::25]:  # 200 problems across all subjects
+        gold = mg.math_gold_answer(row["solution"])
+        assert gold is not None
+        assert mg.is_math_equiv_flex(mg.extract_math_answer_flexible(row["solution"]), gold), gold
+
+
+def test_lm_eval_hooks_score_without_raising():
+    from eval_harness.tasks.math import utils
+
+    gsm8k = utils.process_results_gsm8k({"gold": "7"}, ["The answer is: 7/00"])
+    assert gsm8k == {"exact_match": False, "exact_match_flex": False}
+    math_scores = utils.process_results_math({"gold": "\\frac{1}{4}"}, ["So.\nThe answer is: 0.25"])
+    assert math_scores == {"exact_match": False, "exact_match_flex": True}

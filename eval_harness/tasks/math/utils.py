@@ -1,6 +1,8 @@
 """lm-eval hooks of the milora GSM8K and MATH tasks: MetaMath prompts and answer grading.
 
 lm-eval loads this file by path (``!function utils.<name>``); the logic lives in `eval_harness.math_grading`.
+``exact_match`` is MetaMath's score; ``exact_match_flex`` the lenient one (any final number / ``\\boxed{}``,
+math-verify for MATH). Every model output scores 0 or 1: unparsable answers score 0, nothing raises.
 """
 
 import sys
@@ -51,7 +53,7 @@ def process_results_math(doc, results):
     completion = results[0]
     return {
         "exact_match": math_grading.is_math_equiv(math_grading.extract_math_answer(completion), doc["gold"]),
-        "exact_match_flex": math_grading.is_math_equiv(
+        "exact_match_flex": math_grading.is_math_equiv_flex(
             math_grading.extract_math_answer_flexible(completion), doc["gold"]
         ),
     }
