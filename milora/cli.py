@@ -1,13 +1,16 @@
 """The `milora` command: one entry point, one subcommand per job.
 
 Each subcommand lives in its own module and exposes `main(argv) -> int`; this file only dispatches,
-so `milora --help` stays fast (heavy imports happen inside the chosen subcommand).
+so `milora --help` stays fast (heavy imports happen inside the chosen subcommand). It also reports bad input
+the same way for every subcommand: one line `milora <command>: error: <problem>; <fix>` on stderr and exit
+status 2 (argparse's status for usage errors), no traceback unless `--debug` is given.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable, Sequence
 
 SUBCOMMANDS = {
     "init": ("milora.commands.init", "precompute the MiLoRA/PiSSA init: residual base model + initial adapter"),
@@ -16,26 +19,56 @@ SUBCOMMANDS = {
     "eval": ("eval_harness.cli", "score a merged checkpoint on a named evaluation suite"),
     "analyze": ("milora.analysis.cli", "subspace similarity, amplification factor and forgetting of a finetune"),
 }
+DEBUG_FLAG = "--debug"
+USAGE_ERROR_STATUS = 2
+# Bad input surfaces as ValueError (MiLoRAError, RecipeError, DataError and AnalysisInputError derive from it)
+# or OSError (a missing file or directory, a checkpoint that cannot be read).
+USER_ERRORS = (ValueError, OSError)
 
 
 def _usage() -> str:
-    lines = ["usage: milora <command> [options]", "", "commands:"]
+    lines = ["usage: milora [--debug] <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "Run `milora <command> --help` for the options of one command."]
+    lines += ["", "Run `milora <command> --help` for the options of one command.",
+              f"{DEBUG_FLAG} (before or after the command) shows the Python traceback of an error."]
     return "\n".join(lines)
 
 
+def split_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """`argv` without any `--debug` before a `--` separator, and whether one was there."""
+    end = list(argv).index("--") if "--" in argv else len(argv)
+    kept = [arg for arg in argv[:end] if arg != DEBUG_FLAG] + list(argv[end:])
+    return kept, len(kept) != len(argv)
+
+
+def error_line(prog: str, error: BaseException) -> str:
+    """`<prog>: error: <message>` on one line (third-party messages may span several)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"{prog}: error: {message}"
+
+
+def run_reporting_errors(prog: str, run: Callable[[list[str]], int | None], argv: list[str], debug: bool) -> int:
+    """`run(argv)`'s exit status; bad input is printed as one line with status 2, or re-raised when `debug`."""
+    try:
+        return int(run(argv) or 0)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(error_line(prog, error), file=sys.stderr)
+        return USAGE_ERROR_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"milora: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR_STATUS
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run_reporting_errors(f"milora {name}", module.main, rest, debug)
 
 
 if __name__ == "__main__":

@@ -73,18 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
 
-    from milora.analysis.loading import AnalysisInputError
     from milora.analysis.report import analyze
+    from milora.commands.arguments import check_model_argument
 
-    try:
-        report = analyze(
-            base=args.base, tuned=args.tuned, adapter=args.adapter, out_dir=args.out, r=args.r,
-            targets=args.targets, layers=args.layers, forgetting_data=args.forgetting_data,
-            max_samples=args.max_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-            device=args.device, dtype=args.dtype, seed=args.seed, show_progress=not args.no_progress)
-    except (AnalysisInputError, FileNotFoundError) as exc:
-        print(f"milora analyze: error: {exc}", file=sys.stderr)
-        return 2
+    for flag, value in (("--base", args.base), ("--tuned", args.tuned)):
+        if value is not None:
+            check_model_argument(flag, value)
+    # Bad input raises (AnalysisInputError, FileNotFoundError, ...); `milora` reports it as one line, status 2.
+    report = analyze(
+        base=args.base, tuned=args.tuned, adapter=args.adapter, out_dir=args.out, r=args.r,
+        targets=args.targets, layers=args.layers, forgetting_data=args.forgetting_data,
+        max_samples=args.max_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, seed=args.seed, show_progress=not args.no_progress)
     summary = report["selection"]["selected"]
     forgetting = report["forgetting"] or {}
     line = f"milora analyze: {summary} weights analysed (r = {report['r']})"
@@ -95,4 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from milora.cli import main as milora_main
+
+    sys.exit(milora_main(["analyze", *sys.argv[1:]]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from milora.commands.arguments import check_model_argument
 from milora.decomposition import METHODS
 
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from milora.model import apply_milora, normalize_mode
 
     if normalize_mode(args.mode) is None:
-        raise SystemExit("milora init: plain LoRA needs no precomputed init; use --mode minor, principal, mid or random")
+        raise ValueError("plain LoRA needs no precomputed init; use --mode minor, principal, mid or random")
+    check_model_argument("--model", args.model)
     model = load_model(args.model, dtype=args.dtype)
     try:
         processing_class = load_processing_class(args.model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from milora.commands.arguments import check_adapter_dir, check_model_argument
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_model_argument("--base", args.base)
+    check_adapter_dir("--adapter", args.adapter)
     from milora.conversion import merge_checkpoint
 
     merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype)

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from milora.analysis import cli
+from milora.cli import main as milora_main
 
 PLOTS = ("summary.png", "similarity_heatmaps.png", "similarity_by_layer.png", "spectra.png", "amplification.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run(*args) -> int:
-    return cli.main([*map(str, args), "--no_progress"])
+    """`milora analyze ARGS` through the dispatcher, which turns bad input into status 2."""
+    return milora_main(["analyze", *map(str, args), "--no_progress"])
 
 
 def read_report(out_dir) -> dict:
@@ -124,8 +125,6 @@ def test_errors_return_status_2(tmp_path, base_dir, init_dirs, capsys):
 
 
 def test_help_through_the_milora_dispatcher(capsys):
-    from milora.cli import main as milora_main
-
     assert milora_main(["analyze", "--help"]) == 0
     out = capsys.readouterr().out
     for option in ("--base", "--tuned", "--adapter", "--out", "--r", "--targets", "--layers", "--forgetting_data",
