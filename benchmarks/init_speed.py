@@ -64,13 +64,13 @@ def per_shape_rows(device, r, repeats, dtype):
         weight = (torch.randn(out_f, in_f, generator=generator, device=device) * 0.02).to(dtype)
         official_full_svd(weight, r)  # warm-up: handles, workspaces
         singular_components(weight, r, "minor")
-        singular_components(weight, r, "minor", method="gram")
+        singular_components(weight, r, "minor", solver="gram")
         t_svd = timed(lambda: official_full_svd(weight, r), device, repeats)
-        t_gram = timed(lambda: singular_components(weight, r, "minor", method="gram"), device, repeats)
+        t_gram = timed(lambda: singular_components(weight, r, "minor", solver="gram"), device, repeats)
         t_ours = timed(lambda: singular_components(weight, r, "minor"), device, repeats)
         ours = singular_components(weight, r, "minor")
         converged = _minor_components_by_subspace_iteration(weight.double(), r) is not None
-        reference = singular_components(weight, r, "minor", method="svd")  # float64 full SVD
+        reference = singular_components(weight, r, "minor", solver="svd")  # float64 full SVD
         official_U = official_full_svd(weight, r)[0]
         rows.append({
             "shape": name, "out": out_f, "in": in_f, "count_per_layer": PER_LAYER[name],

@@ -11,9 +11,10 @@ descending order) a *mode* picks `r` singular triplets:
 The chosen triplets become LoRA factors `B = U_r (S_r/s)^{1/2}`, `A = (S_r/s)^{1/2} V_r^T` with `s` the
 LoRA scaling, so that `s * B A = U_r S_r V_r^T`, and the frozen base becomes `W - s * B A`.
 
-Two exact methods compute the triplets, both in float64:
+A *solver* computes the triplets, always in float64 (the family names milora/pissa/lora are
+`milora.model.METHODS`; a solver is only the algorithm):
 
-- ``gram`` (default): eigendecomposition of the smaller Gram matrix (`W^T W` or `W W^T`, size
+- ``gram``: eigendecomposition of the smaller Gram matrix (`W^T W` or `W W^T`, size
   min(out, in)), then the other singular vectors by one matrix product. Cheaper than a full SVD and
   exact in float64 for the spectra of trained weights (the squared condition number stays far above
   float64 round-off).
@@ -22,7 +23,7 @@ Two exact methods compute the triplets, both in float64:
   all GEMM-shaped work, which GPUs run far faster than the tridiagonalisation inside `eigh`), with a
   shift towards the smallest eigenvalue and a final Rayleigh-Ritz step. It stops when every wanted Ritz
   pair's residual `||G v - theta v||` is below `1e-7` of the mean eigenvalue, and falls back to the
-  `gram` method when that does not happen within its iteration budget or the Gram matrix is singular,
+  `gram` solver when that does not happen within its iteration budget or the Gram matrix is singular,
   so the result is always the exact minor subspace up to float64 round-off.
 
 ``auto`` (the default) picks ``subspace`` for the minor mode on a GPU when r is small against the matrix
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("minor", "principal", "mid", "random")
-METHODS = ("auto", "gram", "svd", "subspace")
+SOLVERS = ("auto", "gram", "svd", "subspace")
 
 
 @dataclass
@@ -74,27 +75,27 @@ def singular_components(
     r: int,
     mode: str = "minor",
     *,
-    method: str = "auto",
+    solver: str = "auto",
     generator: torch.Generator | None = None,
 ) -> SingularComponents:
     """The `r` singular triplets of `weight` (out x in) that `mode` selects, in float64 on `weight`'s device."""
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown decomposition method {method!r}; expected one of {', '.join(METHODS)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
     w = weight.to(torch.float64)
     indices = component_indices(min(w.shape), r, mode, generator)
-    if method == "auto":
+    if solver == "auto":
         small_rank = SUBSPACE_BLOCK * r <= min(w.shape) // 4
-        method = "subspace" if mode == "minor" and w.is_cuda and small_rank else "gram"
-    if method == "subspace":
+        solver = "subspace" if mode == "minor" and w.is_cuda and small_rank else "gram"
+    if solver == "subspace":
         if mode != "minor":
-            raise ValueError("the subspace method computes minor components only; use method='gram'")
+            raise ValueError("the subspace solver computes minor components only; use solver='gram'")
         found = _minor_components_by_subspace_iteration(w, r)
         if found is not None:
             return found
-        method = "gram"
-    if method == "svd":
+        solver = "gram"
+    if solver == "svd":
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         idx = indices.to(w.device)
         return SingularComponents(U[:, idx], S[idx], Vh[idx], indices)
@@ -183,7 +184,7 @@ def _minor_components_by_subspace_iteration(w: torch.Tensor, r: int) -> Singular
     gram, wide = _smaller_gram(w)
     n = gram.shape[0]
     block = min(n, SUBSPACE_BLOCK * r)
-    factor, shift = _shifted_cholesky(gram, 0.0)
+    factor, _ = _shifted_cholesky(gram, 0.0)
     if factor is None:
         return None
     generator = torch.Generator(device=w.device).manual_seed(0)
@@ -194,7 +195,7 @@ def _minor_components_by_subspace_iteration(w: torch.Tensor, r: int) -> Singular
         if iteration == 3:
             # shift towards the smallest eigenvalue: convergence goes as (lambda_r - s) / (lambda_block - s)
             values, basis = _rayleigh_ritz(gram, basis)
-            factor, shift = _shifted_cholesky(gram, 0.9 * float(values[0]))
+            factor, _ = _shifted_cholesky(gram, 0.9 * float(values[0]))
             if factor is None:
                 return None
         if iteration >= 4 and iteration % 2 == 0:

@@ -7,7 +7,7 @@
   of a group is gathered with its owner as the modifying rank, so ranks decompose in parallel and
   DeepSpeed re-partitions the owner's residual and factors on exit.
 - Cache: with `cache_dir`, the factors are stored under a key made of a fingerprint of the target
-  weights, the targets, r, alpha, mode, seed and method; a later run with the same key loads them and
+  weights, the targets, r, alpha, mode, seed and solver; a later run with the same key loads them and
   only recomputes the cheap residual `W - s B A`.
 """
 
@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,10 +55,10 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def cache_key(layers, r, alpha, mode, seed, method, fingerprints: list[str]) -> str:
+def cache_key(layers, r, alpha, mode, seed, solver, fingerprints: list[str]) -> str:
     description = {
         "layers": [name for name, _ in layers], "r": r, "alpha": alpha, "mode": mode, "seed": seed,
-        "method": method, "weights": fingerprints,
+        "solver": solver, "weights": fingerprints,
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -66,11 +67,11 @@ def _layer_weight(layer) -> torch.Tensor:
     return transpose(layer.get_base_layer().weight.data, layer.fan_in_fan_out)
 
 
-def _compute_factors(layer, mode, device, method, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _compute_factors(layer, mode, device, solver, generator) -> tuple[torch.Tensor, torch.Tensor]:
     weight = _layer_weight(layer)
     work_device = torch.device(device) if device is not None else weight.device
     components = singular_components(
-        weight.to(work_device), layer.r[ADAPTER_NAME], mode, method=method, generator=generator
+        weight.to(work_device), layer.r[ADAPTER_NAME], mode, solver=solver, generator=generator
     )
     return lora_factors(components, layer.scaling[ADAPTER_NAME])
 
@@ -131,13 +132,13 @@ def _save_cache(path: Path, factors, metadata: dict) -> None:
         (tmp / "key.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
 
-def _compute_owned(layers, owned, mode, device, method, seed, workers, progress):
+def _compute_owned(layers, owned, mode, device, solver, seed, workers, progress):
     """Factors of the `owned` layers; on a GPU, `workers` threads each run their own CUDA stream, since
     one decomposition is a chain of small, latency-bound kernels that leaves most of the GPU idle."""
 
     def compute(i):
         # one generator per layer: the `random` mode does not depend on which layers came before
-        return _compute_factors(layers[i][1], mode, device, method, torch.Generator().manual_seed(seed + i))
+        return _compute_factors(layers[i][1], mode, device, solver, torch.Generator().manual_seed(seed + i))
 
     work_device = torch.device(device) if device is not None else _layer_weight(layers[0][1]).device
     if workers is None:
@@ -178,7 +179,7 @@ def initialize_layers(
     mode: str,
     *,
     device=None,
-    method: str = "auto",
+    solver: str = "auto",
     seed: int = 0,
     show_progress: bool = True,
     cache_dir: str | Path | None = None,
@@ -188,55 +189,69 @@ def initialize_layers(
     """Initialise every `(name, LoraLayer)` in `layers` from its `mode` singular components."""
     rank, world_size = world()
     if any(is_zero3_partitioned(layer.get_base_layer().weight) for _, layer in layers):
-        return _initialize_zero3(layers, mode, device, method, seed, show_progress, rank, world_size, description)
+        if cache_dir is not None and rank == 0:
+            warnings.warn("cache_dir is not used under DeepSpeed ZeRO-3; start from a `milora init` directory "
+                          "to skip the decomposition on repeated runs", stacklevel=3)
+        return _initialize_zero3(layers, mode, device, solver, seed, show_progress, description)
 
     first = layers[0][1]
     cache_path = None
     factors = None
     if cache_dir is not None:
         fingerprints = [weight_fingerprint(layer.get_base_layer().weight) for _, layer in layers]
-        key = cache_key(layers, first.r[ADAPTER_NAME], first.scaling[ADAPTER_NAME], mode, seed, method, fingerprints)
+        key = cache_key(layers, first.r[ADAPTER_NAME], first.scaling[ADAPTER_NAME], mode, seed, solver, fingerprints)
         cache_path = Path(cache_dir) / key
         factors = _load_cache(cache_path, len(layers))
     computed = factors is None
     if computed:
         owned = [i for i in range(len(layers)) if i % world_size == rank]
         progress = tqdm(total=len(owned), desc=description, disable=not show_progress or rank != 0, unit="layer")
-        factors = _compute_owned(layers, owned, mode, device, method, seed, workers, progress)
+        factors = _compute_owned(layers, owned, mode, device, solver, seed, workers, progress)
         progress.close()
         if world_size > 1:
             _broadcast_factors(factors, layers, rank, world_size)
     for i, (_, layer) in enumerate(layers):
         _write_layer(layer, *factors[i], device)
     if computed and cache_path is not None and rank == 0:
-        _save_cache(cache_path, factors, {"layers": len(layers), "mode": mode, "seed": seed, "method": method})
+        _save_cache(cache_path, factors, {"layers": len(layers), "mode": mode, "seed": seed, "solver": solver})
 
 
-def _initialize_zero3(layers, mode, device, method, seed, show_progress, rank, world_size, description):
+def _layer_params(layer) -> list[torch.nn.Parameter]:
+    return [layer.get_base_layer().weight, layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight]
+
+
+def _initialize_zero3(layers, mode, device, solver, seed, show_progress, description) -> None:
+    """Layers in groups of `world_size`: every rank gathers the whole group, rank k decomposes and writes the
+    group's k-th layer, and every rank ends with that rank's residual and factors."""
     import deepspeed
 
+    rank, world_size = world()
     groups = [list(range(start, min(start + world_size, len(layers)))) for start in range(0, len(layers), world_size)]
     for group in tqdm(groups, desc=description + " (ZeRO-3)", disable=not show_progress or rank != 0, unit="group"):
         with contextlib.ExitStack() as stack:
             for position, index in enumerate(group):
-                layer = layers[index][1]
-                params = [layer.get_base_layer().weight, layer.lora_A[ADAPTER_NAME].weight,
-                          layer.lora_B[ADAPTER_NAME].weight]
-                # the owner's writes to the gathered tensors are what DeepSpeed keeps on exit
+                # DeepSpeed broadcasts the modifier rank's gathered values on exit, then re-partitions them
+                params = _layer_params(layers[index][1])
                 stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=position))
             if rank < len(group):
                 index = group[rank]
                 layer = layers[index][1]
-                generator = torch.Generator().manual_seed(seed + index)
-                B, A = _compute_factors(layer, mode, device, method, generator)
+                # the same generator as the single-process path: the `random` mode picks the same triplets
+                B, A = _compute_factors(layer, mode, device, solver, torch.Generator().manual_seed(seed + index))
                 _write_layer(layer, B, A, device)
         if world_size > 1:
-            # LoRA factors that DeepSpeed does not partition (created after zero.Init) are plain tensors:
-            # every rank takes the owner's values, as on the non-ZeRO path
-            for position, index in enumerate(group):
-                layer = layers[index][1]
-                for param in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight):
-                    if not is_zero3_partitioned(param):
-                        buffer = param.data.to(_broadcast_device())
-                        dist.broadcast(buffer, src=position)
-                        param.data.copy_(buffer)
+            _broadcast_unpartitioned(group, layers)
+
+
+@torch.no_grad()
+def _broadcast_unpartitioned(group: list[int], layers) -> None:
+    """Send each layer's factors from the rank that wrote them when they are plain tensors (PEFT creates the
+    LoRA layers after `zero.Init`, so GatheredParameters leaves them alone). Without this the other ranks
+    keep PEFT's default factors, and the DeepSpeed engine later spreads rank 0's copy on top of SVD residuals."""
+    device = _broadcast_device()
+    for position, index in enumerate(group):
+        for param in _layer_params(layers[index][1])[1:]:
+            if not is_zero3_partitioned(param):
+                buffer = param.data.to(device).contiguous()
+                dist.broadcast(buffer, src=position)
+                param.data.copy_(buffer)

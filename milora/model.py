@@ -8,7 +8,7 @@ The adapters are ordinary PEFT LoRA layers; only their initial values and the fr
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -19,16 +19,12 @@ from transformers.pytorch_utils import Conv1D
 from milora.decomposition import MODES
 from milora.distributed import ADAPTER_NAME, initialize_layers, is_zero3_partitioned
 
-# User-facing names of the methods, mapped to the decomposition mode (None = plain LoRA init).
-MODE_ALIASES = {
-    "minor": "minor",
-    "milora": "minor",
-    "principal": "principal",
-    "pissa": "principal",
-    "mid": "mid",
-    "random": "random",
-    "lora": None,
-}
+# The method families a recipe or `apply_milora(method=...)` names, and the slice of the spectrum each one
+# initialises from (`milora.decomposition.MODES`; None = PEFT's default LoRA init, base weights untouched).
+METHODS = ("milora", "pissa", "lora", "mid", "random")
+METHOD_MODES = {"milora": "minor", "pissa": "principal", "lora": None, "mid": "mid", "random": "random"}
+# Every name `mode=` accepts: the spectrum slices and the family names.
+MODE_ALIASES = {**{mode: mode for mode in MODES}, **METHOD_MODES}
 _REGEX_CHARS = set("^$*+?[](){}|\\")
 
 
@@ -37,7 +33,7 @@ class MiLoRAError(ValueError):
 
 
 def normalize_mode(mode: str) -> str | None:
-    """The decomposition mode for a user-facing method name (`milora` -> `minor`, `lora` -> None)."""
+    """The spectrum slice for a mode or method name (`milora` -> `minor`, `lora` -> None)."""
     key = str(mode).lower()
     if key not in MODE_ALIASES:
         raise MiLoRAError(
@@ -45,6 +41,22 @@ def normalize_mode(mode: str) -> str | None:
             "(milora = minor, pissa = principal, lora = plain LoRA)"
         )
     return MODE_ALIASES[key]
+
+
+def method_of_mode(mode: str | None) -> str:
+    """The method family for a mode or method name (`minor` -> `milora`, None -> `lora`)."""
+    slice_ = None if mode is None else normalize_mode(mode)
+    return next(method for method, m in METHOD_MODES.items() if m == slice_)
+
+
+def _resolve_mode(mode: str | None, method: str | None) -> tuple[str, str | None]:
+    """(the name to show, the spectrum slice) from `apply_milora`'s `mode=` or its alias `method=`."""
+    if method is not None and str(method).lower() not in METHOD_MODES:
+        raise MiLoRAError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if mode is not None and method is not None and normalize_mode(mode) != normalize_mode(method):
+        raise MiLoRAError(f"mode={mode!r} and method={method!r} disagree; pass one of them")
+    name = mode if mode is not None else method if method is not None else "minor"
+    return str(name), normalize_mode(name)
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
@@ -174,11 +186,12 @@ def apply_milora(
     targets: str | Iterable[str],
     r: int,
     *,
-    mode: str = "minor",
+    mode: str | None = None,
+    method: str | None = None,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     device: torch.device | str | None = None,
-    decomposition: str = "auto",
+    solver: str = "auto",
     seed: int = 0,
     show_progress: bool = True,
     cache_dir: str | None = None,
@@ -193,22 +206,24 @@ def apply_milora(
         targets: module name suffixes (`["q_proj", "v_proj"]` or `"q_proj,v_proj"`), a regex matched
             against full module names, or `"all-linear"`.
         r: adapter rank.
-        mode: `minor`/`milora` (last r triplets), `principal`/`pissa` (first r), `mid`, `random`, or
-            `lora` (PEFT's default init; the base weights stay untouched).
+        mode: `minor`/`milora` (last r triplets, the default), `principal`/`pissa` (first r), `mid`,
+            `random`, or `lora` (PEFT's default init; the base weights stay untouched).
+        method: the same choice by family name (`milora`, `pissa`, `lora`, `mid`, `random`), as recipes
+            name it; give `mode` or `method`, not two different ones.
         lora_alpha: defaults to `r` (scaling 1) for the SVD modes and `2 * r` for plain LoRA, the
             paper's settings. Any alpha keeps the output unchanged at init (S is divided by the scaling).
         device: where to run the decomposition (e.g. "cuda" for a model still on CPU); defaults to each
             weight's device.
-        decomposition: `auto` (default), `gram`, `subspace` or `svd`; see `milora.decomposition`.
+        solver: the algorithm: `auto` (default), `gram`, `subspace` or `svd`; see `milora.decomposition`.
         seed: seeds the `random` mode.
         cache_dir: reuse (or store) the computed factors there, keyed by weights, targets, r, mode, seed.
         workers: decompositions in flight at once on a GPU, each on its own CUDA stream (default 4; 1 on CPU).
+        **lora_kwargs: passed to `peft.LoraConfig` (`modules_to_save`, `use_rslora`, `task_type`, ...).
 
     Under torch.distributed the layers are split across ranks and broadcast; under DeepSpeed ZeRO-3
-    they are gathered group by group (see `milora.distributed`).
-        **lora_kwargs: passed to `peft.LoraConfig` (`modules_to_save`, `use_rslora`, `task_type`, ...).
+    they are gathered group by group (see `milora.distributed`). Every rank ends with the same factors.
     """
-    component_mode = normalize_mode(mode)
+    mode, component_mode = _resolve_mode(mode, method)
     if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
         raise MiLoRAError("the model already carries LoRA layers; pass the plain base model to apply_milora")
     if not isinstance(r, int) or r < 1:
@@ -236,7 +251,7 @@ def apply_milora(
         return peft_model
 
     initialize_layers(
-        _lora_layers(peft_model), component_mode, device=device, method=decomposition, seed=seed,
+        _lora_layers(peft_model), component_mode, device=device, solver=solver, seed=seed,
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
         workers=workers,
     )
@@ -245,18 +260,21 @@ def apply_milora(
 
 def _default_task_type(model: torch.nn.Module) -> str | None:
     name = type(model).__name__
-    if name.endswith("ForCausalLM") or name.endswith("ForConditionalGeneration"):
+    if name.endswith(("ForCausalLM", "ForConditionalGeneration")):
         return "CAUSAL_LM"
     return None
 
 
 __all__ = [
+    "METHODS",
+    "METHOD_MODES",
     "MODES",
     "MODE_ALIASES",
     "MiLoRAError",
     "apply_milora",
     "check_weight",
     "language_model_prefix",
+    "method_of_mode",
     "normalize_mode",
     "resolve_target_modules",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from milora.commands.arguments import check_model_argument
-from milora.decomposition import METHODS
+from milora.decomposition import SOLVERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
     parser.add_argument("--device", default=None, help="where to decompose, e.g. cuda (default: the weights' device)")
-    parser.add_argument("--decomposition", default="gram", choices=METHODS, help="gram (fast, exact) or svd")
+    parser.add_argument("--solver", "--decomposition", dest="solver", default="gram", choices=SOLVERS,
+                        help="the SVD algorithm: gram (fast, exact), svd, subspace or auto (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mode")
     return parser
 
@@ -48,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         processing_class = None
     peft_model = apply_milora(
         model, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
-        device=args.device, decomposition=args.decomposition, seed=args.seed,
+        device=args.device, solver=args.solver, seed=args.seed,
     )
     metadata = {
         "source_model": args.model, "mode": normalize_mode(args.mode), "r": args.r,
         "lora_alpha": peft_model.peft_config["default"].lora_alpha, "targets": args.targets,
-        "decomposition": args.decomposition, "seed": args.seed,
+        "solver": args.solver, "seed": args.seed,
     }
     save_init_dir(peft_model, args.out, processing_class, metadata)
     print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/milora_init")

@@ -24,11 +24,11 @@ def reference(weight, indices):
 
 @pytest.mark.parametrize("shape", [(48, 48), (96, 40), (40, 96)])
 @pytest.mark.parametrize("mode", ["minor", "principal", "mid", "random"])
-@pytest.mark.parametrize("method", ["gram", "svd"])
-def test_components_equal_float64_svd_parts(shape, mode, method):
+@pytest.mark.parametrize("solver", ["gram", "svd"])
+def test_components_equal_float64_svd_parts(shape, mode, solver):
     weight = random_weight(*shape, seed=len(mode))
     r = 6
-    found = singular_components(weight, r, mode, method=method, generator=torch.Generator().manual_seed(1))
+    found = singular_components(weight, r, mode, solver=solver, generator=torch.Generator().manual_seed(1))
     U, S, Vh = reference(weight, found.indices)
     torch.testing.assert_close(found.S, S, rtol=1e-9, atol=1e-12)
     # the triplet product is unique (no sign ambiguity): U_r S_r V_r^T
@@ -43,7 +43,7 @@ def test_components_equal_float64_svd_parts(shape, mode, method):
 def test_subspace_iteration_matches_svd_minor_subspace(shape):
     weight = random_weight(*shape, seed=3)
     r = 8  # block 4r = 32 << min(shape): the iterative path, not the eigh fallback
-    found = singular_components(weight, r, "minor", method="subspace")
+    found = singular_components(weight, r, "minor", solver="subspace")
     U, S, Vh = reference(weight, torch.arange(min(shape) - r, min(shape)))
     torch.testing.assert_close(found.S, S, rtol=1e-8, atol=0)
     assert subspace_overlap(found.U, U) > 1 - 1e-10
@@ -52,7 +52,7 @@ def test_subspace_iteration_matches_svd_minor_subspace(shape):
 
 def test_subspace_iteration_falls_back_on_singular_gram():
     weight = random_weight(200, 8, seed=4) @ random_weight(8, 200, seed=5)  # rank 8: singular Gram
-    found = singular_components(weight, 4, "minor", method="subspace")
+    found = singular_components(weight, 4, "minor", solver="subspace")
     assert float(found.S.max()) < 1e-6 * float(torch.linalg.svdvals(weight.double())[0])
     assert found.U.shape == (200, 4)
 

@@ -4,8 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import milora.distributed as distributed
-from milora import apply_milora
+from milora import apply_milora, distributed
 from milora.tiny import tiny_model
 
 from .conftest import LLAMA_TARGETS

@@ -5,7 +5,14 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from milora import MiLoRAError, apply_milora, resolve_target_modules
+from milora import (
+    METHODS,
+    MiLoRAError,
+    apply_milora,
+    method_of_mode,
+    normalize_mode,
+    resolve_target_modules,
+)
 from milora.init_dir import residual_state_dict
 from milora.tiny import tiny_model
 
@@ -157,7 +164,26 @@ def test_adapter_reloads_with_peft(llama, input_ids, tmp_path):
         assert relative_error(reloaded(input_ids).logits, expected) <= 1e-6
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_method_names_the_family_like_mode(method, input_ids):
+    by_mode = apply_milora(tiny_model("llama"), ["q_proj"], 4, mode=method, show_progress=False)
+    by_method = apply_milora(tiny_model("llama"), ["q_proj"], 4, method=method, show_progress=False)
+    state = dict(by_mode.named_parameters())
+    for name, param in by_method.named_parameters():
+        assert torch.equal(param, state[name]), name  # plain LoRA too: tiny_model seeds PEFT's random A
+    assert method_of_mode(normalize_mode(method)) == method
+
+
 class TestErrors:
+    def test_mode_and_method_that_disagree(self, llama):
+        with pytest.raises(MiLoRAError, match="mode='principal' and method='milora' disagree"):
+            apply_milora(llama, ["q_proj"], 4, mode="principal", method="milora", show_progress=False)
+
+    def test_unknown_method(self, llama):
+        with pytest.raises(MiLoRAError, match="unknown method 'minor'; choose one of milora, pissa"):
+            apply_milora(llama, ["q_proj"], 4, method="minor", show_progress=False)
+
+
     def test_targets_matching_nothing_list_existing_names(self, llama):
         with pytest.raises(MiLoRAError, match=r"matched no module.*q_proj"):
             apply_milora(llama, ["query_key_value"], 4, show_progress=False)
