@@ -47,6 +47,6 @@ zero)
         --merge false --output_dir /tmp/z3
     losses zero3; ls /tmp/z3 | tr '\n' ' '; echo
     step zero3_init_check $LAUNCH --config_file deepspeed_configs/accelerate_zero3.yaml --num_processes 1 \
-        benchmarks/zero3_init_check.py
+        scripts/checks/zero3_init_check.py
     grep "^rank" "$OUT/zero3_init_check.log" ;;
 esac; done

@@ -2,24 +2,25 @@
 weights as a plain single-process init, on every rank.
 
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml --num_processes N \
-        benchmarks/zero3_init_check.py [--kind llama] [--r 4]
+        scripts/checks/zero3_init_check.py [--kind llama] [--r 4]
 
 Each rank compares its gathered parameters with a reference computed without DeepSpeed and prints the
-largest difference; the script exits non-zero if any exceeds the tolerance.
+largest difference; the script exits non-zero if any exceeds the tolerance. It needs milora importable
+(installed, or the repository root on PYTHONPATH).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from milora.io import read_json
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -61,9 +62,10 @@ def main() -> int:
         AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device), TARGETS, args.r,
         show_progress=False,
     )
-    expected = {n: p.detach().float().cpu() for n, p in reference.named_parameters() if ".lora_" in n or ".base_layer." in n}
+    expected = {n: p.detach().float().cpu() for n, p in reference.named_parameters()
+                if ".lora_" in n or ".base_layer." in n}
 
-    ds_config = json.loads((ROOT / "deepspeed_configs" / "ds_zero3.json").read_text())
+    ds_config = read_json(ROOT / "deepspeed_configs" / "ds_zero3.json")
     ds_config.update({"train_micro_batch_size_per_gpu": 1, "train_batch_size": torch.distributed.get_world_size(),
                       "gradient_accumulation_steps": 1, "bf16": {"enabled": False}, "fp16": {"enabled": False}})
     ds_config.pop("gradient_clipping", None)
@@ -77,7 +79,8 @@ def main() -> int:
     peft_model = apply_milora(model, TARGETS, args.r, show_progress=rank == 0)
     found = adapter_and_residual(peft_model)
 
-    worst = max(float((found[n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1e-12)) for n in expected)
+    worst = max(float((found[n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1e-12))
+                for n in expected)
     print(f"rank {rank}: {len(partitioned)} partitioned weights, {len(expected)} tensors compared, "
           f"max relative difference {worst:.2e}", flush=True)
     return 0 if worst <= args.tolerance and set(found) == set(expected) else 1
