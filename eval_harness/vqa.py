@@ -98,7 +98,8 @@ def build_requests(benchmark: str, records: Sequence[dict], image_dir=None) -> l
 def score(benchmark: str, records: Sequence[dict], predictions: Sequence[str]) -> dict[str, float]:
     """The benchmark's official metrics (accuracies in [0, 1])."""
     if benchmark in ("vqav2", "vizwiz", "textvqa"):
-        return {"accuracy": vqa_scoring.mean_vqa_accuracy(predictions, [human_answers(r) for r in records])}
+        humans = [human_answers(r) for r in records]
+        return {"accuracy": vqa_scoring.mean_vqa_accuracy(predictions, humans, benchmark)}  # TextVQA: its own processor
     if benchmark == "gqa":
         return {"accuracy": vqa_scoring.gqa_accuracy(predictions, [r["answer"] for r in records])}
     if benchmark == "scienceqa":

@@ -1,21 +1,32 @@
 """Scorers for the LLaVA visual benchmarks, as pure functions following each benchmark's official rules.
 
-- VQAv2 / VizWiz / TextVQA: the VQA accuracy ``min(#humans who gave the answer / 3, 1)``, averaged over the
-  10 leave-one-annotator-out subsets of the 10 human answers, after the official answer normalisation of the
-  VQA evaluation script (``vqaEval.py``): punctuation rules, lower case, number words to digits, articles
+- VQAv2 / VizWiz: the VQA accuracy ``min(#humans who gave the answer / 3, 1)``, averaged over the 10
+  leave-one-annotator-out subsets of the 10 human answers, after the answer normalisation of the VQA
+  evaluation script (``vqaEval.py``): punctuation rules, lower case, number words to digits, articles
   dropped, contractions restored.
+- TextVQA: the same accuracy computed as LLaVA's ``eval_textvqa.py`` does, with the TextVQA (M4C) evaluator's
+  own answer processor (``EvalAIAnswerProcessor`` in ``m4c_evaluator.py``): before the rules above it lower-cases,
+  deletes every ``,`` and ``?`` and splits possessives (``mcdonald's`` -> ``mcdonald 's``), so
+  ``1,000 t-shirts`` matches ``1000 t-shirts``.
 - GQA: exact match after LLaVA's conversion (trailing period removed, lower case).
 - ScienceQA: LLaVA's ``eval_science_qa.py`` letter parsing; accuracy over all and over image questions.
 - POPE: LLaVA's ``eval_pope.py`` yes/no parsing; accuracy, precision, recall, F1 and yes-ratio.
-- MMBench: circular evaluation: a question counts only if every circular shift of its options is answered
-  correctly.
+- MMBench: the option a response picks by VLMEvalKit's ``can_infer`` rules (``vlmeval/utils/matching_util.py``:
+  refusal phrases give ``Z``, a lone option letter among the last four words, the "answer is X" pattern, else
+  exactly one option text), scored by circular evaluation: a question counts only if every circular shift of
+  its options is answered correctly. This is VLMEvalKit's exact-matching mode; responses it cannot match
+  score 0 (VLMEvalKit would ask an LLM to match those when one is configured).
+
+Deliberate deviations: TextVQA accepts any number of human answers (the M4C evaluator asserts exactly 10,
+which every TextVQA question has); ``can_infer``'s extra "A may be a quantifier" check, which VLMEvalKit runs
+only when the ``VERBOSE`` environment variable is set, is left out (its default behaviour is reproduced).
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 # --------------------------------------------------------------------------- VQA answer normalisation
 # The tables below are those of the official VQA evaluation script (vqaEval.py), quirks included: the
@@ -99,12 +110,21 @@ def normalize_vqa_answer(answer: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+def normalize_textvqa_answer(answer: str) -> str:
+    """The TextVQA (M4C / EvalAI) answer processor: lower case, ``,`` and ``?`` deleted, ``'s`` split off,
+    then the VQA rules (with every comma gone, the digit-comma case of the punctuation rule never applies)."""
+    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_vqa_answer(text)
+
+
+def vqa_accuracy(
+    prediction: str, human_answers: Sequence[str], normalize: Callable[[str], str] = normalize_vqa_answer
+) -> float:
     """VQA accuracy of one prediction: ``min(#matching humans / 3, 1)`` averaged over the leave-one-out subsets."""
     if not human_answers:
         raise ValueError("VQA accuracy needs the human answers of the question")
-    predicted = normalize_vqa_answer(prediction)
-    humans = [normalize_vqa_answer(a) for a in human_answers]
+    predicted = normalize(prediction)
+    humans = [normalize(a) for a in human_answers]
     scores = []
     for left_out in range(len(humans)):
         others = humans[:left_out] + humans[left_out + 1 :]
@@ -112,10 +132,18 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def mean_vqa_accuracy(predictions: Sequence[str], human_answers: Sequence[Sequence[str]]) -> float:
-    """Benchmark score in [0, 1]: the mean VQA accuracy (VQAv2, VizWiz and TextVQA alike)."""
+def mean_vqa_accuracy(
+    predictions: Sequence[str], human_answers: Sequence[Sequence[str]], benchmark: str = "vqav2"
+) -> float:
+    """Benchmark score in [0, 1]: the mean VQA accuracy, with TextVQA's own answer processor for ``textvqa``."""
     _same_length(predictions, human_answers)
-    return _mean([vqa_accuracy(p, a) for p, a in zip(predictions, human_answers, strict=True)])
+    normalize = normalize_textvqa_answer if benchmark == "textvqa" else normalize_vqa_answer
+    return _mean([vqa_accuracy(p, a, normalize) for p, a in zip(predictions, human_answers, strict=True)])
+
+
+def mean_textvqa_accuracy(predictions: Sequence[str], human_answers: Sequence[Sequence[str]]) -> float:
+    """TextVQA's score in [0, 1], as LLaVA's ``eval_textvqa.py`` computes it."""
+    return mean_vqa_accuracy(predictions, human_answers, benchmark="textvqa")
 
 
 # --------------------------------------------------------------------------- GQA
@@ -221,24 +249,53 @@ def circular_shifts(options: Sequence[str], answer: str) -> list[tuple[list[str]
     return variants
 
 
-def parse_mmbench_letter(text: str, options: Sequence[str]) -> str | None:
-    """The option the response picks: exactly one standalone option letter, else exactly one option text
-    contained in it; None when ambiguous or absent (MMBench's rule-based matching step)."""
-    letters = MMBENCH_LETTERS[: len(options)]
-    stripped = text.strip()
-    if stripped in letters:
-        return stripped
-    cleaned = re.sub(r"[.,:;!?()\[\]'\"]", " ", stripped)
-    found = [letter for letter in letters if re.search(rf"(?<![A-Za-z]){letter}(?![A-Za-z])", cleaned)]
-    if len(found) == 1:
-        return found[0]
-    lowered = stripped.lower()
-    contained = [
-        letter
-        for letter, option in zip(letters, options[: len(letters)], strict=True)
-        if option and str(option).lower() in lowered
-    ]
+# VLMEvalKit's can_infer_option: these phrases are a refusal (option "Z", never right); these characters
+# separate words before the option letters are looked for; "answer is X" is its pattern for verbose answers.
+MMBENCH_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_API_FAILURE = "Failed to obtain answer via API"
+_WORD_SEPARATORS = str.maketrans({char: " " for char in ".()[],:;!*#{}"})
+_ANSWER_IS_LETTER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+REFUSAL = "Z"
+
+
+def _letter_from_words(response: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's ``can_infer_option``: a refusal gives "Z"; else the one option letter standing as a word
+    among the last four words; else "Z" as a word when no letter is; else the "answer is X" pattern."""
+    if _API_FAILURE in response:
+        return None
+    if any(phrase in response for phrase in MMBENCH_REFUSALS):
+        return REFUSAL
+    words = response.translate(_WORD_SEPARATORS).split()
+    named = [letter for letter in choices if letter in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0]
+    if not named and REFUSAL in words:
+        return REFUSAL
+    match = _ANSWER_IS_LETTER.search(response)
+    if match and match.group(1).upper() in choices:
+        return match.group(1).upper()
+    return None
+
+
+def _letter_from_option_text(response: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's ``can_infer_text``: the one option whose text the (not too long) response contains."""
+    lowered = response.lower()
+    if len(lowered) > 2 * sum(len(str(text)) for text in choices.values()):
+        return None
+    contained = [letter for letter, text in choices.items() if str(text).lower() in lowered]
     return contained[0] if len(contained) == 1 else None
+
+
+def parse_mmbench_letter(text: str, options: Sequence[str]) -> str | None:
+    """The option a response picks, by VLMEvalKit's ``can_infer``: a letter, "Z" for a refusal, or None."""
+    choices = dict(zip(MMBENCH_LETTERS, (str(option) for option in options), strict=False))
+    response = str(text)
+    return _letter_from_words(response, choices) or _letter_from_option_text(response, choices)
 
 
 def mmbench_circular_scores(records: Iterable[dict]) -> dict[str, float]:

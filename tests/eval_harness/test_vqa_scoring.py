@@ -65,6 +65,31 @@ def test_vizwiz_unanswerable():
     assert vs.vqa_accuracy("green", humans) == 0.0
 
 
+# --------------------------------------------------------------------------- TextVQA (M4C evaluator)
+@pytest.mark.parametrize(
+    "raw, normalized",
+    [
+        ("1,000 t-shirts", "1000 t shirts"),
+        ("McDonald's", "mcdonald 's"),
+        ("mcdonald 's", "mcdonald 's"),
+        ("What?", "what"),
+        ("Two", "2"),
+        ("The Coca-Cola", "coca cola"),
+        ("st. louis", "st louis"),
+    ],
+)
+def test_textvqa_answer_processor(raw, normalized):
+    assert vs.normalize_textvqa_answer(raw) == normalized
+
+
+def test_textvqa_uses_its_own_processor_where_vqav2_differs():
+    humans = ["1000 t-shirts"] * 10
+    assert vs.mean_vqa_accuracy(["1,000 t-shirts"], [humans], benchmark="textvqa") == 1.0  # audit
+    assert vs.mean_vqa_accuracy(["1,000 t-shirts"], [humans], benchmark="vqav2") == 0.0  # vqaEval's rules
+    assert vs.mean_textvqa_accuracy(["mcdonald's"], [["mcdonald 's"] * 10]) == 1.0  # audit: possessives
+    assert vs.mean_textvqa_accuracy(["Two"], [["2"] * 2 + ["3"] * 8]) == pytest.approx(0.6)
+
+
 def test_mean_vqa_accuracy_and_length_check():
     score = vs.mean_vqa_accuracy(["yes", "no"], [["yes"] * 10, ["yes"] * 9 + ["no"]])
     assert score == pytest.approx((1.0 + 0.3) / 2)
@@ -138,19 +163,37 @@ def test_circular_shifts_move_the_gold_letter():
         assert options["ABCD".index(gold)] == "c"
 
 
+# Expectations checked against VLMEvalKit's can_infer (vlmeval/utils/matching_util.py).
 @pytest.mark.parametrize(
     "text, expected",
     [
         ("B", "B"),
         ("B. cat", "B"),
         ("The answer is (B).", "B"),
+        ("The correct answer is **C**. Because birds fly.", "C"),
         ("cat", "B"),  # the option text alone
+        ("I think it is a cat", "B"),
         ("A or B", None),
         ("", None),
+        ("Cannot determine the answer", "Z"),  # audit: a refusal, not option B ("no" is inside "cannot")
+        ("I can't process this file.", "Z"),
+        ("Z", "Z"),
+        ("B2", None),  # audit: not a standalone letter
+        ("'B'", None),  # audit: quotes do not separate words
+        ("Option-B", None),  # audit
+        ("A's", None),  # audit
+        ("B because it purrs and meows a lot", None),  # the letter is not among the last four words
+        ("answer is b", "B"),  # VLMEvalKit's "answer is X" pattern ignores case
     ],
 )
 def test_mmbench_letter_matching(text, expected):
     assert vs.parse_mmbench_letter(text, ["dog", "cat", "bird"]) == expected
+
+
+def test_mmbench_refusal_is_never_right():
+    records = [{"question_id": 1, "prediction": vs.parse_mmbench_letter("Cannot determine the answer", ["x", "y"]),
+                "answer": "B"}]
+    assert vs.mmbench_circular_scores(records)["circular_accuracy"] == 0.0
 
 
 def test_mmbench_circular_accuracy_needs_every_pass_right():
