@@ -25,25 +25,32 @@ def timed(fn, repeats=3):
     return statistics.median(times)
 
 
+def variants(w, device):
+    """The timed variants for one weight matrix `w`: name -> function."""
+    in_f = w.shape[1]
+    w64 = w.double()
+    g64 = w64.T @ w64
+    g32 = g64.float()
+    rows = {
+        "svd fp32 full": lambda: torch.linalg.svd(w, full_matrices=False),
+        "svd fp64 full": lambda: torch.linalg.svd(w64, full_matrices=False),
+        "gram fp64 GEMM": lambda: w64.T @ w64,
+        "cholesky fp64 (gram)": lambda: torch.linalg.cholesky(
+            g64 + 1e-12 * torch.eye(in_f, device=device, dtype=torch.float64)),
+    }
+    for backend in ("cusolver", "magma"):
+        def run(g, backend=backend):
+            torch.backends.cuda.preferred_linalg_library(backend)
+            return torch.linalg.eigh(g)
+        rows[f"eigh fp64 {backend}"] = lambda run=run: run(g64)
+        rows[f"eigh fp32 {backend}"] = lambda run=run: run(g32)
+    return rows
+
+
 def main():
     device = "cuda"
     for out_f, in_f in [(4096, 4096), (11008, 4096)]:
-        w = torch.randn(out_f, in_f, device=device) * 0.02
-        w64 = w.double()
-        g64 = w64.T @ w64
-        g32 = g64.float()
-        rows = {
-            "svd fp32 full": lambda: torch.linalg.svd(w, full_matrices=False),
-            "svd fp64 full": lambda: torch.linalg.svd(w64, full_matrices=False),
-            "gram fp64 GEMM": lambda: w64.T @ w64,
-            "cholesky fp64 (gram)": lambda: torch.linalg.cholesky(g64 + 1e-12 * torch.eye(in_f, device=device, dtype=torch.float64)),
-        }
-        for backend in ("cusolver", "magma"):
-            def run(g, backend=backend):
-                torch.backends.cuda.preferred_linalg_library(backend)
-                return torch.linalg.eigh(g)
-            rows[f"eigh fp64 {backend}"] = lambda run=run: run(g64)
-            rows[f"eigh fp32 {backend}"] = lambda run=run: run(g32)
+        rows = variants(torch.randn(out_f, in_f, device=device) * 0.02, device)
         torch.backends.cuda.preferred_linalg_library("default")
         for name, fn in rows.items():
             try:

@@ -37,17 +37,23 @@ def threaded(grams, workers):
         t.join()
 
 
+def report(dtype, n, count):
+    """Print the three timings for `count` random n x n Gram matrices of `dtype`."""
+    w = torch.randn(count, n, n, device="cuda", dtype=dtype)
+    grams = w.transpose(1, 2) @ w
+    del w
+    sequential = per_matrix(lambda: [torch.linalg.eigh(g) for g in grams], count)
+    print(f"{dtype}: sequential      {sequential:.4f} s/matrix", flush=True)
+    batched = per_matrix(lambda: torch.linalg.eigh(grams), count)
+    print(f"{dtype}: batched x{count}     {batched:.4f} s/matrix", flush=True)
+    for workers in (2, 4, 8):
+        streamed = per_matrix(lambda workers=workers: threaded(list(grams), workers), count)
+        print(f"{dtype}: {workers} streams       {streamed:.4f} s/matrix", flush=True)
+
+
 def main():
-    n, count = 4096, 16
     for dtype in (torch.float64, torch.float32):
-        w = torch.randn(count, n, n, device="cuda", dtype=dtype)
-        grams = w.transpose(1, 2) @ w
-        del w
-        print(f"{dtype}: sequential      {per_matrix(lambda: [torch.linalg.eigh(g) for g in grams], count):.4f} s/matrix", flush=True)
-        print(f"{dtype}: batched x{count}     {per_matrix(lambda: torch.linalg.eigh(grams), count):.4f} s/matrix", flush=True)
-        for workers in (2, 4, 8):
-            print(f"{dtype}: {workers} streams       {per_matrix(lambda: threaded(list(grams), workers), count):.4f} s/matrix", flush=True)
-        del grams
+        report(dtype, n=4096, count=16)
         torch.cuda.empty_cache()
 
 

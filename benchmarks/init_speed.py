@@ -13,22 +13,21 @@ Random weights are fine: the cost depends on the shapes only. Prints one table:
 
     python benchmarks/init_speed.py                  # the recorded configuration
     python benchmarks/init_speed.py --layers 2       # quick look
+
+milora must be importable (installed, or the repository root on PYTHONPATH).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
+from functools import partial
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-
 from milora.decomposition import _minor_components_by_subspace_iteration, singular_components, subspace_overlap
+from milora.io import write_json
 
 # (name, out_features, in_features) of LLaMA-2-7B's targeted projections
 SHAPES = {"q/k/v_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
@@ -65,9 +64,9 @@ def per_shape_rows(device, r, repeats, dtype):
         official_full_svd(weight, r)  # warm-up: handles, workspaces
         singular_components(weight, r, "minor")
         singular_components(weight, r, "minor", solver="gram")
-        t_svd = timed(lambda: official_full_svd(weight, r), device, repeats)
-        t_gram = timed(lambda: singular_components(weight, r, "minor", solver="gram"), device, repeats)
-        t_ours = timed(lambda: singular_components(weight, r, "minor"), device, repeats)
+        t_svd = timed(partial(official_full_svd, weight, r), device, repeats)
+        t_gram = timed(partial(singular_components, weight, r, "minor", solver="gram"), device, repeats)
+        t_ours = timed(partial(singular_components, weight, r, "minor"), device, repeats)
         ours = singular_components(weight, r, "minor")
         converged = _minor_components_by_subspace_iteration(weight.double(), r) is not None
         reference = singular_components(weight, r, "minor", solver="svd")  # float64 full SVD
@@ -79,7 +78,8 @@ def per_shape_rows(device, r, repeats, dtype):
             "overlap_ours_vs_fp64_U": subspace_overlap(ours.U, reference.U),
             "overlap_ours_vs_fp64_V": subspace_overlap(ours.Vh.T, reference.Vh.T),
             "overlap_official_fp32_vs_fp64_U": subspace_overlap(official_U, reference.U),
-            "product_rel_err_vs_fp64": float((ours.product() - reference.product()).norm() / reference.product().norm()),
+            "product_rel_err_vs_fp64": float(
+                (ours.product() - reference.product()).norm() / reference.product().norm()),
         })
     return rows
 
@@ -151,9 +151,8 @@ def main():
     print(f"  ours, apply_milora end to end (PEFT wrap, residual write-back included): {e2e_seconds:8.2f} s")
     print(f"  speedup end to end vs full SVD             : {full_svd_total / e2e_seconds:8.1f}x")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": device_name, "rows": rows, "full_svd_total_s": full_svd_total,
-                       "ours_end_to_end_s": e2e_seconds, "matrices": matrices, "layers": args.layers}, handle, indent=2)
+        write_json(args.json, {"device": device_name, "rows": rows, "full_svd_total_s": full_svd_total,
+                               "ours_end_to_end_s": e2e_seconds, "matrices": matrices, "layers": args.layers})
 
 
 if __name__ == "__main__":

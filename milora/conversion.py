@@ -76,7 +76,8 @@ def convert_to_lora(
             if ".lora_B." in key:
                 continue
             key_B = key.replace(".lora_A.", ".lora_B.")
-            B, A = lora_delta_factors(trained[key_B], tensor, initial[key_B].to(trained[key_B].dtype), initial[key].to(tensor.dtype))
+            B0, A0 = initial[key_B].to(trained[key_B].dtype), initial[key].to(tensor.dtype)
+            B, A = lora_delta_factors(trained[key_B], tensor, B0, A0)
             converted[key], converted[key_B] = A.contiguous(), B.contiguous()
         else:
             converted[key] = tensor  # modules_to_save, biases: already absolute values

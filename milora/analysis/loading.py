@@ -40,7 +40,9 @@ def is_milora_init_dir(path: str | os.PathLike | None) -> bool:
 
 def is_adapter_dir(path: str | os.PathLike | None) -> bool:
     """A PEFT adapter directory: `adapter_config.json` and no model `config.json`."""
-    return path is not None and (Path(path) / ADAPTER_CONFIG_FILE).is_file() and not (Path(path) / "config.json").is_file()
+    if path is None:
+        return False
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file() and not (Path(path) / "config.json").is_file()
 
 
 def adapter_rank(adapter_dir: str | os.PathLike) -> int | None:

@@ -69,7 +69,7 @@ def plot_similarity_by_layer(records: list[dict], path: str | os.PathLike, side:
         figure.text(0.5, 0.5, "no changed weights with a layer index", ha="center")
         return save_figure(figure, path)
     panels = figure.subplots(math.ceil(len(types) / 4), min(len(types), 4), squeeze=False).ravel()
-    for axes, layer_type in zip(panels, types):
+    for axes, layer_type in zip(panels, types, strict=False):  # the grid may have spare panels
         group = sorted((rec for rec in changed if rec["layer_type"] == layer_type), key=lambda rec: rec["layer_index"])
         x = [rec["layer_index"] for rec in group]
         for subset, label in SUBSET_LABELS.items():
@@ -168,7 +168,7 @@ def plot_amplification(by_layer_type: dict, path: str | os.PathLike) -> Path:
 def _similarity_bars(axes, by_layer_type: dict, side: str):
     types = [t for t, entry in by_layer_type.items() if entry.get("similarity")]
     x = np.arange(len(types))
-    for offset, subset in zip((-0.27, 0.0, 0.27), SUBSET_LABELS):
+    for offset, subset in zip((-0.27, 0.0, 0.27), SUBSET_LABELS, strict=True):
         values = [by_layer_type[t]["similarity"][subset][side] for t in types]
         axes.bar(x + offset, values, width=0.27, color=SUBSET_COLORS[subset], label=SUBSET_LABELS[subset])
     axes.set_xticks(x, types, rotation=30, fontsize=7)
@@ -210,7 +210,7 @@ def plot_summary(report: dict, records: list[dict], spectra: dict, path: str | o
     grid_r = max(set(ranks), key=ranks.count)
     same_r = [rec for rec in changed if rec["r"] == grid_r]
     image = None
-    for axes, subset in zip(heat_axes, SUBSET_LABELS):
+    for axes, subset in zip(heat_axes, SUBSET_LABELS, strict=True):
         mean_grid = np.mean([np.asarray(rec["_grids"][subset][side]) for rec in same_r], axis=0)
         image = _heatmap(axes, mean_grid, f"dW vs {SUBSET_LABELS[subset]} (mean of {len(same_r)})")
     top_row.colorbar(image, ax=heat_axes, shrink=0.9, label=f"phi(i, j), {side} vectors")

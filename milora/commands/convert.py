@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from milora.layout import INIT_ADAPTER_DIR, INIT_SUBDIR
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -13,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--adapter", required=True, help="trained adapter directory")
     parser.add_argument("--initial_adapter", required=True,
-                        help="the adapter as initialised (recipe: OUTPUT/milora_init_adapter; init dir: DIR/milora_init)")
+                        help=f"the adapter as initialised (recipe: OUTPUT/{INIT_ADAPTER_DIR}; "
+                             f"init dir: DIR/{INIT_SUBDIR})")
     parser.add_argument("--out", required=True, help="output directory")
     return parser
 

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from milora.init_dir import save_init_dir
+    from milora.init_dir import INIT_SUBDIR, save_init_dir
     from milora.loading import load_model, load_processing_class
     from milora.model import apply_milora, normalize_mode
 
@@ -57,5 +57,5 @@ def main(argv: list[str] | None = None) -> int:
         "solver": args.solver, "seed": args.seed,
     }
     save_init_dir(peft_model, args.out, processing_class, metadata)
-    print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/milora_init")
+    print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
     return 0
