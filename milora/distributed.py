@@ -165,7 +165,7 @@ def _compute_owned(layers, owned, mode, device, solver, seed, workers, progress)
     progress.update()
     consumer = torch.cuda.current_stream(work_device)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, (B, A) in zip(owned[1:], pool.map(on_own_stream, owned[1:])):
+        for i, (B, A) in zip(owned[1:], pool.map(on_own_stream, owned[1:]), strict=True):
             # the tensors were allocated on a worker's stream: tell the allocator they are used on ours
             B.record_stream(consumer)
             A.record_stream(consumer)

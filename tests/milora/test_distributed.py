@@ -1,5 +1,9 @@
-"""Split initialisation across processes (torch.distributed, gloo on CPU) and the on-disk init cache."""
+"""Split initialisation across processes (torch.distributed, gloo on CPU), DeepSpeed ZeRO-3-partitioned weights
+and the on-disk init cache."""
 
+import contextlib
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,3 +67,55 @@ def test_cache_reuses_factors_and_keys_on_inputs(tmp_path, monkeypatch, input_id
     apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode="pissa", cache_dir=tmp_path, show_progress=False)
     apply_milora(tiny_model("llama", seed=5), LLAMA_TARGETS, 4, cache_dir=tmp_path, show_progress=False)
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 4
+
+
+
+def _zero3_peft_model(deepspeed, partition_lora: bool):
+    """A ZeRO-3-partitioned tiny Llama (as `from_pretrained` leaves it under zero.Init), then MiLoRA's `random`
+    mode, whose per-layer seed shows a rank that decomposed a layer as another one."""
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    model = tiny_model("llama")
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)  # partition the weights in place
+    # PEFT creates the LoRA layers after zero.Init (plain tensors), or inside one (partitioned too)
+    creation = deepspeed.zero.Init(config_dict_or_path=config) if partition_lora else contextlib.nullcontext()
+    with creation:
+        return apply_milora(model, LLAMA_TARGETS, 4, mode="random", show_progress=False)
+
+
+def _zero3_worker(rank, world_size, init_file, out_dir):
+    import os
+
+    import deepspeed
+
+    os.environ["LOCAL_RANK"] = str(rank)  # what a launcher sets; DeepSpeed reads it
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {}
+    for partition_lora in (False, True):
+        peft_model = _zero3_peft_model(deepspeed, partition_lora)
+        partitioned = {n: distributed.is_zero3_partitioned(p) for n, p in peft_model.named_parameters()}
+        with deepspeed.zero.GatheredParameters(list(peft_model.parameters())):
+            results[partition_lora] = {"state": adapter_and_residual_state(peft_model), "partitioned": partitioned}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_zero3_gathered_init_on_two_ranks_equals_single_process(tmp_path, monkeypatch):
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    mp.spawn(_zero3_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.set_num_threads(1)  # as on the ranks: bitwise equality needs the same float64 arithmetic
+    single = adapter_and_residual_state(
+        apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode="random", show_progress=False)
+    )
+    for partition_lora in (False, True):
+        partitioned = ranks[0][partition_lora]["partitioned"]
+        assert all(v for n, v in partitioned.items() if ".base_layer." in n)  # the gathered path ran
+        assert all(v == partition_lora for n, v in partitioned.items() if ".lora_" in n)
+        for rank in ranks:  # every rank holds exactly the factors and residuals one process computes
+            state = rank[partition_lora]["state"]
+            assert sorted(state) == sorted(single)
+            for name, tensor in single.items():
+                assert torch.equal(state[name], tensor), (partition_lora, name)
