@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 
 from eval_harness._compat import import_alpaca_eval
 from eval_harness.judge import JudgeEndpoint
+from milora.io import atomic_write_text, read_json_rows
 
 DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 LOGGER = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ def model_output_records(
 
 def load_eval_set(path: str | Path) -> list[dict[str, Any]]:
     """The AlpacaEval set with its reference outputs: a JSON list or JSONL of {instruction, output, ...}."""
-    text = Path(path).read_text(encoding="utf-8").strip()
-    rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line]
+    rows = read_json_rows(path)
     for row in rows:
         if "instruction" not in row or "output" not in row:
             raise ValueError(f"{path}: every row needs 'instruction' and the reference 'output'")
@@ -71,11 +70,10 @@ def write_annotator_config(out_dir: str | Path, judge: JudgeEndpoint, base_annot
         raise ValueError(f"{base_annotator}: expected one annotator in configs.yaml, found {list(source)}")
     ((name, config),) = source.items()
     target_dir = Path(out_dir) / f"{base_annotator}_endpoint"
-    target_dir.mkdir(parents=True, exist_ok=True)
 
     client_config = {"default": [{"api_key": judge.resolved_api_key(), "base_url": judge.resolved_base_url()}]}
     client_config_path = target_dir / "client_config.yaml"
-    client_config_path.write_text(yaml.safe_dump(client_config))
+    atomic_write_text(client_config_path, yaml.safe_dump(client_config))
 
     config = dict(config)
     template = Path(config["prompt_template"])
@@ -90,8 +88,7 @@ def write_annotator_config(out_dir: str | Path, judge: JudgeEndpoint, base_annot
     )
     config["completions_kwargs"] = kwargs
     config_path = target_dir / "configs.yaml"
-    config_path.write_text(yaml.safe_dump({name: config}, sort_keys=False))
-    return config_path
+    return atomic_write_text(config_path, yaml.safe_dump({name: config}, sort_keys=False))
 
 
 def winrate_with_length_control(annotations) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from eval_harness.local_tasks import TASKS_DIR
@@ -95,7 +94,7 @@ def run_tasks(
     lm,
     tasks: Sequence[str],
     manager,
-    limit: int | float | None = None,
+    limit: float | None = None,
     gen_kwargs: dict[str, Any] | None = None,
     apply_chat_template: bool = False,
     keep_going: bool = True,
@@ -123,7 +122,7 @@ def run_tasks(
                 log_samples=True,
                 num_fewshot=None,
             )
-        except Exception as error:  # noqa: BLE001 - one unavailable data set must not stop the suite
+        except Exception as error:
             if not keep_going:
                 raise
             LOGGER.warning("task %s skipped: %s", task, error)
@@ -133,7 +132,3 @@ def run_tasks(
         for name, samples in (results.get("samples") or {}).items():
             run.samples[name] = sample_rows(samples)
     return run
-
-
-def default_output_dir(model_path: str, suite: str) -> Path:
-    return Path("outputs") / "eval" / Path(model_path.rstrip("/")).name / suite

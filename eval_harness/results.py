@@ -1,24 +1,18 @@
-"""Result files of an evaluation run: atomic JSON/Markdown/JSONL writers and the results table.
+"""Result files of an evaluation run: ``results.json``, ``results.md``, ``samples/<task>.jsonl``, and the table.
 
-Every file is written to a temporary file in the target directory and moved into place with `os.replace`,
-so a reader never sees half a file and an interrupted run never leaves one behind.
+Files are written atomically through `milora.io` (a reader never sees half a file, an interrupted run never
+leaves one behind); values are turned into plain JSON first (`to_jsonable`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from milora.io import atomic_write_text
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write text to path through a temporary file in the same directory and `os.replace`."""
-    return atomic_write_text(path, text)
+from milora.io import atomic_write_text, write_json, write_jsonl
 
 
 def to_jsonable(value: Any) -> Any:
@@ -38,15 +32,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return str(value)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    return write_text_atomic(path, json.dumps(to_jsonable(data), indent=2, ensure_ascii=False) + "\n")
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
-    lines = [json.dumps(to_jsonable(row), ensure_ascii=False) for row in rows]
-    return write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def metric_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, Any]]:
@@ -83,6 +68,15 @@ def results_markdown(report: Mapping[str, Any]) -> str:
 def write_report(output_dir: str | os.PathLike, report: Mapping[str, Any], stem: str = "results") -> tuple[Path, Path]:
     """``<stem>.json`` and ``<stem>.md`` in output_dir, both written atomically."""
     output_dir = Path(output_dir)
-    json_path = write_json_atomic(output_dir / f"{stem}.json", report)
-    md_path = write_text_atomic(output_dir / f"{stem}.md", results_markdown(report))
+    json_path = write_json(output_dir / f"{stem}.json", to_jsonable(report))
+    md_path = atomic_write_text(output_dir / f"{stem}.md", results_markdown(report))
     return json_path, md_path
+
+
+def write_samples(output_dir: str | os.PathLike, records: Mapping[str, list]) -> list[Path]:
+    """``samples/<task>.jsonl`` per task: the per-item records (prompt, response, score ...)."""
+    samples_dir = Path(output_dir) / "samples"
+    return [
+        write_jsonl(samples_dir / f"{task.replace('/', '_')}.jsonl", to_jsonable(rows))
+        for task, rows in records.items()
+    ]

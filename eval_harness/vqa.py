@@ -1,7 +1,7 @@
 """The visual benchmarks end to end: records -> LLaVA-1.5 evaluation prompts -> answers -> official scores.
 
-A benchmark file is JSON Lines, one question per line, with ``question_id``, ``image`` (a path, relative to
-an image folder; empty for ScienceQA's text-only questions) and ``question``, plus per benchmark:
+A benchmark file is JSON Lines (or a JSON list), one question per row, with ``question_id``, ``image`` (a path,
+relative to an image folder; empty for ScienceQA's text-only questions) and ``question``, plus per benchmark:
 
 - ``vqav2`` / ``vizwiz`` / ``textvqa``: ``answers``, the human answers (strings or ``{"answer": ...}``);
 - ``gqa``: ``answer``;
@@ -15,13 +15,13 @@ Prompt suffixes are those of LLaVA-1.5's evaluation scripts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from eval_harness import vqa_scoring
 from eval_harness.llava_generation import VisualQuestion
+from milora.io import read_json_rows
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
@@ -30,7 +30,8 @@ BENCHMARKS = ("vqav2", "vizwiz", "textvqa", "gqa", "scienceqa", "pope", "mmbench
 
 
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The benchmark's question records (JSON Lines, or a JSON list), the first `limit` of them."""
+    rows = read_json_rows(path)
     return rows[:limit] if limit else rows
 
 

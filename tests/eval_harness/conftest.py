@@ -1,7 +1,8 @@
-"""Shared fixtures of the eval_harness tests: offline settings, fixture paths, tiny merged checkpoints.
+"""Shared fixtures of the eval_harness tests: offline settings, fixture paths, real data, tiny checkpoints.
 
 Everything runs offline (no hub), on one CPU thread (the tiny models are faster that way and the machine's
-cores are shared), with NLTK's offline sentence-model fallback written into a temporary folder.
+cores are shared), with NLTK's offline sentence-model fallback written into a temporary folder. Real public
+data comes from the root conftest's `shared_data_dir` (tests using it are skipped without it).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ if str(HERE) not in sys.path:  # for `import stub_judge`
     sys.path.insert(0, str(HERE))
 
 FIXTURES = HERE / "fixtures"
-GSM8K_TEST_FILE = REPO_ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,10 +53,8 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def gsm8k_test_file() -> Path:
-    if not GSM8K_TEST_FILE.is_file():
-        pytest.skip(f"the shared GSM8K test set is not at {GSM8K_TEST_FILE}")
-    return GSM8K_TEST_FILE
+def gsm8k_test_file(shared_data_dir) -> Path:
+    return shared_data_dir / "gsm8k_test.jsonl"
 
 
 @pytest.fixture(scope="session")

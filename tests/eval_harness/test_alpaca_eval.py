@@ -65,3 +65,18 @@ def test_ask_judge_returns_the_server_text():
         )
         answers = ask_judge(JudgeEndpoint(base_url=judge.base_url, model="stub"), [prompt])
     assert answers[0].endswith("['YES', 'YES']")
+
+
+def test_real_alpaca_eval_set_loads_and_scores_exactly(tmp_path, shared_data_dir):
+    reference = load_eval_set(shared_data_dir / "alpaca_eval" / "gpt4_1106_preview_outputs.json")
+    assert len(reference) == 805 and {r["generator"] for r in reference} == {"gpt4_1106_preview"}
+    reference = reference[:3]
+    # A win by the win word, a loss by length, a win by length: the stub judge gives winners p = 0.99.
+    outputs = ["EXCELLENT.", "x", reference[2]["output"] + " And more."]
+    model_outputs = model_output_records([r["instruction"] for r in reference], outputs, "tiny-milora")
+    with StubJudge() as judge:
+        endpoint = JudgeEndpoint(base_url=judge.base_url, model="stub-judge")
+        annotator = write_annotator_config(tmp_path / "annotator", endpoint)
+        row = run_alpaca_eval(model_outputs, reference, annotator, tmp_path / "alpaca_eval")
+    assert row["win_rate"] == pytest.approx(100 * (0.99 + 0.01 + 0.99) / 3)
+    assert row["discrete_win_rate"] == pytest.approx(100 * 2 / 3) and row["n_total"] == 3

@@ -1,4 +1,4 @@
-"""Batched left-padded generation (text and LLaVA), the VQA pipeline pieces, and atomic result files."""
+"""Batched left-padded generation (text and LLaVA), the VQA pipeline pieces, and the result files."""
 
 from __future__ import annotations
 
@@ -123,12 +123,21 @@ def test_atomic_report_files(tmp_path):
 
 
 def test_failed_write_leaves_the_old_file(tmp_path):
-    target = tmp_path / "results.json"
-    results.write_json_atomic(target, {"v": 1})
+    from milora.io import atomic_write_text  # the writer behind every result file
+
+    json_path, _ = results.write_report(tmp_path, {"suite": "s", "model": "m", "metrics": {"t": {"v": 1}}})
     with pytest.raises(TypeError):
-        results.write_text_atomic(target, None)  # not text: the write fails
-    assert json.loads(target.read_text()) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+        atomic_write_text(json_path, None)  # not text: the write fails
+    assert json.loads(json_path.read_text())["metrics"] == {"t": {"v": 1}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+
+
+def test_samples_are_one_jsonl_file_per_task(tmp_path):
+    import numpy as np
+
+    results.write_samples(tmp_path, {"gsm8k": [{"acc": np.float64(0.5), "x": math.nan}], "a/b": []})
+    assert (tmp_path / "samples" / "gsm8k.jsonl").read_text() == '{"acc": 0.5, "x": null}\n'
+    assert (tmp_path / "samples" / "a_b.jsonl").read_text() == ""
 
 
 def test_to_jsonable_handles_numpy_and_infinities():

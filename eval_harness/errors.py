@@ -1,0 +1,12 @@
+"""The error `milora eval` reports as one line (``milora eval: error: <problem>; <fix>``, exit status 2)."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad input from the user: what is wrong and how to fix it."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+        self.fix = fix

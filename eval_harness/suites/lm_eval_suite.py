@@ -1,0 +1,153 @@
+"""The suites lm-eval runs: commonsense, math, gsm8k, competition_math, ifeval, and ``lm_eval --tasks ...``.
+
+Each task reads its data file when one is found (`eval_harness.data_paths`), else its hub copy: a local file
+becomes a task variant (`eval_harness.local_tasks`) that keeps the task's prompts and metrics. One lm-eval
+`HFLM` serves every task; a task whose data cannot be loaded is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from eval_harness.data_paths import HUB, commonsense_test_files, data_root, resolve_data_path
+from eval_harness.errors import UsageError
+from eval_harness.suites import SuiteResult
+from milora.io import read_json
+
+# fmt: off
+COMMONSENSE_TASKS = [
+    "milora_boolq", "milora_piqa", "milora_social_i_qa", "milora_hellaswag",
+    "milora_winogrande", "milora_arc_easy", "milora_arc_challenge", "milora_openbookqa",
+]
+# fmt: on
+COMMONSENSE_GROUP = "milora_commonsense"
+SUITE_TASKS = {
+    "commonsense": COMMONSENSE_TASKS,
+    "math": ["milora_gsm8k", "milora_math"],
+    "gsm8k": ["milora_gsm8k"],
+    "competition_math": ["milora_math"],
+    "ifeval": ["ifeval"],  # lm-eval's own task
+}
+SUITES = (*SUITE_TASKS, "lm_eval")
+# task -> (entry of the data folder layout, its explicit file flag)
+TASK_DATA = {
+    "milora_gsm8k": ("gsm8k", "gsm8k_file"),
+    "milora_math": ("math", "math_file"),
+    "ifeval": ("ifeval", "ifeval_file"),
+}
+SHORT_CONTEXT = 1024  # tokens; the tasks generate up to 512, which does not fit such a model with its prompt
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("lm-eval suites (commonsense, math, gsm8k, competition_math, ifeval, lm_eval)")
+    group.add_argument("--gsm8k_file", help="GSM8K test jsonl (question/answer), or 'hub'")
+    group.add_argument("--math_file", help="MATH test jsonl (problem/solution), or 'hub'")
+    group.add_argument("--commonsense_dir", help="LLM-Adapters dataset/ folder (<set>/test.json), or 'hub'")
+    group.add_argument("--ifeval_file", help="IFEval input jsonl (key/prompt/instruction_id_list/kwargs), or 'hub'")
+    group.add_argument("--tasks", help="lm_eval suite: comma-separated lm-eval task names")
+    group.add_argument("--include_path", action="append", default=[], help="lm_eval suite: extra task folder")
+    group.add_argument("--max_length", type=int, help="model context length for lm-eval (default: from the config)")
+    group.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the chat template")
+
+
+def suite_tasks(args: argparse.Namespace) -> list[str]:
+    if args.suite != "lm_eval":
+        return list(SUITE_TASKS[args.suite])
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--suite lm_eval needs the tasks to run", "pass --tasks, e.g. --tasks boolq,piqa,arc_easy")
+    return tasks
+
+
+def local_data_files(args: argparse.Namespace, tasks: Sequence[str], root: Path | None) -> dict[str, Path]:
+    """task -> the local data file it reads (tasks missing here read the hub)."""
+    files: dict[str, Path] = {}
+    for task in tasks:
+        if task in TASK_DATA:
+            name, flag = TASK_DATA[task]
+            path = resolve_data_path(name, getattr(args, flag), f"--{flag}", root)
+            if path is not None:
+                files[task] = path
+    if any(task in COMMONSENSE_TASKS for task in tasks):
+        directory = resolve_data_path("commonsense", args.commonsense_dir, "--commonsense_dir", root)
+        if directory is not None:
+            found = {f"milora_{name}": path for name, path in commonsense_test_files(directory).items()}
+            files.update({task: path for task, path in found.items() if task in tasks})
+    return files
+
+
+def model_context_length(model: str) -> int | None:
+    """`max_position_embeddings` of a local checkpoint (text config for LLaVA), None when unknown."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = read_json(config_file)
+    return (config.get("text_config") or config).get("max_position_embeddings")
+
+
+def generation_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Generation settings that replace the tasks' own: --max_gen_toks (or a cap for short contexts), --num_beams."""
+    overrides: dict[str, Any] = {}
+    if args.max_gen_toks:
+        overrides["max_gen_toks"] = args.max_gen_toks
+    else:
+        context = model_context_length(args.model)
+        if context is not None and context <= SHORT_CONTEXT:
+            overrides["max_gen_toks"] = context // 4
+            print(f"milora eval: context of {context} tokens; generating at most {context // 4} (--max_gen_toks)")
+    if args.num_beams:
+        overrides["num_beams"] = args.num_beams
+    return overrides or None
+
+
+def task_include_paths(files: dict[str, Path], tasks: Sequence[str], variant_dir: Path) -> list[Path]:
+    """Folders lm-eval must index: local-file variants, and lm-eval's own task folders the suite uses."""
+    from eval_harness.local_tasks import LM_EVAL_TASK_FILES, lm_eval_task_yaml, task_yaml, write_local_task_yaml
+
+    for task, path in files.items():
+        write_local_task_yaml(task_yaml(task), path, variant_dir, task_name=task)
+    paths = [variant_dir] if files else []
+    return paths + [lm_eval_task_yaml(t).parent for t in tasks if t in LM_EVAL_TASK_FILES and t not in files]
+
+
+def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
+    from eval_harness import lm_eval_runner
+
+    tasks = suite_tasks(args)
+    files = local_data_files(args, tasks, data_root(args.data_dir))
+    include = task_include_paths(files, tasks, output_dir / "local_tasks") + list(args.include_path)
+    manager = lm_eval_runner.task_manager(include, include_defaults=args.suite == "lm_eval")
+    lm = lm_eval_runner.build_lm(
+        args.model, device=args.device, batch_size=args.batch_size, dtype=args.dtype, max_length=args.max_length
+    )
+
+    def evaluate(names: Sequence[str]):
+        return lm_eval_runner.run_tasks(
+            lm,
+            names,
+            manager,
+            limit=args.limit,
+            gen_kwargs=generation_overrides(args),
+            apply_chat_template=args.apply_chat_template,
+        )
+
+    if args.suite == "commonsense":
+        # The group in one pass (lm-eval averages the 8 accuracies); set by set if some set cannot be loaded.
+        outcome = evaluate([COMMONSENSE_GROUP])
+        outcome = outcome if not outcome.skipped else evaluate(tasks)
+    else:
+        outcome = evaluate(tasks)
+    result = SuiteResult(
+        metrics=outcome.metrics,
+        skipped=outcome.skipped,
+        data_sources={task: str(files[task]) if task in files else HUB for task in tasks},
+        records=outcome.samples,
+    )
+    if args.suite == "commonsense" and COMMONSENSE_GROUP not in result.metrics:
+        accuracies = [result.metrics[t]["acc"] for t in COMMONSENSE_TASKS if "acc" in result.metrics.get(t, {})]
+        if accuracies:
+            result.metrics[COMMONSENSE_GROUP] = {"acc": sum(accuracies) / len(accuracies), "n_tasks": len(accuracies)}
+    return result
