@@ -1,9 +1,11 @@
 """The LLM-Adapters commonsense protocol: instructions, option words and answer extraction for 8 datasets.
 
-The paper scores commonsense reasoning by generation: the model reads an instruction that lists the options
-(``Answer1: ...``) and ends with ``Answer format: answer1/answer2/...``; the prediction is the FIRST option word
-found in the generated text (case-sensitive, as in LLM-Adapters' ``extract_answer``), and accuracy is exact
-equality with the gold option word.
+The paper scores commonsense reasoning by generation, as LLM-Adapters' ``commonsense_evaluate.py`` does: the
+model reads an instruction that lists the options (``Answer1: ...``) and ends with ``Answer format:
+answer1/answer2/...``, and generates 32 tokens with 4-beam search; the response is the text up to the next
+``### Response:`` (LLM-Adapters splits the decoded text at that marker and keeps the part after the prompt's),
+the prediction is the FIRST option word found in it (case-sensitive, as in LLM-Adapters' ``extract_answer``),
+and accuracy is exact equality with the gold option word.
 
 Docs come either in LLM-Adapters' own format (``instruction``, ``input``, ``output``, ``answer``: the
 ``dataset/<name>/test.json`` files) or as raw rows of the Hugging Face datasets; `to_llm_adapters_doc` turns the
@@ -15,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from eval_harness.prompts import alpaca_prompt
+from milora.prompts import RESPONSE_MARKER, alpaca_prompt
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,18 @@ def option_words(dataset: str) -> list[str]:
     return [f"{spec.option_prefix}{i}" for i in range(1, spec.max_options + 1)]
 
 
+def llm_adapters_response(generation: str) -> str:
+    """The continuation up to the next ``### Response:``, stripped: what LLM-Adapters extracts the answer from."""
+    return generation.split(RESPONSE_MARKER)[0].strip()
+
+
 def extract_commonsense_answer(dataset: str, generation: str) -> str:
-    """The first option word in the generation (LLM-Adapters' regex, case-sensitive); "" when there is none."""
+    """The first option word in the response (LLM-Adapters' regex, case-sensitive); "" when there is none."""
     words = option_words(dataset)
     # Longer words first inside the alternation so that e.g. "answer1" never shadows a hypothetical "answer10".
     pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    found = re.findall(pattern, generation.strip())
-    return found[0] if found else ""
+    found = re.search(pattern, llm_adapters_response(generation))
+    return found.group(0) if found else ""
 
 
 def is_commonsense_correct(dataset: str, generation: str, gold: str) -> bool:
