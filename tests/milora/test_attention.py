@@ -134,7 +134,7 @@ def per_sequence_reference(q, k, v, cu_seqlens, cu_seqlens_k, max_q, max_k, *, w
     if k.shape[1] != q.shape[1]:
         assert enable_gqa, "the glue must ask for GQA or expand the key/value heads"
     outs = []
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
         seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (heads, len, dim)
         outs.append(F.scaled_dot_product_attention(*seq, is_causal=True, scale=scale,
                                                    enable_gqa=enable_gqa).transpose(0, 1))

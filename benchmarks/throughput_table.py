@@ -1,0 +1,91 @@
+"""The markdown table of training-throughput runs (the JSON files benchmarks/train_throughput.py writes).
+
+One row per variant, the median over its repeats; the spread is (max - min) / median of tokens/s over
+the repeats. "vs TRL defaults" is the tokens/s ratio; "step vs LoRA" is the median-step-time ratio of a
+MiLoRA variant to the LoRA variant of the same settings (lora_X for milora_X), on the same batches.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from milora.io import read_json
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def _spread(runs: list[dict]) -> str:
+    values = [run["tokens_per_s"] for run in runs]
+    if len(values) < 2:
+        return "1 run"
+    return f"±{50 * (max(values) - min(values)) / statistics.median(values):.1f}%"
+
+
+def _settings(run: dict) -> str:
+    s = run["settings"]
+    attention = s["attention"] + (" (sdpa fallback)" if s["attention"] != "sdpa" and not run["varlen_kernel"] else "")
+    batches = f"{run['spec']['token_budget']}-token budget" if s["grouping"] == "budget" else "fixed rows"
+    if s["micro_batch"] and s["micro_batch"] < run["spec"]["batch_size"]:
+        batches += f" in {s['micro_batch']}-row micro-batches"
+    parts = [f"GC {'on' if s['gradient_checkpointing'] else 'off'}", attention,
+             "Liger" if s["liger"] else "no Liger", "padding-free" if s["padding_free"] else "padded", batches]
+    if s.get("compile"):
+        parts.append("compiled")
+    if s["lora_dropout"] == 0:
+        parts.append("dropout 0")
+    return ", ".join(parts)
+
+
+def _same_batches(by_variant: dict[str, list[dict]]) -> list[str]:
+    """Warnings for variants of one grouping that did not see the same batches."""
+    digests: dict[str, set] = {}
+    for runs in by_variant.values():
+        for run in runs:
+            digests.setdefault(run["settings"]["grouping"], set()).add(run["batches_digest"])
+    return [f"WARNING: the {grouping} runs saw different batches" for grouping, d in digests.items() if len(d) > 1]
+
+
+def markdown_table(files: list[Path], order: list[str] | None = None) -> str:
+    loaded = [read_json(f) for f in files]
+    failed = [r for r in loaded if "error" in r]
+    runs = [r for r in loaded if "error" not in r]
+    if not runs:
+        return "no finished runs" + "".join(f"\n{r['variant']} r{r['repeat']} failed: {r['error']}" for r in failed)
+    by_variant: dict[str, list[dict]] = {}
+    for run in runs:
+        by_variant.setdefault(run["variant"], []).append(run)
+    names = sorted(by_variant, key=lambda n: (order or []).index(n) if n in (order or []) else len(order or []))
+    first = runs[0]
+    spec = first["spec"]
+    layers = f" ({spec['layers']} layers)" if spec.get("layers") else ""
+    lines = [
+        f"device: {first['device']}, torch {first['torch']}, transformers {first['transformers']}, "
+        f"peft {first['peft']}, trl {first['trl']}; date {first['date']}",
+        f"model: {spec['model']}{layers}, r = {spec['r']}, "
+        f"{spec['batch_size']}-row batches or {spec['token_budget']}-token budget batches, "
+        f"{spec['warmup']} warm-up + {spec['steps']} timed steps, repeats: "
+        f"{max(len(v) for v in by_variant.values())}",
+        "",
+        "| variant | settings | median step (s) | tokens/step | tokens/s | spread | MFU | peak GiB "
+        "| vs TRL defaults | step vs LoRA | loss |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = by_variant.get("trl_defaults")
+    for name in names:
+        group = by_variant[name]
+        tokens_per_s = _median(group, "tokens_per_s")
+        vs_defaults = f"{tokens_per_s / _median(base, 'tokens_per_s'):.2f}x" if base else ""
+        twin = by_variant.get(name.replace("milora", "lora", 1)) if name.startswith("milora") else None
+        vs_lora = f"{_median(group, 'median_step_s') / _median(twin, 'median_step_s'):.3f}" if twin else ""
+        lines.append(
+            f"| {name} | {_settings(group[0])} | {_median(group, 'median_step_s'):.3f} "
+            f"| {_median(group, 'median_tokens_per_step'):.0f} | {tokens_per_s:,.0f} | {_spread(group)} "
+            f"| {100 * _median(group, 'mfu'):.1f}% | {max(r['peak_mem_gib'] for r in group):.1f} "
+            f"| {vs_defaults} | {vs_lora} | {_median(group, 'training_loss'):.3f} |"
+        )
+    lines += _same_batches(by_variant)
+    lines += [f"{r['variant']} repeat {r['repeat']} FAILED: {r['error']}" for r in failed]
+    return "\n".join(lines)

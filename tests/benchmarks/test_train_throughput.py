@@ -1,0 +1,137 @@
+"""benchmarks/train_throughput.py on the tiny model, CPU: the saved batches, one worker per kind of variant, the
+table, the FLOP count, and one real run of the command line (so a GPU run does not fail on a typo)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import mfu  # noqa: E402
+import throughput_batches as tb  # noqa: E402
+import train_throughput as tt  # noqa: E402
+from throughput_table import markdown_table  # noqa: E402
+
+SMOKE = {"model": "tiny", "r": 8, "warmup": 1, "steps": 2, "batch_size": 4, "token_budget": 160, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tb.build_batches(SMOKE, vocab_size=261)
+
+
+def test_batches_are_deterministic_and_share_rows(data):
+    assert tb.build_batches(SMOKE, vocab_size=261) == data
+    count = SMOKE["warmup"] + SMOKE["steps"]
+    fixed, budget = data["groupings"]["fixed"], data["groupings"]["budget"]
+    assert len(fixed) == len(budget) == count
+    assert all(len(batch) == SMOKE["batch_size"] for batch in fixed)
+    assert all(sum(lengths) <= SMOKE["token_budget"] for lengths in tb.batch_lengths(data, "budget"))
+    for groups in (fixed, budget):  # consecutive rows, in order, from the first
+        flat = [i for batch in groups for i in batch]
+        assert flat == list(range(len(flat)))
+    for row in data["rows"]:
+        prompt = row["labels"].count(-100)
+        assert 0 < prompt < len(row["input_ids"]) and row["labels"][prompt:] == row["input_ids"][prompt:]
+
+
+def test_row_lengths_follow_the_stated_distribution():
+    totals = [total for _, total in tb.row_lengths(5000, seed=0)]
+    assert min(totals) >= 100 and max(totals) <= 600
+    assert 235 < sum(totals) / len(totals) < 265  # mean ~250
+
+
+def test_step_flops_formula():
+    # 2 sequences of 3 and 1 tokens: 4 tokens, 6 + 1 causal pairs
+    expected = 4 * 10 * 4 + 6 * 2 * 4 + 12 * 2 * 4 * 7
+    assert mfu.step_flops([3, 1], frozen=10, trainable=2, n_layers=2, d_attn=4) == expected
+
+
+def test_linear_weight_counts_split_frozen_base_and_adapters():
+    from milora import apply_milora
+    from milora.tiny import tiny_config, tiny_model
+
+    config = tiny_config("llama")
+    model = apply_milora(tiny_model("llama"), tt.TARGETS, 4, mode="lora", show_progress=False)
+    frozen, trainable = mfu.linear_weight_counts(model)
+    d, ff = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * d // config.num_attention_heads
+    per_layer = d * d * 2 + 2 * d * kv + 3 * d * ff
+    assert frozen == config.num_hidden_layers * per_layer + d * config.vocab_size
+    lora = 4 * ((d + d) + 2 * (d + kv) + 2 * (d + ff))  # q, k, v, up, down
+    assert trainable == config.num_hidden_layers * lora
+
+
+@pytest.mark.parametrize("variant", ["trl_defaults", "milora_recipe", "lora_fast", "lora_lowmem"])
+def test_worker_trains_on_the_saved_batches(data, variant, tmp_path):
+    result = tt.run_worker(variant, data, str(tmp_path / "trainer"))
+    grouping = tt.VARIANTS[variant].grouping
+    measured = tb.batch_lengths(data, grouping)[SMOKE["warmup"]:]
+    assert len(result["step_times_s"]) == SMOKE["steps"]
+    assert result["tokens"] == sum(map(sum, measured))
+    assert result["tokens_per_s"] == pytest.approx(result["tokens"] / sum(result["step_times_s"]))
+    expected_rows = [data["rows"][i]["input_ids"] for batch in data["groupings"][grouping] for i in batch]
+    assert result["batches_digest"] == tb.rows_digest(expected_rows)
+    assert torch.isfinite(torch.tensor(result["training_loss"]))
+    assert result["frozen_linear_weights"] > 0 and result["trainable_linear_weights"] > 0
+    settings = result["settings"]
+    if variant == "trl_defaults":
+        assert settings["gradient_checkpointing"] and not settings["padding_free"]
+    if variant == "lora_fast":
+        assert not settings["gradient_checkpointing"] and settings["attention"] == tt.VARLEN_ATTENTION
+        assert settings["micro_batch"] is None and not result["varlen_kernel"]  # CPU: the sdpa fallback
+    if variant == "milora_recipe":
+        assert settings["micro_batch"] == tt.recipe_settings("milora")["per_device_train_batch_size"]
+
+
+def _fake_run(variant, repeat, tokens_per_s, step, grouping="fixed", digest="d1"):
+    settings = {"attention": "sdpa", "gradient_checkpointing": True, "liger": False, "padding_free": True,
+                "grouping": grouping, "micro_batch": None, "lora_dropout": 0.05}
+    return {"variant": variant, "repeat": repeat, "device": "cpu", "date": "today", "torch": "t", "transformers": "t",
+            "peft": "p", "trl": "t", "spec": SMOKE, "settings": settings, "varlen_kernel": False,
+            "median_step_s": step, "tokens_per_s": tokens_per_s, "median_tokens_per_step": 100, "mfu": 0.3,
+            "peak_mem_gib": 1.0, "training_loss": 5.0, "batches_digest": digest}
+
+
+def test_table_medians_ratios_and_batch_check(tmp_path):
+    runs = [_fake_run("trl_defaults", 0, 100, 1.0), _fake_run("trl_defaults", 1, 120, 0.8),
+            _fake_run("lora_fast", 0, 300, 0.5), _fake_run("milora_fast", 0, 294, 0.51, digest="d2")]
+    files = []
+    for i, run in enumerate(runs):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(run))
+    (tmp_path / "x.failed.json").write_text(json.dumps({"variant": "lora_recipe", "repeat": 0, "error": "OOM"}))
+    table = markdown_table([*files, tmp_path / "x.failed.json"], order=list(tt.VARIANTS))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "110" in rows["trl_defaults"] and "±9.1%" in rows["trl_defaults"]  # median and spread of 100, 120
+    assert "2.73x" in rows["lora_fast"]  # 300 / 110
+    assert "1.020" in rows["milora_fast"]  # 0.51 / 0.5
+    assert "WARNING: the fixed runs saw different batches" in table
+    assert "lora_recipe repeat 0 FAILED: OOM" in table
+
+
+def test_command_line_smoke_run_resumes_and_refuses_bad_input(tmp_path):
+    script = str(BENCHMARKS / "train_throughput.py")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, script, "--smoke", "--variants", "lora_fast", "--repeats", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| lora_fast |" in run.stdout and (out / "table.md").exists() and (out / "batches.json").exists()
+    result = json.loads((out / "lora_fast__r0.json").read_text())
+    assert result["spec"]["model"] == "tiny" and result["variant"] == "lora_fast"
+
+    again = subprocess.run([sys.executable, script, "--smoke", "--variants", "lora_fast", "--repeats", "1",
+                            "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "rc=" not in again.stdout  # nothing rerun
+
+    bad = subprocess.run([sys.executable, script, "--smoke", "--variants", "lora_fastest", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown variant(s) lora_fastest" in bad.stderr
+    assert "Traceback" not in bad.stderr
