@@ -181,29 +181,6 @@ def _chain_up_to(chains: dict[str, dict[int, str]], row: dict) -> list[str]:
     return [chains[key][n] for n in range(level + 1)]
 
 
-def seed_instructions(rows: Sequence[dict]) -> dict[str, str]:
-    """Level-0 instruction per group (the lowest level's when a file has no level 0)."""
-    return {key: levels[min(levels)] for key, levels in instruction_chains(rows).items()}
-
-
-def judge_prompt(seed_instruction: str, constrained_instruction: str, response: str, level: int) -> str:
-    """A condensed judge prompt (seed and level-n instruction only), kept for existing callers;
-    `score_responses` / `judge_prompt_for` give FollowBench's own prompt, with every level's instruction."""
-    return (
-        "Given an initial instruction, we add one constraint per time and obtain the final instruction with "
-        f"{level} additional constraints.\n\n"
-        f"#Initial Instruction#\n{seed_instruction}\n\n"
-        f"#Initial Instruction + {level} Constraints#\n{constrained_instruction}\n\n"
-        f"#Response of Initial Instruction + {level} Constraints#\n{response}\n\n"
-        "#System#\n"
-        f"1) Please identify all {level} added constraints.\n"
-        f"2) For the {level} added constraints, discriminate if the #Response of Initial Instruction + {level} "
-        "Constraints# satisfies each constraint.\n"
-        f"3) In the final line, only output a Python LIST with {level} elements ('YES' or 'NO') indicating "
-        "whether the response satisfies each constraint, e.g., ['YES', 'NO', 'YES']."
-    )
-
-
 # --------------------------------------------------------------------------- scoring
 
 

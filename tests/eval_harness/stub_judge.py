@@ -38,7 +38,7 @@ def alpaca_winner(prompt: str) -> str:
 
 def followbench_answer(prompt: str) -> str:
     level = int(re.search(r"Python LIST with (\d+) element", prompt).group(1))
-    response = re.split(r"[Cc]onstraints?#\n", prompt)[-1].split("\n\n#System#")[0]
+    response = re.split(r"constraints?#\n", prompt)[-1].split("\n\n#System#")[0]
     verdicts = ["YES"] * level if SATISFIED_WORD in response else ["YES"] + ["NO"] * (level - 1)
     return "1) constraints identified.\n2) checked.\n" + str(verdicts)
 

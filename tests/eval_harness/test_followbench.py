@@ -175,12 +175,3 @@ def test_score_responses_on_real_rows_judges_only_what_rules_do_not_score(follow
     # level 2 of the 17 mixed seeds: the 9 judged ones pass; of the 8 rule-scored ones, the "one short sentence"
     # rules of xsum, samsum and arxiv pass, text_editing (x3), cnn_dailymail and gigaword fail
     assert scores.metrics["mixed/hsr/level_2"] == pytest.approx(12 / 17)
-
-
-def test_seed_instructions_from_the_fixture(fixtures_dir):
-    rows = json.loads((fixtures_dir / "followbench_sample.json").read_text())
-    seeds = fb.seed_instructions(rows)
-    level2 = next(r for r in rows if r["level"] == 2)
-    assert seeds[fb.group_key(level2)] == next(
-        r["instruction"] for r in rows if r["level"] == 0 and fb.group_key(r) == fb.group_key(level2)
-    )
