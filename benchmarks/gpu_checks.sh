@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU-machine checks recorded in docs/benchmarks.md, in one call (from the repository root, $OUT set):
-#   bash benchmarks/gpu_checks.sh [init_speed] [throughput] [llava] [zero]
+#   bash benchmarks/gpu_checks.sh [init_speed] [varlen] [throughput] [llava] [zero]
 # Each step's full log goes to $OUT/<step>.log; this prints each return code, time and the lines that matter.
 set -uo pipefail
 source scripts/gpu_env.sh || exit 1
@@ -24,12 +24,16 @@ init_speed)
     step init_speed python3 benchmarks/init_speed.py --json "$OUT/init_speed.json"
     sed -n '/^device/,$p' "$OUT/init_speed.log" ;;
 throughput)
-    # one process per variant: runs in one process disturbed each other (the second was always slower)
-    for v in a b c b-noliger c-noliger; do
-        step "throughput_$v" python3 benchmarks/train_throughput.py --variants "$v" --warmup 5 --steps 20 \
-            --json "$OUT/throughput_$v.json"
-    done
-    python3 benchmarks/train_throughput.py --table "$OUT"/throughput_{a,b,c,b-noliger,c-noliger}.json ;;
+    # one process per variant, alternating repeats, same saved batches; rerunning this step resumes in
+    # $THROUGHPUT_OUT (runs already there are skipped), so a long run can span several calls
+    tp_out=${THROUGHPUT_OUT:-/tmp/throughput}
+    step throughput python3 benchmarks/train_throughput.py --out "$tp_out" --time_budget_s "${THROUGHPUT_BUDGET_S:-420}"
+    grep -E "rc=|time budget" "$OUT/throughput.log"; cat "$tp_out/table.md"
+    mkdir -p "$OUT/throughput" && cp "$tp_out"/*.json "$tp_out"/*.log "$tp_out"/table.md "$OUT/throughput/" ;;
+varlen)
+    # torch's varlen kernel against padded sdpa in bf16 (the CUDA tests of milora.attention)
+    step varlen python3 -m pytest -q -p no:cacheprovider tests/milora/test_attention.py
+    tail -3 "$OUT/varlen.log" ;;
 llava)
     step llava $LAUNCH --num_processes 1 --mixed_precision bf16 recipes/sft.py recipes/tiny_llava_milora.yaml \
         --bf16 true --output_dir /tmp/llava --max_steps 40 --logging_steps 5
