@@ -14,26 +14,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from eval_harness.prompts import alpaca_prompt
+from milora.loading import default_device, resolve_dtype
+from milora.prompts import alpaca_prompt
 
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` = bfloat16 on a GPU that supports it, float32 elsewhere."""
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+__all__ = ["PROMPT_FORMATS", "GenerationConfig", "default_device", "format_prompt", "generate", "load_causal_lm",
+           "truncate_at_stop"]
 
 
 def load_causal_lm(path: str, device: str | None = None, dtype: str = "auto"):
-    """Model (eval mode, on device) and a tokenizer that left-pads and has a pad token."""
+    """Model (eval mode, on device) and a tokenizer that left-pads and has a pad token; dtype `auto` is
+    bfloat16 on a GPU that supports it, float32 elsewhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()

@@ -14,12 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from eval_harness.generation import default_device, resolve_dtype
+from milora.loading import default_device, resolve_dtype
+from milora.prompts import VICUNA_V1_SYSTEM_PROMPT
 
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
 PROMPT_STYLES = ("llava_v1", "chat")
 
 
@@ -53,7 +50,7 @@ def llava_prompt(processor, question: str, style: str = "llava_v1") -> str:
     """The text for one question with its image placeholder, in the given conversation style."""
     token = image_token_of(processor)
     if style == "llava_v1":
-        return f"{VICUNA_V1_SYSTEM} USER: {token}\n{question} ASSISTANT:"
+        return f"{VICUNA_V1_SYSTEM_PROMPT} USER: {token}\n{question} ASSISTANT:"
     if style == "chat":
         structured = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         try:

@@ -1,37 +1,32 @@
-"""Training data for the recipes: load a dataset and turn its rows into what TRL's `SFTTrainer` trains on.
+"""Text training data: load a dataset and turn its rows into what TRL's `SFTTrainer` trains on.
 
-Three source formats, each mapped so that the loss falls on the response only:
+Each source format maps to rows whose loss falls on the response only:
 
 - `alpaca` (alias `commonsense`): LLM-Adapters' instruction/input/output rows (Commonsense170K, math10K) with
   their Alpaca-style prompt -> TRL prompt/completion rows (`completion_only_loss`).
 - `metamath`: MetaMathQA's query/response rows with the MetaMath prompt -> prompt/completion rows.
+- `gsm8k`: GSM8K's question/answer rows -> MetaMath prompt/completion rows: the worked solution without the
+  calculator annotations (`<<48/2=24>>`), ending in MetaMath's "The answer is: N" instead of `#### N`.
 - `chat`: a column of chat messages (`messages`, or UltraFeedback's `chosen`) -> TRL conversational rows, rendered
   with the tokenizer's chat template (`assistant_only_loss`).
 
-`prompt_completion` rows pass through unchanged. The prompt templates are exported so that evaluation can prompt
-the finetuned model exactly as it was trained.
+`prompt_completion` rows pass through unchanged. The prompts come from `milora.prompts`, which evaluation uses
+too, so a finetuned model is asked the way it was trained.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
-ALPACA_HEADER = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-)
-ALPACA_HEADER_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-)
-ALPACA_PROMPT = ALPACA_HEADER + "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = ALPACA_HEADER_WITH_INPUT + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-METAMATH_PROMPT = ALPACA_HEADER + "### Instruction:\n{query}\n\n### Response:\n"
+from milora.prompts import METAMATH_ANSWER_MARKER, alpaca_prompt, metamath_prompt
 
 # Fields each format needs; `chat` needs its messages column, named by `messages_field`.
 REQUIRED_FIELDS = {
     "alpaca": ("instruction", "output"),
     "metamath": ("query", "response"),
+    "gsm8k": ("question", "answer"),
     "prompt_completion": ("prompt", "completion"),
     "chat": (),
 }
@@ -40,21 +35,12 @@ FORMATS = ("auto", *REQUIRED_FIELDS, *FORMAT_ALIASES)
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
+GSM8K_FINAL_ANSWER = re.compile(r"\n?####\s*(?P<answer>[^\n]*)\s*$")
+GSM8K_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
 
 class DataError(ValueError):
     """A dataset that cannot be trained on as configured; the message says what is wrong and where."""
-
-
-def alpaca_prompt(instruction: str, input: str | None = None) -> str:
-    """LLM-Adapters' prompt for an instruction, with the input variant when `input` is non-empty."""
-    if input and input.strip():
-        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT.format(instruction=instruction)
-
-
-def metamath_prompt(query: str) -> str:
-    """The MetaMath prompt for a math question."""
-    return METAMATH_PROMPT.format(query=query)
 
 
 def is_local_data_path(name_or_path: str) -> bool:
@@ -100,7 +86,8 @@ def _is_blank_file(path: str) -> bool:
 
 
 def resolve_format(dataset_format: str, columns: Sequence[str], messages_field: str = "messages") -> tuple[str, str]:
-    """The canonical format name and messages column; `auto` picks the format from the columns present."""
+    """The canonical format name and messages column; `auto` picks the format from the columns present
+    (never `gsm8k`: question/answer columns are too common to guess from)."""
     dataset_format = FORMAT_ALIASES.get(dataset_format, dataset_format)
     if dataset_format == "auto":
         present = set(columns)
@@ -117,25 +104,35 @@ def resolve_format(dataset_format: str, columns: Sequence[str], messages_field: 
         raise DataError(
             "cannot tell the dataset format from its fields "
             f"({', '.join(columns) or 'none'}); set dataset_format to one of "
-            f"alpaca (instruction, output), metamath (query, response), chat ({messages_field}), "
-            "prompt_completion (prompt, completion)"
+            f"alpaca (instruction, output), metamath (query, response), gsm8k (question, answer), "
+            f"chat ({messages_field}), prompt_completion (prompt, completion)"
         )
     if dataset_format not in REQUIRED_FIELDS:
         raise DataError(f"unknown dataset_format {dataset_format!r}; choose one of {', '.join(FORMATS)}")
     return dataset_format, messages_field
 
 
-def _format_alpaca(example: dict) -> dict:
-    return {"prompt": alpaca_prompt(example["instruction"], example.get("input")), "completion": example["output"]}
+def gsm8k_completion(answer: str) -> str:
+    """A GSM8K answer as a MetaMath response: the worked solution without calculator annotations, then
+    "The answer is: N" (thousands separators dropped) in place of the `#### N` line."""
+    found = GSM8K_FINAL_ANSWER.search(answer)
+    if found is None:
+        raise ValueError("a GSM8K answer ends with '#### N' (the final answer); this one has no '####' line")
+    final = found.group("answer").strip().replace(",", "")
+    solution = GSM8K_CALCULATOR_ANNOTATION.sub("", answer[: found.start()]).rstrip()
+    return f"{solution}\n{METAMATH_ANSWER_MARKER}{final}" if solution else f"{METAMATH_ANSWER_MARKER}{final}"
 
 
-def _format_metamath(example: dict) -> dict:
-    return {"prompt": metamath_prompt(example["query"]), "completion": example["response"]}
-
-
-def _format_chat(example: dict, messages_field: str) -> dict:
-    messages = [{"role": m["role"], "content": m["content"]} for m in example[messages_field]]
-    return {"messages": messages}
+def _format_row(fmt: str, example: dict, messages_field: str) -> dict:
+    if fmt == "alpaca":
+        return {"prompt": alpaca_prompt(example["instruction"], example.get("input")), "completion": example["output"]}
+    if fmt == "metamath":
+        return {"prompt": metamath_prompt(example["query"]), "completion": example["response"]}
+    if fmt == "gsm8k":
+        return {"prompt": metamath_prompt(example["question"]), "completion": gsm8k_completion(example["answer"])}
+    if fmt == "chat":
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in example[messages_field]]}
+    return {"prompt": example["prompt"], "completion": example["completion"]}
 
 
 def prepare_sft_dataset(
@@ -169,16 +166,13 @@ def prepare_sft_dataset(
         for field in required:
             if example[field] is None or (isinstance(example[field], (str, list)) and len(example[field]) == 0):
                 raise DataError(f"dataset {source}, row {index}: field {field!r} is empty")
-        if fmt == "alpaca":
-            return _format_alpaca(example)
-        if fmt == "metamath":
-            return _format_metamath(example)
-        if fmt == "chat":
-            row = _format_chat(example, messages_field)
-            if not any(m["role"] == "assistant" for m in row["messages"]):
-                raise DataError(f"dataset {source}, row {index}: {messages_field!r} has no assistant message")
-            return row
-        return {"prompt": example["prompt"], "completion": example["completion"]}
+        try:
+            row = _format_row(fmt, example, messages_field)
+        except ValueError as error:
+            raise DataError(f"dataset {source}, row {index}: {error}") from None
+        if fmt == "chat" and not any(m["role"] == "assistant" for m in row["messages"]):
+            raise DataError(f"dataset {source}, row {index}: {messages_field!r} has no assistant message")
+        return row
 
     # Drop the source columns so that only what TRL trains on is left (e.g. UltraFeedback's `rejected`).
     return dataset.map(convert, with_indices=True, remove_columns=columns, desc=f"Formatting {fmt} rows")

@@ -8,12 +8,12 @@ The data is the LLaVA format (e.g. `llava_v1_5_mix665k.json`)::
                         {"from": "gpt", "value": "The bus is white and red."}, ...]},
      {"id": "sharegpt_1", "conversations": [...]}]            # text-only rows have no "image"
 
-`build_llava_train_data` reads it once (checking that every referenced image exists), and returns the rows as
-a dataset of `id`, `image` (full path, or None) and `messages` (chat messages whose first user turn starts with
-the processor's image token). Images are read and processed on the fly by `LlavaDataCollator`, as TRL does for
-vision datasets: the processor builds the pixel values and expands the image token into the image's patch
-tokens; the labels keep only the assistant answers (and their end-of-turn token), -100 everywhere else
-(system prompt, user turns, role markers, image tokens, padding).
+`milora.sft.llava.build_llava_train_data` reads it once (checking that every referenced image exists), and
+returns the rows as a dataset of `id`, `image` (full path, or None) and `messages` (`llava_messages`: chat
+messages whose first user turn starts with the processor's image token). Images are read and processed on the
+fly by `LlavaDataCollator`, as TRL does for vision datasets: the processor builds the pixel values and expands
+the image token into the image's patch tokens; the labels keep only the assistant answers (and their end-of-turn
+token), -100 everywhere else (system prompt, user turns, role markers, image tokens, padding).
 
 The conversation is rendered with the LLaVA-1.5 ("vicuna_v1") format the paper trained with, written as a
 chat template with `{% generation %}` markers; the assistant spans it marks are mapped onto the tokens of the
@@ -21,30 +21,23 @@ processor's output through the processor's own replacement offsets (transformers
 unexpanded text, so `return_assistant_tokens_mask` cannot be used for LLaVA there). The same template is set
 on the processor, so the processor saved with the adapter / merged model prompts the way training did.
 
-`recipes/sft.py` uses `is_llava` to route a LLaVA model here and `build_llava_train_data` for the data; pass
-the dataset and collator to `SFTTrainer` with `remove_unused_columns=False` and
-`dataset_kwargs={"skip_prepare_dataset": True}`.
+Recipes route a LLaVA model (`milora.loading.is_vision_language`) to `milora.sft.llava.build_llava_train_data`,
+which returns the dataset and this module's collator for `SFTTrainer` (with `remove_unused_columns=False` and
+`dataset_kwargs={"skip_prepare_dataset": True}`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from milora.data import DataError
+from milora.prompts import VICUNA_V1_SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
-
-LLAVA_V1_SYSTEM_PROMPT = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
 
 # LLaVA-1.5's `conv_vicuna_v1` (SeparatorStyle.TWO, seps " " and "</s>"):
 #   "SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>"
@@ -64,7 +57,7 @@ LLAVA_V1_CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}"
-    "{%- set system = '" + LLAVA_V1_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}{%- set loop_messages = messages -%}"
+    "{%- set system = '" + VICUNA_V1_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}{%- set loop_messages = messages -%}"
     "{%- endif -%}"
     "{%- if system -%}{{ system + ' ' }}{%- endif -%}"
     "{%- for message in loop_messages -%}"
@@ -93,39 +86,6 @@ class LlavaDataError(DataError):
 
 class LlavaImageError(LlavaDataError):
     """An image referenced by a row is missing or cannot be read; names the row id and the path."""
-
-
-def is_llava(model_or_config: Any) -> bool:
-    """Whether a model (plain or PEFT-wrapped), a config, or a model name/path (`tiny:llava`, a hub id, a local
-    directory) is a LLaVA(-1.5) `LlavaForConditionalGeneration` model (`model_type == "llava"`)."""
-    if isinstance(model_or_config, (str, os.PathLike)):
-        from milora.loading import model_type_of
-
-        return model_type_of(str(model_or_config)) == "llava"
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "model_type", None) == "llava"
-
-
-# --------------------------------------------------------------------------------------------------- rows
-
-
-def _read_rows(data_path: str | os.PathLike) -> list[dict]:
-    path = Path(data_path)
-    if not path.is_file():
-        raise LlavaDataError(f"LLaVA data file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in handle if line.strip()]
-        else:
-            rows = json.load(handle)
-    if isinstance(rows, dict):  # {"data": [...]} or similar single-key wrappers
-        lists = [v for v in rows.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise LlavaDataError(f"{path}: expected a JSON list of LLaVA rows, got an object with keys {list(rows)}")
-        rows = lists[0]
-    if not isinstance(rows, list):
-        raise LlavaDataError(f"{path}: expected a JSON list of LLaVA rows, got {type(rows).__name__}")
-    return rows
 
 
 def llava_messages(row: dict, image_token: str = LLAVA_IMAGE_PLACEHOLDER, *, row_id: str | None = None) -> list[dict]:
@@ -164,37 +124,7 @@ def llava_messages(row: dict, image_token: str = LLAVA_IMAGE_PLACEHOLDER, *, row
     return messages
 
 
-def _image_of(row: dict, row_id: str) -> str | None:
-    image = row.get("image")
-    if image is None or image == "":
-        return None
-    if isinstance(image, list):
-        if len(image) != 1:
-            raise LlavaDataError(
-                f"row id={row_id}: has {len(image)} images; LLaVA-1.5 rows carry one image (a path string)"
-            )
-        image = image[0]
-    if not isinstance(image, str):
-        raise LlavaDataError(f"row id={row_id}: 'image' must be a relative path string, got {type(image).__name__}")
-    return image
-
-
-def _image_problem(path: str, verify: bool) -> str | None:
-    """Why an image file cannot be used (None if it can): missing, or (with `verify`) not a readable image."""
-    if not os.path.isfile(path):
-        return "missing"
-    if verify:
-        try:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as exc:  # PIL raises many types for bad files
-            return f"unreadable ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _missing_image_message(row_id: str, path: str, problem: str) -> str:
+def missing_image_message(row_id: str, path: str, problem: str) -> str:
     return (
         f"row id={row_id}: image {path!r} is {problem}. Check image_folder and the row's 'image' path, "
         "fix or remove the row, or set `skip_missing_images: true` to skip rows whose image is missing or unreadable."
@@ -270,7 +200,7 @@ class LlavaDataCollator:
                 image = image.convert("RGB")
         except Exception as exc:
             problem = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({type(exc).__name__}: {exc})"
-            raise LlavaImageError(_missing_image_message(row_id, path, problem)) from exc
+            raise LlavaImageError(missing_image_message(row_id, path, problem)) from exc
         if self.image_aspect_ratio == "pad":
             image = expand_to_square(image, self._background)
         return image
@@ -368,143 +298,15 @@ class LlavaDataCollator:
         return batch
 
 
-# ------------------------------------------------------------------------------------------ the entry
-
-
-def build_llava_train_data(
-    data_path: str | os.PathLike,
-    image_folder: str | os.PathLike | None,
-    processor,
-    max_length: int | None = None,
-    skip_missing_images: bool = False,
-    *,
-    chat_template: str = "llava_v1",
-    image_aspect_ratio: str = "pad",
-    verify_images: bool = False,
-    set_processor_chat_template: bool = True,
-    max_samples: int | None = None,
-):
-    """LLaVA conversation JSON + image folder -> `(datasets.Dataset, LlavaDataCollator)` for `trl.SFTTrainer`.
-
-    Args:
-        data_path: LLaVA-format JSON list (or JSONL) of rows {"id", "image" (optional), "conversations"}.
-        image_folder: folder the rows' image paths are relative to (default: the folder of `data_path`).
-        processor: the model's `LlavaProcessor` (its tokenizer needs a pad token).
-        max_length: truncate each tokenized conversation (image tokens included) to this many tokens.
-        skip_missing_images: skip rows whose image is missing (here) or unreadable (in the collator),
-            counting them in the log, instead of raising `LlavaImageError` with the row id and path.
-        chat_template: "llava_v1" (LLaVA-1.5's vicuna_v1 format, the paper's), "processor" (the processor's own
-            template, which must mark assistant text with `{% generation %}`), or a Jinja template string.
-        image_aspect_ratio: "pad" (LLaVA-1.5: pad images to a square with the mean color) or "original".
-        verify_images: also open every image here (slow on 665k images) so unreadable files are caught
-            before training rather than when their batch comes.
-        set_processor_chat_template: set the template on `processor`, so the processor saved next to the
-            adapter / merged model prompts the way training did.
-        max_samples: use the first N rows only (quick runs; `dataset_max_samples`).
-
-    Returns:
-        The dataset (columns `id`, `image` = full image path or None, `messages`) and the collator. Pass them
-        to SFTTrainer with `remove_unused_columns=False` and `dataset_kwargs={"skip_prepare_dataset": True}`.
-        `collator.skipped` lists the (id, path, reason) of every row skipped for its image.
-    """
-    from datasets import Dataset
-
-    if chat_template == "processor":
-        template = processor.chat_template
-        if not template or "generation" not in template:
-            raise ValueError(
-                "chat_template='processor' needs a processor chat template with {% generation %} markers "
-                "around the assistant text; use chat_template='llava_v1' instead"
-            )
-    else:
-        template = CHAT_TEMPLATES.get(chat_template, chat_template)
-        if "{%" not in template:
-            raise ValueError(
-                f"unknown chat_template {chat_template!r}; use 'llava_v1', 'processor' or a Jinja template string"
-            )
-    if image_folder is None:
-        image_folder = Path(data_path).parent
-    image_folder = str(image_folder)
-    if not os.path.isdir(image_folder):
-        raise LlavaDataError(f"image_folder {image_folder!r} is not a directory")
-    image_token = getattr(processor, "image_token", None) or LLAVA_IMAGE_PLACEHOLDER
-
-    rows = _read_rows(data_path)
-    if max_samples is not None:
-        rows = rows[:max_samples]
-    ids, images, messages = [], [], []
-    skipped: list[tuple[str, str, str]] = []
-    no_answer = []
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise LlavaDataError(f"{data_path}: row {index} is a {type(row).__name__}, not an object")
-        row_id = str(row.get("id", index))
-        relative = _image_of(row, row_id)
-        path = None
-        if relative is not None:
-            path = os.path.join(image_folder, relative)
-            problem = _image_problem(path, verify_images)
-            if problem is not None:
-                if not skip_missing_images:
-                    raise LlavaImageError(_missing_image_message(row_id, path, problem))
-                skipped.append((row_id, path, problem))
-                continue
-        row_messages = llava_messages(row, image_token, row_id=row_id)
-        if not any(m["role"] == "assistant" for m in row_messages):
-            no_answer.append(row_id)
-            continue
-        ids.append(row_id)
-        images.append(path)
-        messages.append(row_messages)
-    del rows
-
-    if skipped:
-        shown = "; ".join(f"id={r} {p!r} ({why})" for r, p, why in skipped[:5])
-        logger.warning(
-            "skip_missing_images: skipped %d of %d rows whose image is missing or unreadable (first: %s%s)",
-            len(skipped), len(skipped) + len(ids) + len(no_answer), shown, ", ..." if len(skipped) > 5 else "",
-        )
-    if no_answer:
-        logger.warning(
-            "skipped %d rows with no assistant ('gpt') turn, nothing to learn from (first ids: %s)",
-            len(no_answer), ", ".join(no_answer[:5]),
-        )
-    if not ids:
-        raise LlavaDataError(
-            f"{data_path}: no usable rows left (skipped {len(skipped)} for their image, {len(no_answer)} without "
-            "an answer)"
-        )
-    with_image = sum(p is not None for p in images)
-    logger.info(
-        "LLaVA data %s: %d rows (%d with an image, %d text-only)",
-        data_path, len(ids), with_image, len(ids) - with_image,
-    )
-
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
-    if set_processor_chat_template:
-        processor.chat_template = template
-    dataset = Dataset.from_dict({"id": ids, "image": images, "messages": messages})
-    collator = LlavaDataCollator(
-        processor=processor,
-        max_length=max_length,
-        skip_missing_images=skip_missing_images,
-        chat_template=template,
-        image_aspect_ratio=image_aspect_ratio,
-    )
-    collator.skipped.extend(skipped)
-    collator.num_skipped = len(skipped)
-    return dataset, collator
-
-
 __all__ = [
+    "CHAT_TEMPLATES",
+    "IGNORE_INDEX",
+    "LLAVA_IMAGE_PLACEHOLDER",
     "LLAVA_V1_CHAT_TEMPLATE",
-    "LLAVA_V1_SYSTEM_PROMPT",
     "LlavaDataCollator",
     "LlavaDataError",
     "LlavaImageError",
-    "build_llava_train_data",
     "expand_to_square",
-    "is_llava",
     "llava_messages",
+    "missing_image_message",
 ]

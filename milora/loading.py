@@ -1,9 +1,11 @@
 """Loading models and their tokenizer/processor by hub id, local path or `tiny:<kind>`, the same way
-everywhere (recipes, `milora init`, `milora merge`, analysis)."""
+everywhere (recipes, `milora init`, `milora merge`, analysis, evaluation), and the helpers that go with it:
+dtype names, the default device and dtype, and whether a model is a vision-language one."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -22,11 +24,15 @@ DTYPES = {
 }
 
 
-def resolve_dtype(dtype):
+def resolve_dtype(dtype, device: str | torch.device | None = None):
+    """A torch dtype for a name (`bfloat16`, `bf16`, `float32`, ...). `auto` stays `auto` (the checkpoint's own
+    dtype, for `from_pretrained`), or, for a given `device`, becomes `default_dtype(device)`."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype == "auto" and device is not None:
+        return default_dtype(device)
     return DTYPES[dtype]
 
 
@@ -55,8 +61,18 @@ def model_type_of(name_or_path: str) -> str:
     return AutoConfig.from_pretrained(name_or_path).model_type
 
 
-def is_vision_language(model_type: str) -> bool:
-    return model_type in ("llava", "llava_next", "llava_onevision")
+VISION_LANGUAGE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+
+
+def is_vision_language(model_or_name) -> bool:
+    """Whether a model (plain or PEFT-wrapped), a config, or a model name/path (`tiny:llava`, a hub id, a local
+    directory) is a vision-language model of the LLaVA family."""
+    if isinstance(model_or_name, (str, os.PathLike)):
+        model_type = model_type_of(str(model_or_name))
+    else:
+        config = getattr(model_or_name, "config", model_or_name)
+        model_type = getattr(config, "model_type", None)
+    return model_type in VISION_LANGUAGE_MODEL_TYPES
 
 
 def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None = None, **kwargs):
@@ -76,7 +92,7 @@ def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None 
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
     model_class = (
-        LlavaForConditionalGeneration if is_vision_language(model_type_of(name_or_path)) else AutoModelForCausalLM
+        LlavaForConditionalGeneration if is_vision_language(name_or_path) else AutoModelForCausalLM
     )
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -88,7 +104,7 @@ def load_processing_class(name_or_path: str):
     if tiny.is_tiny(name_or_path):
         kind = tiny.tiny_kind(name_or_path)
         return tiny.tiny_processor() if kind == "llava" else tiny.tiny_tokenizer()
-    if is_vision_language(model_type_of(name_or_path)):
+    if is_vision_language(name_or_path):
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(name_or_path)

@@ -13,8 +13,7 @@ Outputs in `output_dir`:
     checkpoint-N/, runs/   Trainer checkpoints (`resume_from_checkpoint: true`) and TensorBoard logs
     milora_run.json        what was trained and where each output is
 
-Keys and their defaults: `milora/sft_config.py`. Text data is formatted by `milora.data`, LLaVA data by
-`milora.llava_data.build_llava_train_data`, both through `milora.sft_config.load_training_data`.
+Keys and their defaults: `milora/sft/config.py`; each step below is one module of `milora/sft/`.
 """
 
 from __future__ import annotations
@@ -29,40 +28,37 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from milora import MiLoRAError
 from milora.data import DataError
-from milora.sft_config import (
-    RecipeError,
-    build_peft_model,
-    load_tokenizer,
-    load_training_data,
-    parse_recipe,
-    prepare_initial_adapter,
-    save_outputs,
-)
+from milora.sft.config import RecipeError
+from milora.sft.data import load_training_data
+from milora.sft.model import build_peft_model, load_tokenizer
+from milora.sft.outputs import prepare_initial_adapter, save_outputs
+from milora.sft.parsing import parse_recipe
 
 
 def train(argv: list[str] | None = None):
-    """Parse, build, train, save; returns the finished `SFTTrainer`."""
+    """Parse, data, model, trainer, train, save; returns the finished `SFTTrainer`."""
     from trl import SFTTrainer
 
     recipe = parse_recipe(argv)
     model_args, training_args = recipe.model, recipe.training
 
     # Data before the model: a bad dataset fails in seconds, before a 7B model loads or an SVD runs.
-    tokenizer = load_tokenizer(model_args, training_args)
+    tokenizer = load_tokenizer(model_args)
     with training_args.main_process_first(desc="loading the dataset"):
-        train_dataset, eval_dataset, data_collator = load_training_data(recipe, tokenizer)
+        data = load_training_data(recipe, tokenizer)
+    # The data decides a few trainer settings (loss masking; LLaVA's own collator needs its rows untouched).
+    for key, value in data.trainer_overrides.items():
+        setattr(training_args, key, value)
 
     model = build_peft_model(model_args, training_args)
     prepare_initial_adapter(model, model_args, training_args)
 
     trainer = SFTTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=data_collator,
+        model=model, args=training_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
+        processing_class=tokenizer, data_collator=data.data_collator,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    save_outputs(trainer, model_args, recipe.data, training_args)
+    save_outputs(trainer, recipe)
     trainer.accelerator.print(f"sft.py: done, outputs in {training_args.output_dir}")
     if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group
         trainer.end()

@@ -4,19 +4,22 @@ cannot be trained on."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
 
 from milora.data import (
     DataError,
-    alpaca_prompt,
+    gsm8k_completion,
     load_raw_dataset,
     load_sft_dataset,
-    metamath_prompt,
     prepare_sft_dataset,
     resolve_format,
 )
+from milora.io import read_jsonl
+from milora.prompts import METAMATH_ANSWER_MARKER, alpaca_prompt, metamath_prompt
 
 HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
@@ -39,6 +42,60 @@ def test_prompts_match_the_evaluation_prompts():
     prompts = pytest.importorskip("eval_harness.prompts")
     assert alpaca_prompt("Q?") == prompts.alpaca_prompt("Q?")
     assert alpaca_prompt("Q?", "ctx") == prompts.alpaca_prompt("Q?", "ctx")
+
+
+def test_training_and_evaluation_prompts_are_tied():
+    """Evaluation asks the finetuned model the way training formatted its rows: MetaMath's eval prompt is the
+    training prompt with the response primed; a commonsense eval doc's prompt is the training formatter's."""
+    from milora.prompts import METAMATH_RESPONSE_PRIMER, metamath_eval_prompt
+
+    question = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
+    trained = prepare_sft_dataset(Dataset.from_list([{"query": question, "response": "72"}]), "metamath")[0]
+    assert metamath_eval_prompt(question) == trained["prompt"].rstrip("\n") + " " + METAMATH_RESPONSE_PRIMER
+    tasks = pytest.importorskip("eval_harness.tasks.math.utils")
+    assert tasks._gsm8k_doc({"question": question, "answer": "#### 72"})["prompt"] == metamath_eval_prompt(question)
+
+    commonsense = pytest.importorskip("eval_harness.commonsense")
+    row = {"instruction": "Please answer the following question with true or false.\n\nQuestion: is water wet?",
+           "input": "", "output": "the correct answer is true", "answer": "true"}
+    doc = commonsense.to_llm_adapters_doc("boolq", row)
+    assert doc["prompt"] == prepare_sft_dataset(Dataset.from_list([row]), "commonsense")[0]["prompt"]
+
+
+GSM8K_TRAIN = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k_train.jsonl"
+
+
+def test_gsm8k_answer_becomes_a_metamath_response():
+    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 1,072"
+    assert gsm8k_completion(answer) == (
+        "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\nThe answer is: 1072"
+    )
+    rows = Dataset.from_list([{"question": "q?", "answer": "no final line"}])
+    with pytest.raises(DataError, match="dataset g.jsonl, row 0: a GSM8K answer ends with '#### N'"):
+        prepare_sft_dataset(rows, "gsm8k", source="g.jsonl")
+
+
+@pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason="GSM8K train file not available")
+def test_gsm8k_rows_from_the_real_file():
+    rows = read_jsonl(GSM8K_TRAIN)[:50]
+    out = load_sft_dataset(str(GSM8K_TRAIN), "gsm8k", max_samples=50)
+    assert out.column_names == ["prompt", "completion"] and len(out) == 50
+    for row, formatted in zip(rows, out, strict=True):
+        final = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        assert formatted["prompt"] == metamath_prompt(row["question"])
+        completion = formatted["completion"]
+        assert completion.endswith(f"\n{METAMATH_ANSWER_MARKER}{final}") and "####" not in completion
+        assert "<<" not in completion and ">>" not in completion
+        # the worked solution is kept, line for line, without the calculator annotations
+        solution = row["answer"].rsplit("####", 1)[0].rstrip().splitlines()
+        kept = completion.splitlines()[:-1]
+        assert len(kept) == len(solution)
+        for original, line in zip(solution, kept, strict=True):
+            assert line == re.sub(r"<<[^>]*>>", "", original)
+    assert out[0]["completion"] == (
+        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n"
+        "The answer is: 72"
+    )
 
 
 def test_alpaca_rows_become_prompt_completion():
@@ -168,8 +225,6 @@ def test_blank_files_are_empty_datasets(tmp_path, content):
 
 
 def test_bundled_data_formats():
-    from pathlib import Path
-
     data = Path(__file__).resolve().parents[2] / "recipes" / "data"
     math = load_sft_dataset(str(data / "tiny_math.jsonl"))
     assert len(math) >= 300 and math[0]["completion"].splitlines()[-1].startswith("The answer is: ")

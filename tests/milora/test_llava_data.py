@@ -1,5 +1,5 @@
-"""`milora.llava_data`: LLaVA conversation JSON -> dataset + collator (labels on assistant answers only),
-missing/unreadable images, the LLaVA-1.5 prompt format. Offline, tiny processor, seconds."""
+"""`milora.llava_data` and `milora.sft.llava`: LLaVA conversation JSON -> dataset + collator (labels on assistant
+answers only), missing/unreadable images, the LLaVA-1.5 prompt format. Offline, tiny processor, seconds."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from PIL import Image  # noqa: E402
 from milora.llava_data import (  # noqa: E402
     IGNORE_INDEX,
     LLAVA_V1_CHAT_TEMPLATE,
-    LLAVA_V1_SYSTEM_PROMPT,
     LlavaDataError,
     LlavaImageError,
-    build_llava_train_data,
     expand_to_square,
-    is_llava,
     llava_messages,
 )
+from milora.loading import is_vision_language  # noqa: E402
+from milora.prompts import VICUNA_V1_SYSTEM_PROMPT  # noqa: E402
+from milora.sft.llava import build_llava_train_data  # noqa: E402
 from milora.tiny import tiny_config, tiny_model, tiny_processor  # noqa: E402
 
 TINY_DATA = REPO_ROOT / "recipes" / "data" / "llava_tiny"
@@ -99,7 +99,7 @@ def test_llava_messages_follow_llava_preprocessing():
         {"role": "user", "content": "Bigger?"},
         {"role": "assistant", "content": "No."},
     ]
-    text_only = {"id": "t", 
+    text_only = {"id": "t",
                  "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yo"}]}
     assert llava_messages(text_only)[0]["content"] == "Hi"  # no image -> no image token left behind
     no_token = {"id": "n", "image": "x.png",
@@ -160,7 +160,7 @@ def test_labels_mask_everything_but_assistant_answers(processor):
     # the text is LLaVA-1.5's conv_vicuna_v1 prompt, exactly (this tokenizer adds no BOS; a Llama one does)
     text = _decode(processor, input_ids[2][: lengths[2]]).replace("<image>" * IMAGE_TOKENS, "<image>")
     assert text == (
-        f"{LLAVA_V1_SYSTEM_PROMPT} USER: <image>\nWhat color is the shape?\n"
+        f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\nWhat color is the shape?\n"
         "Answer the question using a single word or phrase. ASSISTANT: Red</s>"
     )
 
@@ -178,7 +178,7 @@ def test_multi_turn_labels_and_format(processor, tmp_path):
     dataset, collator = build_llava_train_data(path, tmp_path, processor)
     batch = collator([dataset[0]])
     text = _decode(processor, batch["input_ids"][0]).replace("<image>" * IMAGE_TOKENS, "<image>")
-    assert text == f"{LLAVA_V1_SYSTEM_PROMPT} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>"
+    assert text == f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>"
     assert _answers(processor, batch["labels"][0]) == "A1</s>A2</s>"
 
 
@@ -281,7 +281,7 @@ def test_missing_image_is_a_clear_error(processor, tmp_path):
 def test_skip_missing_images_skips_and_counts(processor, tmp_path, caplog):
     rows = [_row("ok-1", "ok.png"), _row("gone-2", "gone.png"), _row("text-3"), _row("gone-4", "sub/gone.jpg")]
     path = _write_rows(tmp_path, rows, {"ok.png": Image.new("RGB", (32, 32))})
-    with caplog.at_level(logging.WARNING, logger="milora.llava_data"):
+    with caplog.at_level(logging.WARNING, logger="milora"):
         dataset, collator = build_llava_train_data(path, tmp_path, processor, skip_missing_images=True)
     assert dataset["id"] == ["ok-1", "text-3"]
     assert collator.num_skipped == 2
@@ -306,7 +306,7 @@ def test_unreadable_image_error_and_skip(processor, tmp_path, caplog):
 
     # skip: dropped from the batch, counted, logged
     dataset, collator = build_llava_train_data(path, tmp_path, tiny_processor(), skip_missing_images=True)
-    with caplog.at_level(logging.WARNING, logger="milora.llava_data"):
+    with caplog.at_level(logging.WARNING, logger="milora"):
         batch = collator([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
     assert collator.num_skipped == 1 and collator.skipped[0][0] == "bad-7"
@@ -345,7 +345,7 @@ def test_processor_gets_the_training_template_for_inference(processor, tmp_path)
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}],
         add_generation_prompt=True,
     )
-    assert prompt == f"{LLAVA_V1_SYSTEM_PROMPT} USER: <image>\nWhat color is it? ASSISTANT:"
+    assert prompt == f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\nWhat color is it? ASSISTANT:"
     # saved and reloaded with the processor
     from transformers import AutoProcessor
 
@@ -360,16 +360,17 @@ def test_training_prompt_is_the_vqa_generators_prompt(processor):
     question = "What color is the shape?\nAnswer the question using a single word or phrase."
     for style in ("llava_v1", "chat"):
         assert generation.llava_prompt(processor, question, style) == (
-            f"{LLAVA_V1_SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
+            f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
         )
 
 
-def test_is_llava():
+def test_is_vision_language():
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model("llava")
-    assert is_llava(model) and is_llava(model.config) and is_llava(tiny_config("llava"))
-    assert is_llava("tiny:llava") and not is_llava("tiny:llama")
-    assert not is_llava(tiny_model("llama")) and not is_llava(tiny_config("llama"))
+    assert is_vision_language(model) and is_vision_language(model.config)
+    assert is_vision_language(tiny_config("llava"))
+    assert is_vision_language("tiny:llava") and not is_vision_language("tiny:llama")
+    assert not is_vision_language(tiny_model("llama")) and not is_vision_language(tiny_config("llama"))
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
-    assert is_llava(peft_model)
+    assert is_vision_language(peft_model)

@@ -25,7 +25,7 @@ PAPER_RECIPES = {"llava_milora.yaml": "milora", "llava_lora.yaml": "lora", "llav
 TINY_RECIPE = RECIPES / "tiny_llava_milora.yaml"
 TINY_JSON = RECIPES / "data" / "llava_tiny" / "llava_tiny.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Keys the LLaVA recipes add to milora/sft_config.py's dataclasses (see milora/llava_data.py).
+# Keys the LLaVA recipes add to milora/sft/config.py's dataclasses (see milora/llava_data.py).
 LLAVA_KEYS = {"image_folder", "skip_missing_images", "lora_modules_to_save"}
 
 
@@ -35,12 +35,12 @@ def _recipe(name: str) -> dict:
 
 def _sft_handles_llava() -> bool:
     """recipes/sft.py (or the recipe glue it calls) routes LLaVA models to milora.llava_data."""
-    glue = [RECIPES / "sft.py", REPO_ROOT / "milora" / "sft_config.py"]
+    glue = [RECIPES / "sft.py", *(REPO_ROOT / "milora" / "sft").glob("*.py")]
     return any("build_llava_train_data" in path.read_text() for path in glue) and _recipe_keys_known()
 
 
 def _recipe_keys_known() -> bool:
-    from milora.sft_config import valid_keys
+    from milora.sft.parsing import valid_keys
 
     known = {k for names in valid_keys().values() for k in names}
     return LLAVA_KEYS <= known
@@ -85,8 +85,8 @@ def test_tiny_recipe_mirrors_the_paper_recipe():
 
 @pytest.mark.parametrize("name", [*sorted(PAPER_RECIPES), "tiny_llava_milora.yaml"])
 def test_recipe_keys_are_recipe_keys(name):
-    """Every key is one milora/sft_config.py knows, or one of the LLaVA keys it is to add."""
-    from milora.sft_config import valid_keys
+    """Every key is one milora/sft/config.py knows, or one of the LLaVA keys it is to add."""
+    from milora.sft.parsing import valid_keys
 
     known = {k for names in valid_keys().values() for k in names} | LLAVA_KEYS
     assert set(_recipe(name)) - known == set()
@@ -94,12 +94,12 @@ def test_recipe_keys_are_recipe_keys(name):
 
 @pytest.mark.skipif(
     not _recipe_keys_known(),
-    reason="milora/sft_config.py does not define image_folder / skip_missing_images / lora_modules_to_save yet "
+    reason="milora/sft/config.py does not define image_folder / skip_missing_images / lora_modules_to_save yet "
     "(LLaVA integration pending, see milora/llava_data.py)",
 )
 @pytest.mark.parametrize("name", [*sorted(PAPER_RECIPES), "tiny_llava_milora.yaml"])
 def test_llava_recipes_parse(name):
-    from milora.sft_config import parse_recipe
+    from milora.sft.parsing import parse_recipe
 
     # the 7B recipes name LLaVA's data, absent here: point them at the bundled tiny data to parse them
     overrides = [] if name.startswith("tiny") else [
@@ -156,7 +156,8 @@ def test_tiny_llava_trains_through_sft_trainer(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     import milora
-    from milora.llava_data import build_llava_train_data, is_llava
+    from milora.loading import is_vision_language
+    from milora.sft.llava import build_llava_train_data
     from milora.tiny import tiny_model, tiny_processor
 
     recipe = _recipe("tiny_llava_milora.yaml")
@@ -164,7 +165,7 @@ def test_tiny_llava_trains_through_sft_trainer(tmp_path):
     dataset, collator = build_llava_train_data(TINY_JSON, None, processor, max_length=recipe["max_length"])
 
     model = tiny_model("llava")
-    assert is_llava(model)
+    assert is_vision_language(model)
     vision_before = _state(model.model.vision_tower)
     projector_before = _state(model.model.multi_modal_projector)
     language_before = _state(model.model.language_model)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from milora.sft_config import parse_recipe, valid_keys
+from milora.sft.parsing import parse_recipe, valid_keys
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 MODELS = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B"}

@@ -157,7 +157,7 @@ def test_resume_refuses_a_different_initialisation(sft, tmp_path):
         "--report_to", "none",
     ]
     sft.train(args)
-    from milora.sft_config import RecipeError
+    from milora.sft.config import RecipeError
 
     with pytest.raises(RecipeError, match="cannot resume: the initial adapter rebuilt now differs"):
         sft.train([*args, "--resume_from_checkpoint", "true", "--method", "pissa"])
@@ -195,7 +195,7 @@ def test_chat_data_trains_on_assistant_turns_only(sft, tmp_path):
     row = trainer.train_dataset[0]
     tokenizer = trainer.processing_class
     text = tokenizer.decode(row["input_ids"])
-    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
     assert text.startswith("<s>### User:\nWrite one short sentence")
     assert trained == "Eva collected 3 books.</s>"
 
@@ -209,7 +209,7 @@ def test_commonsense_data_trains_on_the_output_only(sft, tmp_path):
     row = trainer.train_dataset[0]
     tokenizer = trainer.processing_class
     text = tokenizer.decode(row["input_ids"])
-    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
     assert "### Instruction:\nPlease choose the correct answer" in text and text.endswith("### Response:\n" + trained)
     assert trained == "the correct answer is answer1</s>"
 
@@ -221,7 +221,8 @@ def test_padding_free_gives_the_padded_loss(sft, tmp_path):
         "--merge", "false", "--report_to", "none",
     ]
     padded = sft.train([*common, "--output_dir", str(tmp_path / "padded")])
-    free = sft.train([*common, "--output_dir", str(tmp_path / "free"), "--padding_free", "true", "--max_length", "none"])
+    free = sft.train([*common, "--output_dir", str(tmp_path / "free"), "--padding_free", "true",
+                      "--max_length", "none"])
     assert free.args.padding_free and not padded.args.padding_free
     assert losses(free)[0] == pytest.approx(losses(padded)[0], rel=1e-5)
 

@@ -149,7 +149,7 @@ def test_svd_methods_under_zero3_need_an_init_dir():
     """DeepSpeed ZeRO-3 (CPU accelerator here) partitions weights as they load: MiLoRA/PiSSA must start from
     a `milora init` directory, and merging is left to `milora merge`. Own process: DeepSpeed state is global."""
     code = (
-        "from milora.sft_config import parse_recipe, RecipeError\n"
+        "from milora.sft.parsing import parse_recipe, RecipeError\n"
         "for extra in ([], ['--method', 'lora', '--lora_alpha', '16']):\n"
         "    try:\n"
         "        parse_recipe(['recipes/tiny_milora.yaml', '--deepspeed', 'deepspeed_configs/ds_zero3.json',"

@@ -1,5 +1,5 @@
-"""`milora.sft_config`: a YAML recipe parses into the HF/TRL dataclasses the TrlParser way, with the toolkit's
-defaults, command-line overrides, and clear errors."""
+"""`milora.sft.parsing` and `milora.sft.config`: a YAML recipe parses into the HF/TRL dataclasses the TrlParser
+way, with the toolkit's defaults, command-line overrides, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from milora.sft_config import (
-    MiloraSFTConfig,
-    RecipeError,
-    initial_adapter_mismatch,
-    parse_recipe,
-    resolve_resume_checkpoint,
-    valid_keys,
-)
+from milora.sft.config import MiloraSFTConfig, RecipeError, resolve_resume_checkpoint
+from milora.sft.outputs import initial_adapter_mismatch
+from milora.sft.parsing import parse_recipe, valid_keys
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 TINY = str(REPO_ROOT / "recipes" / "tiny_milora.yaml")
 DATA = str(REPO_ROOT / "recipes" / "data" / "tiny_math.jsonl")
 

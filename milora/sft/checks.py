@@ -1,0 +1,85 @@
+"""Checks of a parsed recipe that need more than one dataclass or the file system; each refuses, none changes
+a value. They run before anything loads, so a bad recipe fails in seconds, not after a 7B model has loaded."""
+
+from __future__ import annotations
+
+import os
+
+from milora.data import is_local_data_path
+from milora.sft.config import RecipeError
+from milora.tiny import TINY_KINDS, TINY_PREFIX, is_tiny
+
+
+def check_recipe(recipe) -> None:
+    """Every check, in the order a reader meets the keys: model, data, chat template, DeepSpeed."""
+    where = f" in {recipe.path}" if recipe.path else ""
+    if recipe.model.milora_init_dir is None:
+        check_model_source(recipe.model.model_name_or_path, where)
+    check_dataset(recipe.data.dataset_name, recipe.path, where)
+    check_chat_template(recipe.training.chat_template_path)
+    refuse_svd_init_under_zero3(recipe.model, recipe.training)
+    refuse_merge_under_zero3(recipe.training)
+
+
+def check_model_source(name: str | None, where: str = "") -> None:
+    """A tiny causal LM, a saved model directory, or (anything else) a hub id."""
+    if name is None:
+        raise RecipeError(f"no model{where}: set model_name_or_path (hub id, local directory or tiny:KIND)")
+    if is_tiny(name):
+        kind = name[len(TINY_PREFIX):]
+        if kind not in TINY_KINDS or kind == "bert":
+            causal = [TINY_PREFIX + k for k in TINY_KINDS if k != "bert"]
+            raise RecipeError(f"model_name_or_path {name!r} is not a tiny causal LM; use one of {', '.join(causal)}")
+    elif (name.startswith((".", "/", "~")) or os.path.exists(name)) and not os.path.isdir(name):
+        raise RecipeError(f"model_name_or_path {name}: no such directory")
+    elif os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise RecipeError(f"model_name_or_path {name} has no config.json (not a saved model directory)")
+
+
+def check_dataset(name: str | None, recipe_path: str | None, where: str = "") -> None:
+    """A dataset is named, and a local one exists (the message says where it was looked for)."""
+    if name is None:
+        raise RecipeError(f"no dataset{where}: set dataset_name (hub id or local json/jsonl/parquet file)")
+    if is_local_data_path(name) and not os.path.exists(os.path.expanduser(name)):
+        tried = [name]
+        if recipe_path and not os.path.isabs(name):
+            tried.append(os.path.join(os.path.dirname(os.path.abspath(recipe_path)), name))
+        raise RecipeError(f"dataset file not found: {name} (looked for {' and '.join(tried)})")
+
+
+def check_chat_template(path: str | None) -> None:
+    if path and path.endswith((".jinja", ".j2")) and not os.path.isfile(path):
+        raise RecipeError(f"chat_template_path {path}: no such file")
+
+
+def deepspeed_zero_stage(training) -> int | None:
+    """The ZeRO stage this run uses (from `deepspeed:` or `accelerate launch --config_file`), or None."""
+    plugin = getattr(training, "deepspeed_plugin", None)
+    if plugin is not None:
+        return int(plugin.zero_stage)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return 3 if is_deepspeed_zero3_enabled() else None
+
+
+def refuse_svd_init_under_zero3(model, training) -> None:
+    """SVD methods under ZeRO-3 start from a `milora init` directory: ZeRO-3 partitions the weights as they
+    load, so no process holds a whole matrix to decompose."""
+    if deepspeed_zero_stage(training) == 3 and model.method != "lora" and model.milora_init_dir is None:
+        targets = model.lora_target_modules
+        targets = ",".join(targets) if isinstance(targets, (list, tuple)) else str(targets)
+        raise RecipeError(
+            f"method {model.method} under DeepSpeed ZeRO-3 needs milora_init_dir: ZeRO-3 partitions the weights "
+            "as they load, so no process holds a whole matrix to decompose. Run `milora init --model "
+            f"{model.model_name_or_path} --mode {model.method} --r {model.lora_r} --lora_alpha {model.lora_alpha} "
+            f"--targets {targets} --out DIR` once (one GPU or CPU), then train with milora_init_dir: DIR "
+            "(see deepspeed_configs/README.md)"
+        )
+
+
+def refuse_merge_under_zero3(training) -> None:
+    if deepspeed_zero_stage(training) == 3 and training.merge:
+        raise RecipeError(
+            "merge: true is not available under DeepSpeed ZeRO-3 (the weights are partitioned); train with "
+            "merge: false, then run `milora merge` on the saved adapter (see deepspeed_configs/README.md)"
+        )

@@ -1,0 +1,286 @@
+"""The three dataclasses a recipe fills, each resolving its own defaults in `__post_init__`.
+
+A recipe is one flat YAML file whose keys are the fields of these dataclasses, named as Hugging Face names them:
+
+- `DataArguments`: which dataset and how to read it (TRL `ScriptArguments` names plus `dataset_format`, ...).
+- `ModelArguments`: the base model and the adapter (TRL `ModelConfig` names plus `method`, `milora_init_dir`).
+- `MiloraSFTConfig`: TRL's `SFTConfig` (so every `transformers.TrainingArguments` key) plus the outputs
+  (`merge`, `save_standard_lora`) and `effective_batch_size`.
+
+What a default depends on is resolved where the field is declared: `lora_alpha` from `method` and `lora_r`,
+method/rank/alpha/targets from a `milora_init_dir`, `gradient_accumulation_steps` from `effective_batch_size`
+and the process count, `bf16` and Liger from the hardware, `resume_from_checkpoint: true` to the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig
+
+from milora.data import FORMATS
+from milora.loading import default_dtype
+
+METHODS = ("milora", "pissa", "lora", "mid", "random")
+DEFAULT_METHOD = "milora"
+DEFAULT_RANK = 16
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+# `milora init` records the decomposition mode; recipes name the method.
+METHOD_OF_MODE = {"minor": "milora", "principal": "pissa", "mid": "mid", "random": "random"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run as written; the message says which key is wrong and how to fix it."""
+
+
+@dataclass
+class DataArguments:
+    """Which dataset to train on and how to read it."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id (e.g. meta-math/MetaMathQA) or a local json/jsonl/parquet/csv file or "
+                  "folder."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (hub datasets)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (hub datasets)."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on when eval_strategy is not 'no' (hub datasets)."}
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "alpaca|commonsense (instruction/input/output), metamath (query/response), gsm8k "
+                  "(question/answer), chat (messages), prompt_completion, or auto (from the fields present)."},
+    )
+    dataset_messages_field: str = field(
+        default="messages", metadata={"help": "Column holding the chat messages (UltraFeedback: chosen)."}
+    )
+    dataset_max_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N rows only (quick runs)."}
+    )
+    image_folder: str | None = field(
+        default=None,
+        metadata={"help": "LLaVA data: folder the rows' image paths are relative to (default: the JSON's folder)."},
+    )
+    skip_missing_images: bool = field(
+        default=False,
+        metadata={"help": "LLaVA data: skip rows whose image is missing or unreadable (counted in the log) instead "
+                  "of stopping with the row id and path."},
+    )
+
+    def __post_init__(self):
+        if self.dataset_format not in FORMATS:
+            raise RecipeError(f"unknown dataset_format {self.dataset_format!r}; choose one of {', '.join(FORMATS)}")
+
+
+@dataclass
+class ModelArguments:
+    """The base model and the adapter put on it."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id, local directory, or tiny:KIND (offline tiny models)."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "Weights dtype: auto, bfloat16, float16, float32. Default: bfloat16 on a GPU with "
+                  "bf16 support, else float32."},
+    )
+    attn_implementation: str | None = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa, flash_attention_2, eager, ..."}
+    )
+    method: str | None = field(
+        default=None,
+        metadata={"help": "milora (minor components), pissa (principal), lora (plain), mid, random (ablations). "
+                  "Default: the milora_init_dir's method, else milora."},
+    )
+    lora_r: int | None = field(
+        default=None, metadata={"help": f"Adapter rank. Default: the milora_init_dir's rank, else {DEFAULT_RANK}."}
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LoRA alpha. Default: the milora_init_dir's alpha, else r for milora/pissa/mid/random and "
+                  "2r for lora (the paper)."},
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "Modules to adapt: name suffixes, a regex, or all-linear (a milora_init_dir's own)."},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter (LLaVA: multi_modal_projector)."},
+    )
+    milora_init_dir: str | None = field(
+        default=None,
+        metadata={"help": "Start from a `milora init` directory (residual model + initial adapter): no SVD at "
+                  "start-up; required for SVD methods under DeepSpeed ZeRO-3."},
+    )
+    milora_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Reuse the SVD factors computed for the same weights, targets, rank and method by an "
+                  "earlier run (stored there on first use): a resumed or repeated run skips the decomposition."},
+    )
+
+    def __post_init__(self):
+        if self.method is not None:
+            self.method = str(self.method).lower()
+            if self.method not in METHODS:
+                raise RecipeError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.lora_r is not None and (not isinstance(self.lora_r, int) or self.lora_r < 1):
+            raise RecipeError(f"lora_r must be a positive integer, got {self.lora_r!r}")
+        if self.milora_init_dir is not None:
+            self._take_settings_from_init_dir()
+        self.method = self.method or DEFAULT_METHOD
+        self.lora_r = self.lora_r or DEFAULT_RANK
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_r if self.method == "lora" else self.lora_r
+        if self.dtype is None:
+            self.dtype = str(default_dtype()).removeprefix("torch.")
+
+    def _take_settings_from_init_dir(self) -> None:
+        """Method, rank, alpha and targets come from a `milora init` directory; a value set here that differs is
+        refused (a PiSSA recipe pointed at a MiLoRA init, a rank-32 recipe at a rank-64 init)."""
+        from milora.init_dir import is_init_dir
+
+        if not is_init_dir(self.milora_init_dir):
+            raise RecipeError(
+                f"milora_init_dir {self.milora_init_dir} is not a `milora init` directory (no "
+                "milora_init/adapter_config.json); create one with `milora init --model ... --r ... --out DIR`"
+            )
+        if self.method == "lora":
+            raise RecipeError("milora_init_dir holds an SVD init; it cannot be combined with method: lora")
+        found = init_dir_settings(self.milora_init_dir)
+        for key in ("method", "lora_r", "lora_alpha"):
+            ours = getattr(self, key)
+            if ours is not None and found[key] is not None and ours != found[key]:
+                raise RecipeError(
+                    f"{key}: {ours} contradicts milora_init_dir {self.milora_init_dir}, which was made with "
+                    f"{key} {found[key]}; use a matching init directory or drop {key} from the recipe"
+                )
+            setattr(self, key, found[key] if found[key] is not None else ours)
+        self.lora_target_modules = found["lora_target_modules"]
+
+
+def init_dir_settings(init_dir: str) -> dict:
+    """The method, rank, alpha and targets a `milora init` directory was made with."""
+    from pathlib import Path
+
+    from milora.init_dir import INIT_SUBDIR, read_metadata
+    from milora.io import read_json
+    from milora.layout import ADAPTER_CONFIG_FILE
+
+    adapter = read_json(Path(init_dir) / INIT_SUBDIR / ADAPTER_CONFIG_FILE)
+    targets = adapter.get("target_modules")
+    return {
+        "method": METHOD_OF_MODE.get(read_metadata(init_dir).get("mode")),
+        "lora_r": adapter["r"],
+        "lora_alpha": adapter["lora_alpha"],
+        "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets,
+    }
+
+
+@dataclass
+class MiloraSFTConfig(SFTConfig):
+    """TRL's `SFTConfig` with this toolkit's defaults and output options."""
+
+    output_dir: str | None = field(default="outputs/sft", metadata={"help": "Where checkpoints and outputs go."})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Logging integrations (tensorboard by default)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision. Default: on when a GPU supports it, else off."}
+    )
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches per optimizer step. Default: from effective_batch_size, else 1."},
+    )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "Loss on assistant turns only (chat data). Default: on for chat data."},
+    )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Examples per optimizer step over all processes; sets gradient_accumulation_steps = "
+                  "effective_batch_size / (per_device_train_batch_size * number of processes)."},
+    )
+    merge: bool = field(default=False, metadata={"help": "Also save the merged full checkpoint to OUTPUT_DIR/merged."})
+    save_standard_lora: bool = field(
+        default=True,
+        metadata={"help": "For SVD methods, save the standard-LoRA conversion (for the original base model) to "
+                  "OUTPUT_DIR/lora_adapter."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and default_dtype() == torch.bfloat16
+        if self.use_liger_kernel and not liger_usable():
+            warnings.warn(
+                "use_liger_kernel: Liger's fused kernels need a CUDA GPU and `pip install liger-kernel` "
+                "(or `pip install -e .[gpu]`); training without them.",
+                stacklevel=2,
+            )
+            self.use_liger_kernel = False
+        self.resume_from_checkpoint = resolve_resume_checkpoint(self.resume_from_checkpoint, self.output_dir)
+        # Before TrainingArguments' own __post_init__: DeepSpeed's "auto" batch sizes are filled from it there.
+        self.gradient_accumulation_steps = accumulation_steps(
+            self.effective_batch_size, self.per_device_train_batch_size, self.gradient_accumulation_steps,
+            world_size(),
+        )
+        super().__post_init__()
+
+
+def world_size() -> int:
+    """The number of training processes: `accelerate launch`, torchrun and deepspeed set WORLD_SIZE; a plain
+    `python` run is one process."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def accumulation_steps(effective_batch_size: int | None, per_device: int, explicit: int | None, processes: int) -> int:
+    """gradient_accumulation_steps for `effective_batch_size` examples per optimizer step on `processes` processes;
+    without an effective batch size, the explicit value or 1."""
+    if effective_batch_size is None:
+        return 1 if explicit is None else explicit
+    steps = effective_batch_size / (per_device * processes)
+    if steps < 1 or not float(steps).is_integer():
+        raise RecipeError(
+            f"effective_batch_size {effective_batch_size} is not a multiple of per_device_train_batch_size "
+            f"{per_device} x {processes} process(es)"
+        )
+    if explicit is not None and explicit != int(steps):
+        raise RecipeError(
+            f"gradient_accumulation_steps {explicit} contradicts effective_batch_size {effective_batch_size} "
+            f"(which needs {int(steps)} with per_device_train_batch_size {per_device} on {processes} process(es)); "
+            "set only one of them"
+        )
+    return int(steps)
+
+
+def liger_usable() -> bool:
+    """Liger's Triton kernels run on CUDA GPUs only, and only when the package is installed."""
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_resume_checkpoint(value, output_dir: str | None) -> str | None:
+    """`true`/`last` -> the newest checkpoint in output_dir; `false`/none -> None; else a checkpoint path."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or value is False:
+        return None
+    text = str(value).strip()
+    if text.lower() in ("", "false", "none", "null", "no"):
+        return None
+    if text.lower() in ("true", "last", "yes"):
+        last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+        if last is None:
+            raise RecipeError(
+                f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N directory to resume from"
+            )
+        return last
+    if not os.path.isdir(text):
+        raise RecipeError(f"resume_from_checkpoint {text}: no such checkpoint directory")
+    return text

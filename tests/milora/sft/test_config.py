@@ -1,0 +1,105 @@
+"""`milora.sft.config`: each dataclass resolves its own defaults as it is built; `effective_batch_size` sets
+`gradient_accumulation_steps` once, from the process count, before DeepSpeed's "auto" values are filled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from milora.sft import parsing
+from milora.sft.config import DataArguments, MiloraSFTConfig, ModelArguments, RecipeError, accumulation_steps
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+TINY = str(REPO_ROOT / "recipes" / "tiny_milora.yaml")  # per_device_train_batch_size 8, effective_batch_size 16
+
+
+def config(tmp_path, **values) -> MiloraSFTConfig:
+    return MiloraSFTConfig(output_dir=str(tmp_path), report_to="none", **values)
+
+
+@pytest.mark.parametrize("processes,steps", [(1, 4), (2, 2), (4, 1)])
+def test_accumulation_follows_the_process_count(tmp_path, monkeypatch, processes, steps):
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    training = config(tmp_path, effective_batch_size=16, per_device_train_batch_size=4)
+    assert training.gradient_accumulation_steps == steps
+    assert training.per_device_train_batch_size * steps * processes == 16
+
+
+def test_explicit_accumulation_is_kept_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    explicit = config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3)
+    assert explicit.gradient_accumulation_steps == 3
+    assert config(tmp_path).gradient_accumulation_steps == 1
+    training = config(tmp_path, effective_batch_size=16, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    assert training.gradient_accumulation_steps == 2
+    with pytest.raises(RecipeError, match="gradient_accumulation_steps 4 contradicts effective_batch_size 16 "
+                                          r"\(which needs 2 .* on 2 process"):
+        config(tmp_path, effective_batch_size=16, per_device_train_batch_size=4, gradient_accumulation_steps=4)
+
+
+def test_effective_batch_size_must_be_a_multiple(monkeypatch):
+    with pytest.raises(RecipeError, match="effective_batch_size 16 is not a multiple of per_device_train_batch_size "
+                                          "4 x 3 process"):
+        accumulation_steps(16, 4, None, 3)
+    with pytest.raises(RecipeError, match="effective_batch_size 2 is not a multiple"):
+        accumulation_steps(2, 4, None, 1)
+
+
+def test_the_recipe_is_parsed_once(monkeypatch):
+    built = []
+    original = MiloraSFTConfig.__post_init__
+
+    def counting(self):
+        built.append(self.gradient_accumulation_steps)
+        original(self)
+
+    monkeypatch.setattr(MiloraSFTConfig, "__post_init__", counting)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = parsing.parse_recipe([TINY, "--output_dir", "/tmp/unused"])
+    assert built == [None] and recipe.training.gradient_accumulation_steps == 1
+
+
+def test_deepspeed_auto_values_use_the_derived_accumulation():
+    """TrainingArguments fills DeepSpeed's "auto" batch sizes while it is built: they must already see the
+    accumulation derived from effective_batch_size (own process: DeepSpeed's state is global)."""
+    code = (
+        "from milora.sft.parsing import parse_recipe\n"
+        "t = parse_recipe(['recipes/tiny_milora.yaml', '--deepspeed', 'deepspeed_configs/ds_zero2.json',"
+        " '--output_dir', '/tmp/unused']).training\n"
+        "c = t.hf_deepspeed_config.config\n"
+        "print(c['gradient_accumulation_steps'], c['train_micro_batch_size_per_gpu'], c['train_batch_size'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["2", "8", "16"]
+
+
+@pytest.mark.parametrize("method,alpha", [("LoRA", 16), ("PiSSA", 8), ("milora", 8), ("mid", 8), ("random", 8)])
+def test_model_defaults(method, alpha):
+    model = ModelArguments(model_name_or_path="tiny:llama", method=method, lora_r=8)
+    assert model.method == method.lower() and model.lora_alpha == alpha
+    assert model.dtype == "float32"  # no GPU here; bfloat16 where a GPU supports it
+    plain = ModelArguments()
+    assert (plain.method, plain.lora_r, plain.lora_alpha) == ("milora", 16, 16)
+
+
+def test_bad_values_are_refused_where_declared():
+    with pytest.raises(RecipeError, match="unknown method 'qlora'.*milora, pissa, lora, mid, random"):
+        ModelArguments(method="qlora")
+    with pytest.raises(RecipeError, match="lora_r must be a positive integer"):
+        ModelArguments(lora_r=0)
+    with pytest.raises(RecipeError, match="unknown dataset_format 'sharegpt'"):
+        DataArguments(dataset_format="sharegpt")
+
+
+def test_liger_is_off_without_cuda(tmp_path):
+    with pytest.warns(UserWarning, match="use_liger_kernel"):
+        training = config(tmp_path, use_liger_kernel=True)
+    assert training.use_liger_kernel is False and training.bf16 is False
