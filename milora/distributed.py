@@ -44,6 +44,20 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def partition_if_zero3(model: torch.nn.Module) -> torch.nn.Module:
+    """Under DeepSpeed ZeRO-3 (as transformers sees it), partition a model built in memory across the processes,
+    as `from_pretrained` partitions the models it loads; otherwise return it unchanged."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return model
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
+    return model
+
+
 def weight_fingerprint(weight: torch.Tensor) -> str:
     """A cheap fingerprint of a weight: shape, dtype, float64 sum and a strided sample of its values."""
     flat = weight.detach().reshape(-1)

@@ -103,19 +103,23 @@ def tiny_config(kind: str, vocab_size: int = 261):
 def tiny_model(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised (seeded) tiny model of the given kind."""
     from transformers import (
-        AutoModelForCausalLM,
+        MODEL_FOR_CAUSAL_LM_MAPPING,
         BertForSequenceClassification,
         LlavaForConditionalGeneration,
     )
 
+    from milora.distributed import partition_if_zero3
+
     config = tiny_config(kind)
     torch.manual_seed(seed)
+    # The model classes themselves, not from_config: under DeepSpeed ZeRO-3 from_config builds inside zero.Init
+    # without initialising the weights; partition_if_zero3 below splits these seeded weights instead.
     if kind == "llava":
         model = LlavaForConditionalGeneration(config)
     elif kind == "bert":
         model = BertForSequenceClassification(config)
     else:
-        model = AutoModelForCausalLM.from_config(config)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     # Random init leaves a flat spectrum; a few large directions make the principal/minor split meaningful,
     # as it is in pretrained weights.
     with torch.no_grad():
@@ -126,7 +130,7 @@ def tiny_model(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
                 u = torch.randn(weight.shape[0], 4, generator=generator)
                 v = torch.randn(4, weight.shape[1], generator=generator)
                 weight.add_(0.05 * (u @ v) / weight.shape[1] ** 0.5)
-    return model.to(dtype)
+    return partition_if_zero3(model.to(dtype))
 
 
 def save_tiny_checkpoint(kind: str, path, seed: int = 0):
