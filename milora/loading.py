@@ -1,4 +1,4 @@
-"""Loading models and their tokenizer/processor by hub id, local path or `tiny:<kind>`, the same way
+"""Loading models and their tokenizer/processor by hub id, local path, `.gguf` file or `tiny:<kind>`, the same way
 everywhere (recipes, `milora init`, `milora merge`, analysis, evaluation), and the helpers that go with it:
 dtype names, the default device and dtype, and whether a model is a vision-language one."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from milora import tiny
+from milora import gguf, tiny
 
 DTYPES = {
     "auto": "auto",
@@ -53,6 +53,8 @@ def model_type_of(name_or_path: str) -> str:
     """The `model_type` of a checkpoint (reads config.json locally; AutoConfig for hub ids)."""
     if tiny.is_tiny(name_or_path):
         return tiny.tiny_config(tiny.tiny_kind(name_or_path)).model_type
+    if gguf.is_gguf_path(name_or_path):
+        return gguf.load_gguf_config(name_or_path).model_type
     config_file = Path(name_or_path) / "config.json"
     if config_file.is_file():
         return json.loads(config_file.read_text()).get("model_type", "")
@@ -76,10 +78,12 @@ def is_vision_language(model_or_name) -> bool:
 
 
 def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None = None, **kwargs):
-    """A causal LM (or a LLaVA model) from a hub id, a local directory or `tiny:<kind>`."""
+    """A causal LM (or a LLaVA model) from a hub id, a local directory, a `.gguf` file or `tiny:<kind>`."""
     dtype = resolve_dtype(dtype)
     if tiny.is_tiny(name_or_path):
         return tiny.tiny_model(tiny.tiny_kind(name_or_path), dtype=torch.float32 if dtype in (None, "auto") else dtype)
+    if gguf.is_gguf_path(name_or_path):
+        return gguf.load_gguf_model(name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     if "/" not in name_or_path.strip("./") and not Path(name_or_path).exists():
         raise FileNotFoundError(
             f"model {name_or_path!r} is neither a local directory nor a hub id (org/name) nor tiny:<kind>"
@@ -104,6 +108,8 @@ def load_processing_class(name_or_path: str):
     if tiny.is_tiny(name_or_path):
         kind = tiny.tiny_kind(name_or_path)
         return tiny.tiny_processor() if kind == "llava" else tiny.tiny_tokenizer()
+    if gguf.is_gguf_path(name_or_path):
+        return gguf.load_gguf_tokenizer(name_or_path)
     if is_vision_language(name_or_path):
         from transformers import AutoProcessor
 

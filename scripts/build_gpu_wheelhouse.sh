@@ -54,6 +54,12 @@ BINARY_PKGS=(
     nltk==3.10.4                 # rouge-score
     defusedxml==0.7.1            # nltk
     more-itertools==11.2.1
+    # GGUF checkpoints (milora.gguf); needs numpy, pyyaml, requests, tqdm, all on the machine
+    gguf==0.19.0
+    # MATH answer equivalence (eval_harness.math_grading) and its needs
+    math-verify==0.9.0
+    latex2sympy2-extended==1.11.0
+    antlr4-python3-runtime==4.13.2
 )
 # Published as sdists only: built here into pure wheels.
 SDIST_PKGS=(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from milora.data import is_local_data_path
+from milora.gguf import GGUFError, checked_gguf_file, is_gguf_path, require_gguf_package
 from milora.sft.config import RecipeError
 from milora.tiny import TINY_KINDS, TINY_PREFIX, is_tiny
 
@@ -22,7 +23,7 @@ def check_recipe(recipe) -> None:
 
 
 def check_model_source(name: str | None, where: str = "") -> None:
-    """A tiny causal LM, a saved model directory, or (anything else) a hub id."""
+    """A tiny causal LM, a saved model directory, a `.gguf` file, or (anything else) a hub id."""
     if name is None:
         raise RecipeError(f"no model{where}: set model_name_or_path (hub id, local directory or tiny:KIND)")
     if is_tiny(name):
@@ -30,6 +31,12 @@ def check_model_source(name: str | None, where: str = "") -> None:
         if kind not in TINY_KINDS or kind == "bert":
             causal = [TINY_PREFIX + k for k in TINY_KINDS if k != "bert"]
             raise RecipeError(f"model_name_or_path {name!r} is not a tiny causal LM; use one of {', '.join(causal)}")
+    elif is_gguf_path(name):
+        try:
+            checked_gguf_file(name)
+            require_gguf_package()
+        except GGUFError as error:
+            raise RecipeError(f"model_name_or_path: {error}") from None
     elif (name.startswith((".", "/", "~")) or os.path.exists(name)) and not os.path.isdir(name):
         raise RecipeError(f"model_name_or_path {name}: no such directory")
     elif os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
