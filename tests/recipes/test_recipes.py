@@ -26,7 +26,8 @@ PAPER = {
 
 def test_one_recipe_per_paper_experiment():
     names = {p.name for p in RECIPES.glob("*.yaml") if not p.name.startswith(("llava", "tiny_llava"))}
-    assert names == set(PAPER) | {"tiny_lora.yaml", "tiny_pissa.yaml", "tiny_milora.yaml"}
+    miniature = {f"smollm2_{task}_{method}.yaml" for task in ("math", "commonsense") for method in METHODS}
+    assert names == set(PAPER) | miniature | {"tiny_lora.yaml", "tiny_pissa.yaml", "tiny_milora.yaml"}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

@@ -1,0 +1,116 @@
+"""The miniature-tables driver (scripts/miniature_tables.py and its worker/report): recipes, data preparation,
+run names, the forgetting loss and the Markdown tables, on CPU without the real model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import miniature_report  # noqa: E402
+import miniature_tables  # noqa: E402
+import miniature_worker  # noqa: E402
+
+RECIPES = REPO_ROOT / "recipes"
+
+
+@pytest.mark.parametrize("task, rank", [("math", 8), ("commonsense", 4)])
+def test_recipes_of_a_task_differ_only_in_method(task, rank):
+    from milora.sft.parsing import parse_recipe
+
+    texts = {m: yaml.safe_load((RECIPES / f"smollm2_{task}_{m}.yaml").read_text()) for m in miniature_tables.METHODS}
+    for method, config in texts.items():
+        assert config["lora_r"] == rank and config["lora_alpha"] == (2 * rank if method == "lora" else rank)
+        assert config["method"] == method and config["learning_rate"] == 3e-4
+        same = {k: v for k, v in config.items() if k not in ("method", "lora_alpha", "output_dir")}
+        assert same == {k: v for k, v in texts["milora"].items() if k not in ("method", "lora_alpha", "output_dir")}
+    recipe = parse_recipe([str(RECIPES / f"smollm2_{task}_milora.yaml"), "--model_name_or_path", "tiny:llama",
+                           "--dataset_name", str(RECIPES / "data" / "tiny_math.jsonl"), "--dataset_format", "auto"])
+    assert recipe.training.gradient_accumulation_steps == 1
+
+
+def test_a_missing_gguf_is_a_recipe_error(tmp_path):
+    from milora.sft.config import RecipeError
+    from milora.sft.parsing import parse_recipe
+
+    with pytest.raises(RecipeError, match="GGUF file not found"):
+        parse_recipe([str(RECIPES / "smollm2_math_lora.yaml"), "--model_name_or_path", str(tmp_path / "x.gguf"),
+                      "--dataset_name", str(RECIPES / "data" / "tiny_math.jsonl")])
+    (tmp_path / "y.gguf").write_text("not a gguf")
+    with pytest.raises(RecipeError, match="is not a GGUF file"):
+        parse_recipe([str(RECIPES / "smollm2_math_lora.yaml"), "--model_name_or_path", str(tmp_path / "y.gguf"),
+                      "--dataset_name", str(RECIPES / "data" / "tiny_math.jsonl")])
+
+
+def test_prepare_writes_the_training_files_and_a_copy_of_the_evaluation_data(shared_data_dir, tmp_path):
+    from milora.io import read_json, read_jsonl
+
+    data = miniature_tables.prepare(shared_data_dir, tmp_path)
+    assert len(read_jsonl(data / "gsm8k_train.jsonl")) == 7473
+    rows = read_json(data / "commonsense_train.json")
+    assert len(rows) == 17754 and set(rows[0]) == {"instruction", "input", "output", "answer"}
+    assert (data / "gsm8k_test.jsonl").read_bytes() == (shared_data_dir / "gsm8k_test.jsonl").read_bytes()
+    assert len(list((data / "commonsense").glob("*/test.json"))) == 7
+    assert (data / "alpaca_eval" / "gpt4_1106_preview_outputs.json").is_file()
+    with pytest.raises(miniature_tables.DriverError, match="gsm8k_train.jsonl not found"):
+        miniature_tables.prepare(tmp_path / "nowhere", tmp_path)
+
+
+def test_run_names():
+    assert len(miniature_tables.parse_runs("all")) == 9
+    names = ["math_milora_s3", "commonsense_lora_s1"]
+    assert miniature_tables.parse_runs(",".join(names)) == names
+    with pytest.raises(miniature_tables.DriverError, match="unknown run"):
+        miniature_tables.parse_runs("math_dora_s1")
+
+
+def test_a_run_resumes_from_its_checkpoint(tmp_path):
+    fresh = miniature_tables.run_job("math_pissa_s2", tmp_path, tmp_path / "base", smoke=False, extra=[])
+    assert fresh[fresh.index("--seed") + 1] == "2" and "--resume_from_checkpoint" not in fresh
+    assert fresh[fresh.index("--") + 1].endswith("smollm2_math_pissa.yaml")
+    (tmp_path / "runs" / "math_pissa_s2" / "checkpoint-50").mkdir(parents=True)
+    resumed = miniature_tables.run_job("math_pissa_s2", tmp_path, tmp_path / "base", smoke=False, extra=[])
+    assert resumed[resumed.index("--resume_from_checkpoint") + 1] == "true"
+
+
+def test_forgetting_nll_counts_the_output_tokens_only():
+    from milora.tiny import tiny_model, tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama").eval(), tiny_tokenizer()
+    rows = [{"instruction": "Name a colour.", "output": "Blue."},
+            {"instruction": "Add 2 and 3.", "output": "5, I think"}]
+    result = miniature_worker.response_nll(model, tokenizer, rows, batch_size=2)
+    total, tokens = 0.0, 0
+    for row in rows:  # reference: one unpadded row at a time, HF's own loss over the output tokens
+        ids, prompt_len = miniature_worker.response_token_ids(tokenizer, row["instruction"], row["output"], 1024)
+        labels = torch.tensor([[-100] * prompt_len + ids[prompt_len:]])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=labels).loss
+        total, tokens = total + float(loss) * (len(ids) - prompt_len), tokens + len(ids) - prompt_len
+    assert result["tokens"] == tokens
+    assert result["nll"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_tables_show_mean_and_spread_over_seeds_and_the_base_row():
+    def evals(gsm8k, nll):
+        sets = {p: {"accuracy": 50.0, "rows": 8} for p in miniature_report.COMMONSENSE_COLUMNS}
+        return {"parts": {"gsm8k": {"accuracy": gsm8k, "accuracy_flexible": gsm8k + 1, "rows": 8},
+                          "forgetting": {"nll": nll}, **sets}}
+
+    results = {"base": evals(2.0, 1.0), "math_milora_s1": evals(10.0, 1.2), "math_milora_s2": evals(12.0, 1.4),
+               "commonsense_lora_s1": evals(1.0, 1.5)}
+    train = {"math_milora_s1": {"status": "done", "train_runtime_s": 120, "peak_gpu_mib": 2048},
+             "math_milora_s2": {"status": "done", "train_runtime_s": 180, "peak_gpu_mib": 2048},
+             "commonsense_lora_s1": {"status": "failed", "error": "boom"}}
+    text = miniature_report.markdown_tables(train, results)
+    milora_row = next(line for line in text.splitlines() if line.startswith("| MiLoRA") and "11.0" in line)
+    assert "11.0 ± 1.0 (10.0, 12.0)" in milora_row and "| 2 |" in milora_row
+    assert "1.300 ± 0.100 (1.200, 1.400) (+0.300)" in milora_row and "2.5 ± 0.5" in milora_row
+    assert "| Base (no finetuning) | 2.0 |" in text
+    assert "commonsense_lora_s1: failed (boom)" in text
