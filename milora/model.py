@@ -17,7 +17,7 @@ from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
 from milora.decomposition import MODES
-from milora.distributed import ADAPTER_NAME, initialize_layers, is_zero3_partitioned
+from milora.distributed import initialize_layers, is_zero3_partitioned, lora_layers
 
 # The method families a recipe or `apply_milora(method=...)` names, and the slice of the spectrum each one
 # initialises from (`milora.decomposition.MODES`; None = PEFT's default LoRA init, base weights untouched).
@@ -173,14 +173,6 @@ def check_weight(name: str, weight: torch.Tensor, r: int) -> None:
         raise MiLoRAError(f"{name}: the weight holds NaN or inf values; fix the checkpoint before initialising.")
 
 
-def _lora_layers(peft_model: PeftModel) -> list[tuple[str, LoraLayer]]:
-    return [
-        (name, module)
-        for name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
-    ]
-
-
 def apply_milora(
     model: torch.nn.Module,
     targets: str | Iterable[str],
@@ -251,7 +243,7 @@ def apply_milora(
         return peft_model
 
     initialize_layers(
-        _lora_layers(peft_model), component_mode, device=device, solver=solver, seed=seed,
+        lora_layers(peft_model), component_mode, device=device, solver=solver, seed=seed,
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
         workers=workers,
     )

@@ -103,23 +103,24 @@ def tiny_config(kind: str, vocab_size: int = 261):
 def tiny_model(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised (seeded) tiny model of the given kind."""
     from transformers import (
-        MODEL_FOR_CAUSAL_LM_MAPPING,
+        AutoModelForCausalLM,
         BertForSequenceClassification,
         LlavaForConditionalGeneration,
     )
 
-    from milora.distributed import partition_if_zero3
+    from milora.distributed import built_in_full, partition_if_zero3
 
     config = tiny_config(kind)
     torch.manual_seed(seed)
-    # The model classes themselves, not from_config: under DeepSpeed ZeRO-3 from_config builds inside zero.Init
-    # without initialising the weights; partition_if_zero3 below splits these seeded weights instead.
-    if kind == "llava":
-        model = LlavaForConditionalGeneration(config)
-    elif kind == "bert":
-        model = BertForSequenceClassification(config)
-    else:
-        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    # Under DeepSpeed ZeRO-3 transformers would build inside zero.Init, leaving the weights uninitialised: build
+    # these seeded weights in full, then partition them as from_pretrained partitions a checkpoint.
+    with built_in_full():
+        if kind == "llava":
+            model = LlavaForConditionalGeneration(config)
+        elif kind == "bert":
+            model = BertForSequenceClassification(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     # Random init leaves a flat spectrum; a few large directions make the principal/minor split meaningful,
     # as it is in pretrained weights.
     with torch.no_grad():

@@ -12,14 +12,12 @@ from milora.tiny import TINY_KINDS, TINY_PREFIX, is_tiny
 
 
 def check_recipe(recipe) -> None:
-    """Every check, in the order a reader meets the keys: model, data, chat template, DeepSpeed."""
+    """Every check, in the order a reader meets the keys: model, data, chat template."""
     where = f" in {recipe.path}" if recipe.path else ""
     if recipe.model.milora_init_dir is None:
         check_model_source(recipe.model.model_name_or_path, where)
     check_dataset(recipe.data.dataset_name, recipe.path, where)
     check_chat_template(recipe.training.chat_template_path)
-    refuse_svd_init_under_zero3(recipe.model, recipe.training)
-    refuse_merge_under_zero3(recipe.training)
 
 
 def check_model_source(name: str | None, where: str = "") -> None:
@@ -57,36 +55,3 @@ def check_dataset(name: str | None, recipe_path: str | None, where: str = "") ->
 def check_chat_template(path: str | None) -> None:
     if path and path.endswith((".jinja", ".j2")) and not os.path.isfile(path):
         raise RecipeError(f"chat_template_path {path}: no such file")
-
-
-def deepspeed_zero_stage(training) -> int | None:
-    """The ZeRO stage this run uses (from `deepspeed:` or `accelerate launch --config_file`), or None."""
-    plugin = getattr(training, "deepspeed_plugin", None)
-    if plugin is not None:
-        return int(plugin.zero_stage)
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return 3 if is_deepspeed_zero3_enabled() else None
-
-
-def refuse_svd_init_under_zero3(model, training) -> None:
-    """SVD methods under ZeRO-3 start from a `milora init` directory: ZeRO-3 partitions the weights as they
-    load, so no process holds a whole matrix to decompose."""
-    if deepspeed_zero_stage(training) == 3 and model.method != "lora" and model.milora_init_dir is None:
-        targets = model.lora_target_modules
-        targets = ",".join(targets) if isinstance(targets, (list, tuple)) else str(targets)
-        raise RecipeError(
-            f"method {model.method} under DeepSpeed ZeRO-3 needs milora_init_dir: ZeRO-3 partitions the weights "
-            "as they load, so no process holds a whole matrix to decompose. Run `milora init --model "
-            f"{model.model_name_or_path} --mode {model.method} --r {model.lora_r} --lora_alpha {model.lora_alpha} "
-            f"--targets {targets} --out DIR` once (one GPU or CPU), then train with milora_init_dir: DIR "
-            "(see deepspeed_configs/README.md)"
-        )
-
-
-def refuse_merge_under_zero3(training) -> None:
-    if deepspeed_zero_stage(training) == 3 and training.merge:
-        raise RecipeError(
-            "merge: true is not available under DeepSpeed ZeRO-3 (the weights are partitioned); train with "
-            "merge: false, then run `milora merge` on the saved adapter (see deepspeed_configs/README.md)"
-        )

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from trl import SFTConfig
@@ -227,14 +228,27 @@ class MiloraSFTConfig(SFTConfig):
             self.use_liger_kernel = False
         self.resume_from_checkpoint = resolve_resume_checkpoint(self.resume_from_checkpoint, self.output_dir)
         # Before TrainingArguments' own __post_init__: DeepSpeed's "auto" batch sizes are filled from it there.
+        self._share_deepspeed_cpu_process_state()
         self.gradient_accumulation_steps = accumulation_steps(
             self.effective_batch_size, self.per_device_train_batch_size, self.gradient_accumulation_steps,
             world_size(),
         )
         super().__post_init__()
 
+    def _share_deepspeed_cpu_process_state(self) -> None:
+        """DeepSpeed on CPUs (DS_ACCELERATOR=cpu) with several processes: see milora.distributed."""
+        from milora.distributed import share_deepspeed_cpu_process_state
 
-def world_size() -> int:
+        requested = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if share_deepspeed_cpu_process_state(requested, timedelta(seconds=self.ddp_timeout)):
+            config = self.accelerator_config
+            if isinstance(config, str):  # a JSON file, as TrainingArguments accepts
+                from milora.io import read_json
+
+                config = read_json(config)
+            config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+            self.accelerator_config = {**config, "use_configured_state": True}
+
     """The number of training processes: `accelerate launch`, torchrun and deepspeed set WORLD_SIZE; a plain
     `python` run is one process."""
     return int(os.environ.get("WORLD_SIZE", 1))

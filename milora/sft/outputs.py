@@ -105,10 +105,13 @@ def save_outputs(trainer, recipe) -> dict:
     """After training: the adapter and trainer state, then (main process) the standard-LoRA conversion, the merged
     checkpoint and the run summary. Returns the summary."""
     from milora import convert_to_lora, merge_adapter
+    from milora.distributed import save_merged_from_state_dict, zero3_consolidated_state_dict
 
     model_args, training = recipe.model, recipe.training
     trainer.save_model(training.output_dir)
     trainer.save_state()
+    # ZeRO-3 leaves every process with shards: all of them gather the weights onto the main process to merge
+    full_state = zero3_consolidated_state_dict(trainer) if training.merge else None
     out = Path(training.output_dir)
     info = {
         "method": model_args.method,
@@ -132,7 +135,11 @@ def save_outputs(trainer, recipe) -> dict:
         else:
             info["standard_lora_adapter"] = str(out)
         if training.merge:
-            merge_adapter(trainer.accelerator.unwrap_model(trainer.model), out / MERGED_DIR, trainer.processing_class)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            if full_state is not None:
+                save_merged_from_state_dict(model, full_state, out / MERGED_DIR, trainer.processing_class)
+            else:
+                merge_adapter(model, out / MERGED_DIR, trainer.processing_class)
             info["merged"] = str(out / MERGED_DIR)
         write_json(out / RUN_INFO_FILE, info)
     trainer.accelerator.wait_for_everyone()
