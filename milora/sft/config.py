@@ -25,13 +25,11 @@ from trl import SFTConfig
 
 from milora.data import FORMATS
 from milora.loading import default_dtype
+from milora.model import METHODS, method_of_mode
 
-METHODS = ("milora", "pissa", "lora", "mid", "random")
 DEFAULT_METHOD = "milora"
 DEFAULT_RANK = 16
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-# `milora init` records the decomposition mode; recipes name the method.
-METHOD_OF_MODE = {"minor": "milora", "principal": "pissa", "mid": "mid", "random": "random"}
 
 
 class RecipeError(ValueError):
@@ -177,8 +175,9 @@ def init_dir_settings(init_dir: str) -> dict:
 
     adapter = read_json(Path(init_dir) / INIT_SUBDIR / ADAPTER_CONFIG_FILE)
     targets = adapter.get("target_modules")
+    mode = read_metadata(init_dir).get("mode")  # `milora init` records the spectrum slice; recipes name the method
     return {
-        "method": METHOD_OF_MODE.get(read_metadata(init_dir).get("mode")),
+        "method": method_of_mode(mode) if mode else None,
         "lora_r": adapter["r"],
         "lora_alpha": adapter["lora_alpha"],
         "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets,
@@ -223,7 +222,7 @@ class MiloraSFTConfig(SFTConfig):
             warnings.warn(
                 "use_liger_kernel: Liger's fused kernels need a CUDA GPU and `pip install liger-kernel` "
                 "(or `pip install -e .[gpu]`); training without them.",
-                stacklevel=2,
+                stacklevel=3,
             )
             self.use_liger_kernel = False
         self.resume_from_checkpoint = resolve_resume_checkpoint(self.resume_from_checkpoint, self.output_dir)
@@ -249,6 +248,8 @@ class MiloraSFTConfig(SFTConfig):
             config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
             self.accelerator_config = {**config, "use_configured_state": True}
 
+
+def world_size() -> int:
     """The number of training processes: `accelerate launch`, torchrun and deepspeed set WORLD_SIZE; a plain
     `python` run is one process."""
     return int(os.environ.get("WORLD_SIZE", 1))

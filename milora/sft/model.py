@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from milora.distributed import ADAPTER_NAME
 from milora.sft.config import MiloraSFTConfig, ModelArguments, RecipeError
 from milora.tiny import is_tiny
 
@@ -64,7 +65,7 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
     )
 
 
-def set_lora_dropout(peft_model, p: float, adapter_name: str = "default") -> None:
+def set_lora_dropout(peft_model, p: float, adapter_name: str = ADAPTER_NAME) -> None:
     """Use the recipe's dropout on an adapter loaded from disk (`milora init` saves its adapter without one)."""
     from peft.tuners.lora import LoraLayer
 

@@ -230,7 +230,7 @@ def test_tiny_llava_trains_through_sft_trainer(tmp_path):
 
 @pytest.mark.skipif(
     not _sft_handles_llava(),
-    reason="recipes/sft.py does not route LLaVA models to milora.llava_data.build_llava_train_data yet "
+    reason="recipes/sft.py does not route LLaVA models to milora.sft.llava.build_llava_train_data yet "
     "(integration pending); un-skip once it does",
 )
 def test_sft_py_trains_the_tiny_llava_recipe(tmp_path):
