@@ -91,6 +91,9 @@ def random_llama(config, dtype, device):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
+    # to_empty leaves buffers uninitialised: rebuild the rotary embedding (its inv_freq) on the device
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

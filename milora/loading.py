@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from milora import gguf, tiny
+from milora.attention import VARLEN_ATTENTION, register_varlen_attention
 
 DTYPES = {
     "auto": "auto",
@@ -80,8 +81,13 @@ def is_vision_language(model_or_name) -> bool:
 def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None = None, **kwargs):
     """A causal LM (or a LLaVA model) from a hub id, a local directory, a `.gguf` file or `tiny:<kind>`."""
     dtype = resolve_dtype(dtype)
+    if attn_implementation == VARLEN_ATTENTION:
+        register_varlen_attention()
     if tiny.is_tiny(name_or_path):
-        return tiny.tiny_model(tiny.tiny_kind(name_or_path), dtype=torch.float32 if dtype in (None, "auto") else dtype)
+        model = tiny.tiny_model(tiny.tiny_kind(name_or_path), dtype=torch.float32 if dtype in (None, "auto") else dtype)
+        if attn_implementation == VARLEN_ATTENTION:
+            model.set_attn_implementation(VARLEN_ATTENTION)
+        return model
     if gguf.is_gguf_path(name_or_path):
         return gguf.load_gguf_model(name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     if "/" not in name_or_path.strip("./") and not Path(name_or_path).exists():

@@ -196,3 +196,10 @@ def test_cuda_varlen_kernel_equals_padded_sdpa_bf16(with_cu_seqlens):
     for name, grad in grads.items():
         rel = float((grad.float() - ref_grads[name].float()).norm() / ref_grads[name].float().norm())
         assert rel < 3e-2, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_load_model_registers_and_selects_varlen_attention():
+    from milora.loading import load_model
+
+    model = load_model("tiny:llama", attn_implementation=VARLEN_ATTENTION)
+    assert model.config._attn_implementation == VARLEN_ATTENTION
