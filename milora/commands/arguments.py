@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from milora.gguf import checked_gguf_file, is_gguf_path
 from milora.layout import ADAPTER_CONFIG_FILE
 
 TINY_PREFIX = "tiny:"
@@ -20,8 +21,12 @@ def looks_like_local_path(value: str) -> bool:
 
 
 def check_model_argument(flag: str, value: str) -> None:
-    """Refuse a local model path that is missing or is a file; hub ids and `tiny:KIND` pass unchecked."""
+    """Refuse a local model path that is missing or is a file (other than a GGUF file); hub ids and `tiny:KIND`
+    pass unchecked."""
     path = Path(value).expanduser()
+    if is_gguf_path(value):
+        checked_gguf_file(value)  # GGUFError: missing, not a file, not GGUF
+        return
     if path.is_file():
         raise NotADirectoryError(f"{flag} {value} is a file; give the model's directory (with config.json)")
     if looks_like_local_path(value) and not path.exists():
