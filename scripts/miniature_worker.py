@@ -184,7 +184,7 @@ def evaluate_one(args) -> int:
         elif kind == "commonsense":
             scores = commonsense_scores(model, tokenizer, name, rows, args.batch_size * 2, COMMONSENSE_MAX_NEW_TOKENS)
         else:
-            scores = response_nll(model, tokenizer, rows, max(1, args.batch_size // 8))
+            scores = response_nll(model, tokenizer, rows, max(1, args.batch_size // 32))  # 1024-token rows
         scores["seconds"] = time.time() - part_started
         results["parts"][name] = scores
         write_json(out, results)
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data_dir", required=True, help="evaluation data folder (eval_harness/data_paths.py)")
     evaluate.add_argument("--out", required=True, help="results JSON (rewritten after every part)")
     evaluate.add_argument("--limit", type=int, default=None, help="first N rows of every set (smoke runs)")
-    evaluate.add_argument("--batch_size", type=int, default=128, help="GSM8K generation batch (commonsense: 2x)")
+    evaluate.add_argument("--batch_size", type=int, default=256, help="GSM8K generation batch (commonsense: 2x)")
     evaluate.add_argument("--gsm8k_max_new_tokens", type=int, default=GSM8K_MAX_NEW_TOKENS)
     if argv[:1] == ["train"] and "--" in argv:
         split = argv.index("--")
