@@ -53,36 +53,28 @@ def checked_gguf_file(path) -> Path:
     return file
 
 
-def _folder_and_name(path) -> tuple[str, str]:
+def _from_gguf(path, auto_class, what: str, **kwargs):
+    """`auto_class.from_pretrained` on the file's folder with `gguf_file=`, its errors named after the file."""
     require_gguf_package()
     file = checked_gguf_file(path)
-    return str(file.parent), file.name
-
-
-def _unsupported(path, what: str, error: Exception) -> GGUFError:
-    return GGUFError(f"transformers cannot read the {what} of {path}: {error}")
+    try:
+        return auto_class.from_pretrained(str(file.parent), gguf_file=file.name, **kwargs)
+    except (ValueError, KeyError, NotImplementedError) as error:
+        raise GGUFError(f"transformers cannot read the {what} of {path}: {error}") from error
 
 
 def load_gguf_config(path):
     """The model config stored in a GGUF file (architecture, sizes)."""
     from transformers import AutoConfig
 
-    folder, name = _folder_and_name(path)
-    try:
-        return AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, NotImplementedError) as error:
-        raise _unsupported(path, "config", error) from error
+    return _from_gguf(path, AutoConfig, "config")
 
 
 def load_gguf_tokenizer(path):
     """The tokenizer stored in a GGUF file, with its chat template and special tokens."""
     from transformers import AutoTokenizer
 
-    folder, name = _folder_and_name(path)
-    try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, NotImplementedError) as error:
-        raise _unsupported(path, "tokenizer", error) from error
+    return _from_gguf(path, AutoTokenizer, "tokenizer")
 
 
 def forget_gguf_quantizer(model) -> None:
@@ -105,18 +97,13 @@ def load_gguf_model(path, dtype="auto", attn_implementation: str | None = None, 
     from milora.loading import resolve_dtype
 
     dtype = resolve_dtype(dtype)
-    folder, name = _folder_and_name(path)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     kwargs.pop("revision", None)  # a local file has no hub revision
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32 if dtype in (None, "auto") else dtype, **kwargs
-        )
-    except (ValueError, KeyError, NotImplementedError) as error:
-        raise _unsupported(path, "weights", error) from error
+    model = _from_gguf(path, AutoModelForCausalLM, "weights",
+                       dtype=torch.float32 if dtype in (None, "auto") else dtype, **kwargs)
     forget_gguf_quantizer(model)
-    model.config._name_or_path = str(Path(folder) / name)
+    model.config._name_or_path = str(checked_gguf_file(path))
     return model
 
 
