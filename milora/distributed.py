@@ -1,16 +1,23 @@
-"""Initialising many layers: split across processes, cached on disk, and ZeRO-3 aware.
+"""Training on several processes: the SVD init split across them, cached on disk, ZeRO-3 aware; merging after
+ZeRO-3; and the process set-up that lets several processes train on CPUs.
 
 - Several processes (`accelerate launch`, `torchrun`, DeepSpeed): layer `i` is decomposed by rank
   `i % world_size` only, and its factors are broadcast, so N GPUs share the work and every rank ends
   with identical adapters and residual weights.
 - DeepSpeed ZeRO-3: weights are partitioned. Layers are processed in groups of `world_size`; each layer
   of a group is gathered with its owner as the modifying rank, so ranks decompose in parallel and
-  DeepSpeed re-partitions the owner's residual and factors on exit.
+  DeepSpeed re-partitions the owner's residual on exit; the LoRA factors, which PEFT creates as plain
+  tensors after the weights were partitioned, are broadcast from the owner. The result equals a
+  single-process init bit for bit.
+- After ZeRO-3 training the full state dict is gathered onto the main process, which writes the merged
+  checkpoint from it (`save_merged_from_state_dict`).
 - Cache: with `cache_dir`, the factors are stored under a key made of a fingerprint of the target
   weights, the targets, r, alpha, mode, seed and solver; a later run with the same key loads them and
   only recomputes the cheap residual `W - s B A`.
+- Without GPUs (tests, trying a launcher on a laptop): accelerate sets up a process group for several CPU
+  processes only when told the run is on CPUs, and never for DeepSpeed's CPU accelerator; the two helpers
+  at the end of the set-up section make up for that, and do nothing when a GPU is there.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +53,17 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def _launched_several_processes() -> bool:
+    """Started by a launcher (accelerate launch, torchrun, deepspeed) as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def several_processes_without_accelerator() -> bool:
+    """One of several launched processes on a machine without GPUs (or other accelerators). accelerate then sets
+    up no process group unless told the run is on CPUs (`use_cpu`): each process would train alone."""
+    return _launched_several_processes() and not torch.accelerator.is_available()
+
+
 def share_deepspeed_cpu_process_state(deepspeed_requested: bool, timeout=None) -> bool:
     """Set up accelerate's process state for DeepSpeed on CPUs (DeepSpeed's CPU accelerator) with several processes.
 
@@ -56,7 +74,7 @@ def share_deepspeed_cpu_process_state(deepspeed_requested: bool, timeout=None) -
     then reuse it (`accelerator_config={"use_configured_state": True}`). Returns whether it did: only with
     DeepSpeed requested, several processes and no GPU, so GPU runs never take this path.
     """
-    if not deepspeed_requested or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
+    if not deepspeed_requested or not _launched_several_processes():
         return False
     from deepspeed.accelerator import get_accelerator
 

@@ -1,7 +1,7 @@
 """`milora init`: decompose once, write the residual base model and the initial adapter.
 
-Training then starts from the directory with no SVD (`milora_init_dir:` in a recipe), which is also how
-to run MiLoRA under DeepSpeed ZeRO-3, where no process holds whole weights.
+Training then starts from the directory with no SVD (`milora_init_dir:` in a recipe): the fast path for
+repeated runs, under any launcher.
 """
 
 from __future__ import annotations

@@ -227,19 +227,22 @@ class MiloraSFTConfig(SFTConfig):
             self.use_liger_kernel = False
         self.resume_from_checkpoint = resolve_resume_checkpoint(self.resume_from_checkpoint, self.output_dir)
         # Before TrainingArguments' own __post_init__: DeepSpeed's "auto" batch sizes are filled from it there.
-        self._share_deepspeed_cpu_process_state()
+        self._set_up_processes_without_gpus()
         self.gradient_accumulation_steps = accumulation_steps(
             self.effective_batch_size, self.per_device_train_batch_size, self.gradient_accumulation_steps,
             world_size(),
         )
         super().__post_init__()
 
-    def _share_deepspeed_cpu_process_state(self) -> None:
-        """DeepSpeed on CPUs (DS_ACCELERATOR=cpu) with several processes: see milora.distributed."""
-        from milora.distributed import share_deepspeed_cpu_process_state
+    def _set_up_processes_without_gpus(self) -> None:
+        """Several processes on CPUs (see milora.distributed): DeepSpeed's CPU accelerator gets a process state with
+        its backend; plain data parallel runs as accelerate's multi-CPU mode."""
+        from milora.distributed import several_processes_without_accelerator, share_deepspeed_cpu_process_state
 
-        requested = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        if share_deepspeed_cpu_process_state(requested, timedelta(seconds=self.ddp_timeout)):
+        deepspeed = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if not deepspeed and several_processes_without_accelerator():
+            self.use_cpu = True
+        elif share_deepspeed_cpu_process_state(deepspeed, timedelta(seconds=self.ddp_timeout)):
             config = self.accelerator_config
             if isinstance(config, str):  # a JSON file, as TrainingArguments accepts
                 from milora.io import read_json
