@@ -206,7 +206,7 @@ def test_merged_checkpoint_matches_and_scores_with_lm_eval(trainer, shared_data_
                           shared_data_dir / "commonsense" / "ARC-Easy" / "test.json", tmp_path)
     lm = build_lm(str(merged_dir), device="cpu", batch_size=2, dtype="float32")
     run = run_tasks(lm, ["milora_gsm8k", "milora_arc_easy"], task_manager([tmp_path]), limit=2,
-                    gen_kwargs={"max_gen_toks": 48, "num_beams": 1}, keep_going=False)
+                    gen_kwargs={"max_gen_toks": 32, "num_beams": 1}, keep_going=False)
     for task, metric in (("milora_gsm8k", "exact_match"), ("milora_arc_easy", "acc")):
         assert run.metrics[task]["n"] == 2
         assert 0.0 <= run.metrics[task][metric] <= 1.0
