@@ -1,5 +1,4 @@
-"""Training on several processes: the SVD init split across them, cached on disk, ZeRO-3 aware; merging after
-ZeRO-3; and the process set-up that lets several processes train on CPUs.
+"""Initialising many layers: split across processes, cached on disk, and ZeRO-3 aware.
 
 - Several processes (`accelerate launch`, `torchrun`, DeepSpeed): layer `i` is decomposed by rank
   `i % world_size` only, and its factors are broadcast, so N GPUs share the work and every rank ends
@@ -9,21 +8,18 @@ ZeRO-3; and the process set-up that lets several processes train on CPUs.
   DeepSpeed re-partitions the owner's residual on exit; the LoRA factors, which PEFT creates as plain
   tensors after the weights were partitioned, are broadcast from the owner. The result equals a
   single-process init bit for bit.
-- After ZeRO-3 training the full state dict is gathered onto the main process, which writes the merged
-  checkpoint from it (`save_merged_from_state_dict`).
 - Cache: with `cache_dir`, the factors are stored under a key made of a fingerprint of the target
   weights, the targets, r, alpha, mode, seed and solver; a later run with the same key loads them and
   only recomputes the cheap residual `W - s B A`.
-- Without GPUs (tests, trying a launcher on a laptop): accelerate sets up a process group for several CPU
-  processes only when told the run is on CPUs, and never for DeepSpeed's CPU accelerator; the two helpers
-  at the end of the set-up section make up for that, and do nothing when a GPU is there.
+
+Setting up processes, building models under ZeRO-3 and merging after it: `milora.processes`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -53,49 +49,6 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def _launched_several_processes() -> bool:
-    """Started by a launcher (accelerate launch, torchrun, deepspeed) as one of several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
-
-
-def several_processes_without_accelerator() -> bool:
-    """One of several launched processes on a machine without GPUs (or other accelerators). accelerate then sets
-    up no process group unless told the run is on CPUs (`use_cpu`): each process would train alone."""
-    return _launched_several_processes() and not torch.accelerator.is_available()
-
-
-def share_deepspeed_cpu_process_state(deepspeed_requested: bool, timeout=None) -> bool:
-    """Set up accelerate's process state for DeepSpeed on CPUs (DeepSpeed's CPU accelerator) with several processes.
-
-    accelerate chooses a communication backend only for GPUs and other devices, or for `--cpu` runs, which turn
-    DeepSpeed off. Under DeepSpeed's CPU accelerator it would therefore record one process on every rank: world
-    size 1 in the training arguments (DeepSpeed's batch-size check fails), no data sharding, every rank the main
-    process. Creating the state first with DeepSpeed's backend (gloo) fixes that; the training arguments must
-    then reuse it (`accelerator_config={"use_configured_state": True}`). Returns whether it did: only with
-    DeepSpeed requested, several processes and no GPU, so GPU runs never take this path.
-    """
-    if not deepspeed_requested or not _launched_several_processes():
-        return False
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        return False
-    from accelerate import PartialState
-
-    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as TrainingArguments sets it while it builds the state
-    try:
-        kwargs = {} if timeout is None else {"timeout": timeout}
-        PartialState(backend=accelerator.communication_backend_name(), **kwargs)
-    finally:
-        if previous is None:
-            del os.environ["ACCELERATE_USE_DEEPSPEED"]
-        else:
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
-    return True
-
-
 def lora_layers(peft_model) -> list[tuple[str, LoraLayer]]:
     """`(name, layer)` for every LoRA layer of `peft_model` that carries the adapter."""
     return [
@@ -103,37 +56,6 @@ def lora_layers(peft_model) -> list[tuple[str, LoraLayer]]:
         for name, module in peft_model.named_modules()
         if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
     ]
-
-
-@contextlib.contextmanager
-def built_in_full():
-    """Models built inside keep whole, initialised weights even under DeepSpeed ZeRO-3, where transformers would
-    otherwise build them inside `zero.Init` (partitioned, weights left uninitialised for a checkpoint to fill);
-    `partition_if_zero3` partitions them afterwards."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    # transformers' own marker for "zero.Init is already active", which stops it from opening one
-    from transformers.modeling_utils import set_zero3_state
-
-    with set_zero3_state():
-        yield
-
-
-def partition_if_zero3(model: torch.nn.Module) -> torch.nn.Module:
-    """Under DeepSpeed ZeRO-3 (as transformers sees it), partition a model built in memory across the processes,
-    as `from_pretrained` partitions the models it loads; otherwise return it unchanged."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return model
-    import deepspeed
-    from transformers.integrations.deepspeed import deepspeed_config
-
-    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
-    return model
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
@@ -347,57 +269,3 @@ def _broadcast_unpartitioned(group: list[int], layers) -> None:
                 buffer = param.data.to(device).contiguous()
                 dist.broadcast(buffer, src=position)
                 param.data.copy_(buffer)
-
-
-# --- after training under ZeRO-3: merging from the consolidated state dict ----------------------------------------
-
-
-def zero3_consolidated_state_dict(trainer) -> dict[str, torch.Tensor] | None:
-    """Under DeepSpeed ZeRO-3, the full state dict of the trained model, gathered layer by layer onto the main
-    process; None on the other processes and without ZeRO-3. Every process must call it. It needs the DeepSpeed
-    config's `stage3_gather_16bit_weights_on_model_save: true`, as the Trainer's own save under ZeRO-3 does."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return None
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    return state_dict if trainer.accelerator.is_main_process else None
-
-
-def _base_model_key(key: str) -> str:
-    """A PEFT model's state-dict key as the plain base model names it."""
-    key = key.removeprefix("base_model.model.")
-    return key.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
-
-
-def merged_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The base model's state dict with the adapter merged, from a full state dict of `peft_model` (such as
-    `zero3_consolidated_state_dict` returns): `W + s B A` for every LoRA layer (in float64, cast back to W's dtype),
-    the trained copy of every `modules_to_save` module, keys as the plain base model names them."""
-    layers = dict(lora_layers(peft_model))
-    if any(layer.use_dora.get(ADAPTER_NAME, False) for layer in layers.values()):
-        raise ValueError("merging from a state dict does not cover DoRA adapters; merge a model loaded in full instead")
-    adapter_prefixes = tuple(f"{name}.lora_" for name in layers)
-    merged = {
-        _base_model_key(key): value
-        for key, value in state_dict.items()
-        if not key.startswith(adapter_prefixes) and ".original_module." not in key
-    }
-    for name, layer in layers.items():
-        weight = state_dict[f"{name}.base_layer.weight"]
-        B = state_dict[f"{name}.lora_B.{ADAPTER_NAME}.weight"].to(torch.float64)
-        A = state_dict[f"{name}.lora_A.{ADAPTER_NAME}.weight"].to(torch.float64)
-        delta = transpose(B @ A, layer.fan_in_fan_out) * layer.scaling[ADAPTER_NAME]
-        merged[_base_model_key(f"{name}.weight")] = (weight.to(torch.float64) + delta).to(weight.dtype)
-    return merged
-
-
-def save_merged_from_state_dict(peft_model, state_dict, out_dir: str | Path, processing_class=None) -> Path:
-    """Write the merged full checkpoint (`from_pretrained` loads it) from a full state dict of `peft_model`,
-    without materialising the model's partitioned weights: the base model's config and classes, the merged
-    weights. Atomic; call it on one process."""
-    with atomic_directory(out_dir) as tmp:
-        peft_model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(peft_model, state_dict))
-        if processing_class is not None:
-            processing_class.save_pretrained(tmp)
-    return Path(out_dir)

@@ -108,7 +108,7 @@ def tiny_model(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
         LlavaForConditionalGeneration,
     )
 
-    from milora.distributed import built_in_full, partition_if_zero3
+    from milora.processes import built_in_full, partition_if_zero3
 
     config = tiny_config(kind)
     torch.manual_seed(seed)

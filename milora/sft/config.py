@@ -117,7 +117,7 @@ class ModelArguments:
     milora_init_dir: str | None = field(
         default=None,
         metadata={"help": "Start from a `milora init` directory (residual model + initial adapter): no SVD at "
-                  "start-up; required for SVD methods under DeepSpeed ZeRO-3."},
+                  "start-up, the fast path for repeated runs."},
     )
     milora_cache_dir: str | None = field(
         default=None,
@@ -235,9 +235,9 @@ class MiloraSFTConfig(SFTConfig):
         super().__post_init__()
 
     def _set_up_processes_without_gpus(self) -> None:
-        """Several processes on CPUs (see milora.distributed): DeepSpeed's CPU accelerator gets a process state with
+        """Several processes on CPUs (see milora.processes): DeepSpeed's CPU accelerator gets a process state with
         its backend; plain data parallel runs as accelerate's multi-CPU mode."""
-        from milora.distributed import several_processes_without_accelerator, share_deepspeed_cpu_process_state
+        from milora.processes import several_processes_without_accelerator, share_deepspeed_cpu_process_state
 
         deepspeed = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         if not deepspeed and several_processes_without_accelerator():

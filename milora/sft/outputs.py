@@ -105,7 +105,7 @@ def save_outputs(trainer, recipe) -> dict:
     """After training: the adapter and trainer state, then (main process) the standard-LoRA conversion, the merged
     checkpoint and the run summary. Returns the summary."""
     from milora import convert_to_lora, merge_adapter
-    from milora.distributed import save_merged_from_state_dict, zero3_consolidated_state_dict
+    from milora.processes import save_merged_from_state_dict, zero3_consolidated_state_dict
 
     model_args, training = recipe.model, recipe.training
     trainer.save_model(training.output_dir)
