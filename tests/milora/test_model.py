@@ -131,7 +131,8 @@ def test_llava_adapts_language_model_only():
     peft_model = apply_milora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], 4, show_progress=False)
     adapted = list(lora_layers(peft_model))
     assert len(adapted) == 8 and all(".language_model." in n for n in adapted)
-    assert all(torch.equal(p, vision_before[n]) for n, p in peft_model.base_model.model.model.vision_tower.named_parameters())
+    vision_tower = peft_model.base_model.model.model.vision_tower
+    assert all(torch.equal(p, vision_before[n]) for n, p in vision_tower.named_parameters())
     assert all(
         torch.equal(p, projector_before[n])
         for n, p in peft_model.base_model.model.model.multi_modal_projector.named_parameters()
@@ -189,7 +190,8 @@ class TestErrors:
             apply_milora(llama, ["query_key_value"], 4, show_progress=False)
 
     def test_rank_too_large_names_the_layer(self, llama):
-        with pytest.raises(MiLoRAError, match=r"model\.layers\.0\.self_attn\.k_proj: rank r=40 .* smaller dimension 32"):
+        message = r"model\.layers\.0\.self_attn\.k_proj: rank r=40 .* smaller dimension 32"
+        with pytest.raises(MiLoRAError, match=message):
             apply_milora(llama, ["k_proj"], 40, show_progress=False)
 
     def test_non_linear_target(self, llama):
