@@ -69,8 +69,8 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
     "lora_fast": Variant("lora", "recipe", "LoRA, all levers: GC off, varlen, Liger, token budget, 1 micro-batch",
                          **FAST),
     "milora_fast": Variant("milora", "recipe", "MiLoRA, all levers", **FAST),
-    "lora_recipe": Variant("lora", "recipe", "LoRA recipe as written (padding-free, GC on, Liger, sdpa, 4x4 rows)"),
-    "milora_recipe": Variant("milora", "recipe", "MiLoRA recipe as written"),
+    "lora_recipe": Variant("lora", "recipe", "LoRA recipe as written (recipes/llama2-7b_math_lora.yaml)"),
+    "milora_recipe": Variant("milora", "recipe", "MiLoRA recipe as written (recipes/llama2-7b_math_milora.yaml)"),
     "lora_lowmem": Variant("lora", "recipe", "LoRA, all levers but GC on (low memory)",
                            **{**FAST, "gradient_checkpointing": True}),
     "lora_fast_sdpa": Variant("lora", "recipe", "all levers but sdpa instead of varlen",
@@ -120,7 +120,7 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
                                                      "lora_dropout")}
     settings = {**base, **{k: v for k, v in chosen.items() if v is not None}}
     settings["liger"] = bool(settings["liger"]) and on_gpu and importlib.util.find_spec("liger_kernel") is not None
-    if settings["micro_batch"] == 0 or variant.grouping == "budget":
+    if not settings["micro_batch"] or settings["micro_batch"] >= batch_size or variant.grouping == "budget":
         settings["micro_batch"] = None  # the whole batch in one forward
     return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
             "compile": variant.compile, "bf16": on_gpu}
