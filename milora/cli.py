@@ -8,6 +8,7 @@ status 2 (argparse's status for usage errors), no traceback unless `--debug` is 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -35,10 +36,12 @@ def _usage() -> str:
 
 
 def split_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
-    """`argv` without any `--debug` before a `--` separator, and whether one was there."""
-    end = list(argv).index("--") if "--" in argv else len(argv)
-    kept = [arg for arg in argv[:end] if arg != DEBUG_FLAG] + list(argv[end:])
-    return kept, len(kept) != len(argv)
+    """`argv` without any `--debug` before a `--` separator, and whether one was there (argparse finds it, so
+    it may stand before or after the command; everything else is left, in order, to the subcommand)."""
+    flag_parser = argparse.ArgumentParser(prog="milora", add_help=False, allow_abbrev=False)
+    flag_parser.add_argument(DEBUG_FLAG, action="store_true")
+    parsed, rest = flag_parser.parse_known_args(list(argv))
+    return rest, parsed.debug
 
 
 def error_line(prog: str, error: BaseException) -> str:
