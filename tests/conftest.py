@@ -1,4 +1,5 @@
-"""Settings every test shares: an offline Hugging Face stack and the path of the optional shared data.
+"""Settings every test shares: an offline Hugging Face stack, the path of the optional shared data, and
+`load_script` for the command-line scripts (recipes/, scripts/, benchmarks/) that are files, not packages.
 
 The environment is set here, at import time, because pytest imports this file before any test module or
 nested conftest, so transformers / datasets / huggingface_hub read these values when they are first imported.
@@ -6,8 +7,11 @@ nested conftest, so transformers / datasets / huggingface_hub read these values 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -16,6 +20,30 @@ os.environ.update(OFFLINE_ENVIRONMENT)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+def load_script(path: Path | str, name: str | None = None) -> ModuleType:
+    """Import the script at `path` (relative to the repository root or absolute) as module `name` (its file stem).
+
+    The module is registered in `sys.modules` (dataclasses and pickling look it up there); a second call for the
+    same file returns the module already loaded, so a test shares it with the scripts that import it by name.
+    """
+    path = (REPO_ROOT / path).resolve()
+    name = name or path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the script {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 @pytest.fixture(scope="session")

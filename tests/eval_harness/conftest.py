@@ -16,24 +16,14 @@ from pathlib import Path
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "datasets" not in sys.modules and "HF_DATASETS_CACHE" not in os.environ:
     # The local fixture files (many in fresh temporary folders) would each leave a cache entry under ~/.cache.
     _DATASETS_CACHE = tempfile.mkdtemp(prefix="milora-eval-datasets-")
     os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
     atexit.register(shutil.rmtree, _DATASETS_CACHE, True)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # for `import stub_judge`
-    sys.path.insert(0, str(HERE))
-
-FIXTURES = HERE / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-from stub_judge import StubJudge
 
 from eval_harness.alpaca_eval_runner import (
     load_eval_set,
@@ -15,6 +14,7 @@ from eval_harness.alpaca_eval_runner import (
     write_annotator_config,
 )
 from eval_harness.judge import JudgeEndpoint, ask_judge
+from tests.eval_harness.stub_judge import StubJudge
 
 
 def test_model_outputs_have_the_alpaca_eval_format():

@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 from PIL import Image
-from stub_judge import StubJudge
 
 from eval_harness import cli as eval_cli
 from eval_harness.data_paths import DATA_DIR_ENV
 from eval_harness.suites.lm_eval_suite import COMMONSENSE_TASKS
 from milora.cli import main as milora_main
+from tests.eval_harness.stub_judge import StubJudge
 
 FAST = ["--limit", "2", "--max_gen_toks", "4", "--batch_size", "2", "--device", "cpu"]
 

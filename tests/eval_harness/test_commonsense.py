@@ -8,7 +8,6 @@ import time
 
 import pytest
 from lm_eval import simple_evaluate
-from oracle_lm import OracleLM
 
 from eval_harness import lm_eval_runner
 from eval_harness.commonsense import (
@@ -23,6 +22,7 @@ from eval_harness.local_tasks import project_task_yaml, write_local_task_yaml
 from milora.io import read_json, write_json
 from milora.prompts import alpaca_prompt
 from milora.prompts import metamath_eval_prompt as metamath_prompt
+from tests.eval_harness.oracle_lm import OracleLM
 
 REAL_SETS = [name for name, folder in LLM_ADAPTERS_DIR_NAMES.items() if name != "hellaswag"]  # HellaSwag: not public
 SLICE = 8

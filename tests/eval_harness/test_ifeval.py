@@ -6,12 +6,12 @@ import json
 import time
 
 import pytest
-from oracle_lm import ConstantLM, OracleLM
 
 from eval_harness import cli as eval_cli
 from eval_harness import ifeval, lm_eval_runner
 from eval_harness.local_tasks import lm_eval_task_yaml, write_local_task_yaml
 from milora.io import read_jsonl, write_jsonl
+from tests.eval_harness.oracle_lm import ConstantLM, OracleLM
 
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import lm_eval
 import pytest
 from lm_eval import simple_evaluate
-from oracle_lm import OracleLM
 
 from eval_harness import lm_eval_runner
 from eval_harness.local_tasks import TASKS_DIR, project_task_yaml, task_yaml, write_local_task_yaml
 from milora.io import read_json_rows, read_jsonl, write_jsonl
+from tests.eval_harness.oracle_lm import OracleLM
 
 # fmt: off
 PROJECT_TASKS = [

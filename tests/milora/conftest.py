@@ -1,13 +1,9 @@
 """Fixtures for the core tests: tiny models built from configs, seeded, on CPU."""
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from milora.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from milora.tiny import tiny_model, tiny_tokenizer
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -6,20 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import pytest
+import torch
+from PIL import Image
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from milora.llava_data import (  # noqa: E402
+from milora.llava_data import (
     IGNORE_INDEX,
     LLAVA_V1_CHAT_TEMPLATE,
     LlavaDataError,
@@ -27,10 +20,11 @@ from milora.llava_data import (  # noqa: E402
     expand_to_square,
     llava_messages,
 )
-from milora.loading import is_vision_language  # noqa: E402
-from milora.prompts import VICUNA_V1_SYSTEM_PROMPT  # noqa: E402
-from milora.sft.llava import build_llava_train_data  # noqa: E402
-from milora.tiny import tiny_config, tiny_model, tiny_processor  # noqa: E402
+from milora.loading import is_vision_language
+from milora.prompts import VICUNA_V1_SYSTEM_PROMPT
+from milora.sft.llava import build_llava_train_data
+from milora.tiny import tiny_config, tiny_model, tiny_processor
+from tests.conftest import REPO_ROOT
 
 TINY_DATA = REPO_ROOT / "recipes" / "data" / "llava_tiny"
 TINY_JSON = TINY_DATA / "llava_tiny.json"

@@ -10,15 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import pytest
+import torch
+import yaml
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+from tests.conftest import REPO_ROOT
 
 RECIPES = REPO_ROOT / "recipes"
 PAPER_RECIPES = {"llava_milora.yaml": "milora", "llava_lora.yaml": "lora", "llava_pissa.yaml": "pissa"}

@@ -3,19 +3,15 @@ run names, the forgetting loss and the Markdown tables, on CPU without the real 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from tests.conftest import REPO_ROOT, load_script
 
-import miniature_report  # noqa: E402
-import miniature_tables  # noqa: E402
-import miniature_worker  # noqa: E402
+miniature_tables = load_script("scripts/miniature_tables.py")
+miniature_report = load_script("scripts/miniature_report.py")
+miniature_worker = load_script("scripts/miniature_worker.py")
 
 RECIPES = REPO_ROOT / "recipes"
 
