@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Score a checkpoint on an evaluation suite; writes results.json and results.md."
     )
     parser.add_argument("--suite", required=True, choices=SUITES, help="what to evaluate")
-    parser.add_argument("--model", required=True, help="merged checkpoint directory (or hub id)")
+    parser.add_argument("--model", required=True, help="merged checkpoint directory, .gguf file or hub id")
     parser.add_argument("--output_dir", help="where results go (default outputs/eval/<model name>/<suite>)")
     parser.add_argument(
         "--data_dir",
@@ -74,7 +74,9 @@ def check_model(model: str) -> None:
     """A --model that is a path must exist (a hub id, ``owner/name``, is left to the loader)."""
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_like_path and not Path(model).expanduser().exists():
-        raise UsageError(f"--model {model} does not exist", "give a checkpoint folder (e.g. `milora merge` output)")
+        raise UsageError(
+            f"--model {model} does not exist", "give a checkpoint folder (e.g. `milora merge` output) or a .gguf file"
+        )
 
 
 def default_output_dir(model: str, suite: str) -> Path:

@@ -23,16 +23,19 @@ __all__ = ["PROMPT_FORMATS", "GenerationConfig", "default_device", "format_promp
 
 
 def load_causal_lm(path: str, device: str | None = None, dtype: str = "auto"):
-    """Model (eval mode, on device) and a tokenizer that left-pads and has a pad token; dtype `auto` is
-    bfloat16 on a GPU that supports it, float32 elsewhere."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model (eval mode, on device) and a tokenizer that left-pads and has a pad token, from a checkpoint
+    directory, a hub id or a `.gguf` file; dtype `auto` is bfloat16 on a GPU that supports it, float32 elsewhere."""
+    from transformers import AutoTokenizer
+
+    from milora.gguf import is_gguf_path, load_gguf_tokenizer
+    from milora.loading import load_model
 
     device = device or default_device()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_gguf_tokenizer(path) if is_gguf_path(path) else AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    model = load_model(path, dtype=resolve_dtype(dtype, device))
     model.to(device).eval()
     return model, tokenizer
 

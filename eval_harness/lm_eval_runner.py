@@ -36,10 +36,22 @@ def build_lm(
     dtype: str = "auto",
     max_length: int | None = None,
 ):
-    """lm-eval's HFLM for a merged checkpoint directory (or hub id)."""
+    """lm-eval's HFLM for a merged checkpoint directory, a hub id or a `.gguf` file.
+
+    A GGUF file is loaded by milora's own loader (the float model `milora init` and training see, errors that
+    name the file) and handed to HFLM with its tokenizer, rather than through HFLM's `gguf_file=`, which would
+    keep transformers' GGUF quantizer on the model and report a bad file as a bare loader error.
+    """
     from lm_eval.models.huggingface import HFLM
 
+    from milora.gguf import is_gguf_path
+
     kwargs: dict[str, Any] = {"pretrained": model_path, "device": device, "batch_size": batch_size, "dtype": dtype}
+    if is_gguf_path(model_path):
+        from eval_harness.generation import load_causal_lm
+
+        model, tokenizer = load_causal_lm(model_path, device=device, dtype=dtype)
+        kwargs = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
     if max_length:
         kwargs["max_length"] = max_length
     return HFLM(**kwargs)

@@ -80,7 +80,11 @@ def local_data_files(args: argparse.Namespace, tasks: Sequence[str], root: Path 
 
 
 def model_context_length(model: str) -> int | None:
-    """`max_position_embeddings` of a local checkpoint (text config for LLaVA), None when unknown."""
+    """`max_position_embeddings` of a local checkpoint or `.gguf` file (text config for LLaVA), None when unknown."""
+    from milora.gguf import is_gguf_path, load_gguf_config
+
+    if is_gguf_path(model):
+        return getattr(load_gguf_config(model), "max_position_embeddings", None)
     config_file = Path(model) / "config.json"
     if not config_file.is_file():
         return None
