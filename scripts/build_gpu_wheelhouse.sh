@@ -10,10 +10,10 @@
 # Other sdist-only packages (sqlitedict, word2number, rouge-score) are built here with `pip wheel`.
 #
 # The check at the end walks every wheel's Requires-Dist (markers evaluated for CPython 3.12 on Linux x86-64,
-# extras followed where a carried wheel asks for them) and fails when a need is neither carried nor in the GPU
-# machine's package list below, when a carried version does not satisfy a need, when a need on a GPU package
+# extras followed where a bundled wheel asks for them) and fails when a need is neither bundled nor in the GPU
+# machine's package list below, when a bundled version does not satisfy a need, when a need on a GPU package
 # whose version is known (GPU_KNOWN_VERSIONS) is not met, when a wheel would shadow a package the machine
-# already has, when a wheel's tags don't fit cp312 manylinux x86-64, when a name is carried twice, or when
+# already has, when a wheel's tags don't fit cp312 manylinux x86-64, when a name is bundled twice, or when
 # the folder outgrows MAX_MIB.
 #
 # Environment: VENV (default .venv), MAX_MIB (default 40), EXTRA_PKGS (more "name==version" pins, space-separated,
@@ -71,7 +71,7 @@ DEEPSPEED=deepspeed==0.19.8
 # shellcheck disable=SC2206
 EXTRA=(${EXTRA_PKGS:-})
 
-# The GPU machine's packages ("Python packages already there" in /work/.library/device/KINDS.md, 2026-11-17).
+# The packages the target GPU image already has (its pip list, read 2026-11-17).
 GPU_HAS="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
 certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
 cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
@@ -92,7 +92,7 @@ shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboa
 tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric
 torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3
 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"
-# Versions known on the GPU machine (KINDS.md's pip list row and our own readings there); needs on these
+# Versions known on the GPU machine (its pip list and readings there); needs on these
 # packages are checked against them, needs on the other GPU packages by name only.
 GPU_KNOWN_VERSIONS="torch==2.11.0 transformers==5.17.0 peft==0.21.0 accelerate==1.15.0 triton==3.6.0
 huggingface-hub==1.33.0 tokenizers==0.23.2 safetensors==0.8.0 numpy==2.5.2 sentencepiece==0.2.2
@@ -188,9 +188,9 @@ for whl in sorted(dest.glob("*.whl")):
         meta = email.parser.Parser().parsestr(z.read(meta_name).decode("utf-8"))
     name = canonicalize_name(meta["Name"])
     if name in wheels:
-        problems.append(f"{name}: carried twice ({wheels[name][2]}, {whl.name})")
+        problems.append(f"{name}: bundled twice ({wheels[name][2]}, {whl.name})")
     if name in gpu_has:
-        problems.append(f"{name}: already on the GPU machine; carrying it would shadow that one")
+        problems.append(f"{name}: already on the GPU machine; bundling it would shadow that one")
     wheels[name] = (Version(meta["Version"]), [Requirement(r) for r in meta.get_all("Requires-Dist") or []], whl.name)
 
 env = dict(python_version="3.12", python_full_version="3.12.3", sys_platform="linux", platform_system="Linux",
@@ -203,7 +203,7 @@ def active(req, extras):
         return True
     return any(req.marker.evaluate(dict(env, extra=e)) for e in (extras or {""}))
 
-# Extras asked of carried wheels by other carried wheels (e.g. typepy[datetime]); iterate to a fixed point.
+# Extras asked of bundled wheels by other bundled wheels (e.g. typepy[datetime]); iterate to a fixed point.
 wanted_extras = {n: set() for n in wheels}
 changed = True
 while changed:
@@ -223,7 +223,7 @@ for n, (ver, reqs, fname) in sorted(wheels.items()):
         dep = canonicalize_name(r.name)
         if dep in wheels:
             if not r.specifier.contains(wheels[dep][0], prereleases=True):
-                problems.append(f"{n} {ver} needs {r}, carried: {dep} {wheels[dep][0]}")
+                problems.append(f"{n} {ver} needs {r}, bundled: {dep} {wheels[dep][0]}")
         elif dep in gpu_has:
             if dep in gpu_ver and not r.specifier.contains(gpu_ver[dep], prereleases=True):
                 problems.append(f"{n} {ver} needs {r}, GPU machine has {dep} {gpu_ver[dep]}")
@@ -244,5 +244,5 @@ if problems:
     for p in problems:
         print("  " + p)
     sys.exit(1)
-print(f"OK: {len(wheels)} wheels; every need is carried or on the GPU machine")
+print(f"OK: {len(wheels)} wheels; every need is bundled or on the GPU machine")
 EOF
