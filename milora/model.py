@@ -247,6 +247,10 @@ def apply_milora(
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
         workers=workers,
     )
+    if torch.cuda.is_available():
+        # hand the float64 decomposition workspaces back, so training allocates from a fresh cache (a suspect
+        # in the MiLoRA/LoRA step-time gap of docs/benchmarks.md, not yet measured)
+        torch.cuda.empty_cache()
     return peft_model
 
 
