@@ -32,7 +32,9 @@ def _launched_several_processes() -> bool:
 def several_processes_without_accelerator() -> bool:
     """One of several launched processes on a machine without GPUs (or other accelerators). accelerate then sets
     up no process group unless told the run is on CPUs (`use_cpu`): each process would train alone."""
-    return _launched_several_processes() and not torch.accelerator.is_available()
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; older: CUDA is the accelerator that matters
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return _launched_several_processes() and not has_accelerator
 
 
 def share_deepspeed_cpu_process_state(deepspeed_requested: bool, timeout=None) -> bool:
