@@ -70,14 +70,19 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch_size: int = 1
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
-_last_boundaries: list = [None, None]  # [position_ids tensor, (cu_seqlens, max_len)]: every layer sees the same ids
+_last_boundaries: tuple | None = None  # (position_ids tensor, (cu_seqlens, max_len)): every layer sees the same ids
 
 
 def _cached_cu_seqlens(position_ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
-    # one host sync per forward instead of one per layer
-    if _last_boundaries[0] is not position_ids:
-        _last_boundaries[:] = [position_ids, cu_seqlens_from_position_ids(position_ids, batch_size)]
-    return _last_boundaries[1]
+    # one host sync per forward instead of one per layer; read and replaced as one tuple, so replicas running
+    # in threads (nn.DataParallel) never mix one batch's ids with another's boundaries
+    global _last_boundaries
+    cached = _last_boundaries
+    if cached is not None and cached[0] is position_ids:
+        return cached[1]
+    boundaries = cu_seqlens_from_position_ids(position_ids, batch_size)
+    _last_boundaries = (position_ids, boundaries)
+    return boundaries
 
 
 def packed_boundaries(query, key, attention_mask, module, kwargs) -> tuple[torch.Tensor, int] | None:

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "analyze": ("milora.analysis.cli", "subspace similarity, amplification factor and forgetting of a finetune"),
 }
 DEBUG_FLAG = "--debug"
+# Subcommands that report their own errors in one line and take --debug themselves: the flag is passed on.
+REPORT_OWN_ERRORS = ("eval",)
 USAGE_ERROR_STATUS = 2
 # Bad input surfaces as ValueError (MiLoRAError, RecipeError, DataError and AnalysisInputError derive from it)
 # or OSError (a missing file or directory, a checkpoint that cannot be read).
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"milora: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return USAGE_ERROR_STATUS
     module = importlib.import_module(SUBCOMMANDS[name][0])
+    if debug and name in REPORT_OWN_ERRORS:
+        rest = [*rest, DEBUG_FLAG]
     return run_reporting_errors(f"milora {name}", module.main, rest, debug)
 
 

@@ -8,6 +8,7 @@ becomes a task variant (`eval_harness.local_tasks`) that keeps the task's prompt
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ def task_include_paths(files: dict[str, Path], tasks: Sequence[str], variant_dir
     """Folders lm-eval must index: local-file variants, and lm-eval's own task folders the suite uses."""
     from eval_harness.local_tasks import LM_EVAL_TASK_FILES, lm_eval_task_yaml, task_yaml, write_local_task_yaml
 
+    # lm-eval indexes the whole folder: variants left by an earlier run must not shadow this run's choices
+    shutil.rmtree(variant_dir, ignore_errors=True)
     for task, path in files.items():
         write_local_task_yaml(task_yaml(task), path, variant_dir, task_name=task)
     paths = [variant_dir] if files else []
@@ -128,13 +131,15 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
         args.model, device=args.device, batch_size=args.batch_size, dtype=args.dtype, max_length=args.max_length
     )
 
+    gen_kwargs = generation_overrides(args)
+
     def evaluate(names: Sequence[str]):
         return lm_eval_runner.run_tasks(
             lm,
             names,
             manager,
             limit=args.limit,
-            gen_kwargs=generation_overrides(args),
+            gen_kwargs=gen_kwargs,
             apply_chat_template=args.apply_chat_template,
         )
 

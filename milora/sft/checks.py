@@ -18,6 +18,7 @@ def check_recipe(recipe) -> None:
         check_model_source(recipe.model.model_name_or_path, where)
     check_dataset(recipe.data.dataset_name, recipe.path, where)
     check_chat_template(recipe.training.chat_template_path)
+    check_zero3_merge(recipe.training)
 
 
 def check_model_source(name: str | None, where: str = "") -> None:
@@ -55,3 +56,19 @@ def check_dataset(name: str | None, recipe_path: str | None, where: str = "") ->
 def check_chat_template(path: str | None) -> None:
     if path and path.endswith((".jinja", ".j2")) and not os.path.isfile(path):
         raise RecipeError(f"chat_template_path {path}: no such file")
+
+
+def check_zero3_merge(training) -> None:
+    """`merge: true` under ZeRO-3 gathers the full 16-bit state dict after training, which DeepSpeed only allows
+    with `stage3_gather_16bit_weights_on_model_save`; refuse now rather than after the training run."""
+    plugin = getattr(training, "deepspeed_plugin", None)
+    config = getattr(plugin, "deepspeed_config", None)
+    if not training.merge or not isinstance(config, dict):
+        return
+    zero = config.get("zero_optimization") or {}
+    if str(zero.get("stage")) == "3" and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise RecipeError(
+            "merge: true under DeepSpeed ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in the "
+            "DeepSpeed config (deepspeed_configs/ds_zero3.json sets it); set it, or set merge: false and run "
+            "`milora merge` after training"
+        )

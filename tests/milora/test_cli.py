@@ -100,3 +100,9 @@ def test_split_debug_flag():
     assert split_debug_flag(["--debug", "merge"]) == (["merge"], True)
     assert split_debug_flag(["eval", "--", "--debug"]) == (["eval", "--", "--debug"], False)
     assert split_debug_flag(["convert"]) == (["convert"], False)
+
+
+def test_debug_reaches_eval_which_reports_its_own_errors(tmp_path):
+    result = run_milora("eval", "--suite", "gsm8k", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Traceback" in run_milora("--debug", "eval", "--suite", "gsm8k", "--model", str(tmp_path / "missing")).stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from milora.io import read_json, write_json
 from milora.sft import parsing
 from milora.sft.config import DataArguments, MiloraSFTConfig, ModelArguments, RecipeError, accumulation_steps
 
@@ -103,3 +104,17 @@ def test_liger_is_off_without_cuda(tmp_path):
     with pytest.warns(UserWarning, match="use_liger_kernel"):
         training = config(tmp_path, use_liger_kernel=True)
     assert training.use_liger_kernel is False and training.bf16 is False
+
+
+def test_zero3_merge_without_gathered_weights_is_refused_before_training(tmp_path):
+    """merge: true under ZeRO-3 needs the 16-bit weights gathered on save; without it the recipe stops at once."""
+    config = read_json(REPO_ROOT / "deepspeed_configs" / "ds_zero3.json")
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    write_json(tmp_path / "ds.json", config)
+    command = [sys.executable, "recipes/sft.py", "recipes/tiny_milora.yaml", "--deepspeed", str(tmp_path / "ds.json"),
+               "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "stage3_gather_16bit_weights_on_model_save" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "milora_init_adapter").exists()
