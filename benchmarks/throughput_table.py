@@ -1,6 +1,6 @@
 """The markdown table of training-throughput runs (the JSON files benchmarks/train_throughput.py writes).
 
-One row per variant, the median over its repeats; the spread is (max - min) / median of tokens/s over
+One row per variant, the median over its repeats; the spread is (max - min) / 2 / median of tokens/s over
 the repeats. "vs TRL defaults" is the tokens/s ratio; "step vs LoRA" is the median-step-time ratio of a
 MiLoRA variant to the LoRA variant of the same settings (lora_X for milora_X), on the same batches.
 """

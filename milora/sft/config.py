@@ -15,6 +15,7 @@ and the process count, `bf16` and Liger from the hardware, `resume_from_checkpoi
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from trl import SFTConfig
 from milora.data import FORMATS
 from milora.loading import default_dtype
 from milora.model import METHODS, method_of_mode
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "milora"
 DEFAULT_RANK = 16
@@ -206,7 +209,8 @@ class MiloraSFTConfig(SFTConfig):
     effective_batch_size: int | None = field(
         default=None,
         metadata={"help": "Examples per optimizer step over all processes; sets gradient_accumulation_steps = "
-                  "effective_batch_size / (per_device_train_batch_size * number of processes)."},
+                  "effective_batch_size / (per_device_train_batch_size * number of processes), and caps "
+                  "per_device_train_batch_size at effective_batch_size / number of processes."},
     )
     merge: bool = field(default=False, metadata={"help": "Also save the merged full checkpoint to OUTPUT_DIR/merged."})
     save_standard_lora: bool = field(
@@ -228,6 +232,9 @@ class MiloraSFTConfig(SFTConfig):
         self.resume_from_checkpoint = resolve_resume_checkpoint(self.resume_from_checkpoint, self.output_dir)
         # Before TrainingArguments' own __post_init__: DeepSpeed's "auto" batch sizes are filled from it there.
         self._set_up_processes_without_gpus()
+        self.per_device_train_batch_size = per_device_batch_size(
+            self.effective_batch_size, self.per_device_train_batch_size, world_size()
+        )
         self.gradient_accumulation_steps = accumulation_steps(
             self.effective_batch_size, self.per_device_train_batch_size, self.gradient_accumulation_steps,
             world_size(),
@@ -256,6 +263,20 @@ def world_size() -> int:
     """The number of training processes: `accelerate launch`, torchrun and deepspeed set WORLD_SIZE; a plain
     `python` run is one process."""
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def per_device_batch_size(effective_batch_size: int | None, per_device: int, processes: int) -> int:
+    """`per_device_train_batch_size`, capped so that one optimizer step holds no more than `effective_batch_size`
+    examples over all processes: a recipe written for one GPU (16 rows in one micro-batch) runs unchanged on
+    N GPUs (16 / N rows each). Unchanged without an effective batch size or where it already fits."""
+    if effective_batch_size is None or per_device * processes <= effective_batch_size:
+        return per_device
+    capped = max(effective_batch_size // processes, 1)
+    logger.warning(
+        "per_device_train_batch_size %d x %d processes exceeds effective_batch_size %d: using %d per process",
+        per_device, processes, effective_batch_size, capped,
+    )
+    return capped
 
 
 def accumulation_steps(effective_batch_size: int | None, per_device: int, explicit: int | None, processes: int) -> int:

@@ -118,3 +118,20 @@ def test_zero3_merge_without_gathered_weights_is_refused_before_training(tmp_pat
     assert result.returncode == 2, result.stderr[-2000:]
     assert "stage3_gather_16bit_weights_on_model_save" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "milora_init_adapter").exists()
+
+
+@pytest.mark.parametrize("processes,per_device", [(1, 16), (2, 8), (4, 4), (8, 2)])
+def test_a_one_gpu_recipe_runs_on_n_processes(monkeypatch, processes, per_device):
+    """The 7B recipes put all 16 rows of a step in one micro-batch on one GPU; on N GPUs each takes 16 / N."""
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    recipe = parsing.parse_recipe([str(REPO_ROOT / "recipes" / "llama2-7b_math_milora.yaml"), "--output_dir", "/tmp/x"])
+    training = recipe.training
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (per_device, 1)
+
+
+def test_per_device_cap_keeps_a_batch_that_fits_and_refuses_too_many_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert config(tmp_path, effective_batch_size=16, per_device_train_batch_size=4).per_device_train_batch_size == 4
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    with pytest.raises(RecipeError, match="effective_batch_size 16 is not a multiple"):
+        config(tmp_path, effective_batch_size=16, per_device_train_batch_size=16)
