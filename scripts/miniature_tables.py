@@ -118,6 +118,18 @@ def run_parallel(jobs: dict[str, list[str]], logs: Path, parallel: int, deadline
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     pending, running, codes = list(jobs), {}, {}
     started = time.time()
+    try:
+        _run_loop(jobs, logs, parallel, deadline_s, env, pending, running, codes, started)
+    finally:  # Ctrl-C or a crash of the driver: stop the jobs it started (they run in their own sessions)
+        for process, log, _ in running.values():
+            if process.poll() is None:
+                os.killpg(process.pid, 15)
+                process.wait()
+            log.close()
+    return codes
+
+
+def _run_loop(jobs, logs, parallel, deadline_s, env, pending, running, codes, started) -> None:
     while pending or running:
         while pending and len(running) < parallel:
             name = pending.pop(0)
@@ -139,9 +151,9 @@ def run_parallel(jobs: dict[str, list[str]], logs: Path, parallel: int, deadline
                 log.close()
                 codes[name] = None
                 print(f"{name}: stopped at the deadline; rerun to continue it", flush=True)
-            running, pending = {}, []
+            running.clear()
+            pending.clear()
         time.sleep(1)
-    return codes
 
 
 def run_job(name: str, out: Path, base: Path, smoke: bool, extra: list[str]) -> list[str]:
@@ -167,7 +179,8 @@ def parse_runs(text: str) -> list[str]:
 
 def _valid_run(name: str) -> bool:
     parts = name.split("_")
-    return len(parts) == 3 and parts[0] in TASKS and parts[1] in METHODS and parts[2][1:].isdigit()
+    return (len(parts) == 3 and parts[0] in TASKS and parts[1] in METHODS and parts[2].startswith("s")
+            and parts[2][1:].isdigit())
 
 
 def is_done(stats_file: Path) -> bool:
