@@ -156,6 +156,12 @@ class ModelArguments:
             )
         if self.method == "lora":
             raise RecipeError("milora_init_dir holds an SVD init; it cannot be combined with method: lora")
+        if self.lora_modules_to_save:
+            raise RecipeError(
+                f"lora_modules_to_save {self.lora_modules_to_save} is not applied to a milora_init_dir run (the init "
+                "directory's adapter trains only its LoRA layers); drop milora_init_dir so the method is applied at "
+                "start-up (under ZeRO-3 too), or drop lora_modules_to_save"
+            )
         found = init_dir_settings(self.milora_init_dir)
         for key in ("method", "lora_r", "lora_alpha"):
             ours = getattr(self, key)

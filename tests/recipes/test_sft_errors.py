@@ -133,3 +133,12 @@ def test_effective_batch_size_must_divide(sft, capsys):
     assert "effective_batch_size 12 is not a multiple" in err
     err = run_main(sft, capsys, TINY, "--gradient_accumulation_steps", "3")
     assert "contradicts effective_batch_size 16" in err
+
+
+def test_modules_to_save_with_an_init_dir_is_refused(sft, capsys, tmp_path):
+    from milora.cli import main as milora_cli
+
+    init_dir = tmp_path / "init"
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "8", "--out", str(init_dir)]) == 0
+    err = run_main(sft, capsys, TINY, "--milora_init_dir", init_dir, "--lora_modules_to_save", "lm_head")
+    assert "lora_modules_to_save ['lm_head'] is not applied to a milora_init_dir run" in err
