@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eval_harness import vqa_scoring
-from eval_harness.llava_generation import VisualQuestion
 from milora.io import read_json_rows
+
+if TYPE_CHECKING:  # the generation module imports torch; `milora eval --help` should not
+    from eval_harness.llava_generation import VisualQuestion
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
@@ -82,6 +84,8 @@ def image_of(record: dict, image_dir: str | Path | None):
 
 def build_requests(benchmark: str, records: Sequence[dict], image_dir=None) -> list[tuple[dict, VisualQuestion]]:
     """(scoring record, generation request) pairs; MMBench gets one pair per circular shift."""
+    from eval_harness.llava_generation import VisualQuestion
+
     pairs = []
     for record in records:
         image = image_of(record, image_dir)

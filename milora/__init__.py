@@ -6,30 +6,35 @@ adapters start from the minor singular components of the weights they adapt (MiL
 of the spectrum (`MODES`: minor, principal, mid, random), and `solver=` the SVD algorithm (`SOLVERS`).
 """
 
-from milora.conversion import convert_to_lora, merge_adapter, merge_checkpoint
-from milora.decomposition import (
-    MODES,
-    SOLVERS,
-    SingularComponents,
-    lora_factors,
-    residual_weight,
-    singular_components,
-)
-from milora.init_dir import is_init_dir, load_init_dir, save_init_dir
-from milora.model import (
-    METHOD_MODES,
-    METHODS,
-    MODE_ALIASES,
-    MiLoRAError,
-    apply_milora,
-    method_of_mode,
-    normalize_mode,
-    resolve_target_modules,
-)
+import importlib
+
+# Public names and the module each lives in. They load on first use (PEP 562), so that `import milora.prompts`
+# or `milora --help` does not pay for torch, transformers and peft.
+_EXPORTS = {
+    **dict.fromkeys(("convert_to_lora", "merge_adapter", "merge_checkpoint"), "milora.conversion"),
+    **dict.fromkeys(("MODES", "SOLVERS", "SingularComponents", "lora_factors", "residual_weight",
+                     "singular_components"), "milora.decomposition"),
+    **dict.fromkeys(("is_init_dir", "load_init_dir", "save_init_dir"), "milora.init_dir"),
+    **dict.fromkeys(("METHOD_MODES", "METHODS", "MODE_ALIASES", "MiLoRAError", "apply_milora", "method_of_mode",
+                     "normalize_mode", "resolve_target_modules"), "milora.model"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'milora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: F822 (loaded on first use by __getattr__)
     "METHODS",
     "METHOD_MODES",
     "MODES",
