@@ -38,12 +38,6 @@ def test_metamath_prompt():
     assert metamath_prompt("What is 2+3?") == f"{HEADER}\n\n### Instruction:\nWhat is 2+3?\n\n### Response:\n"
 
 
-def test_prompts_match_the_evaluation_prompts():
-    prompts = pytest.importorskip("eval_harness.prompts")
-    assert alpaca_prompt("Q?") == prompts.alpaca_prompt("Q?")
-    assert alpaca_prompt("Q?", "ctx") == prompts.alpaca_prompt("Q?", "ctx")
-
-
 def test_training_and_evaluation_prompts_are_tied():
     """Evaluation asks the finetuned model the way training formatted its rows: MetaMath's eval prompt is the
     training prompt with the response primed; a commonsense eval doc's prompt is the training formatter's."""

@@ -14,13 +14,13 @@ except ImportError:  # lm_eval run from a checkout without milora installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from eval_harness import math_grading
-from eval_harness.prompts import metamath_prompt
+from milora.prompts import metamath_eval_prompt
 
 
 def _gsm8k_doc(row):
     question = row.get("question") or row.get("query")
     answer = row.get("answer") or row.get("response") or ""
-    return {"prompt": metamath_prompt(question), "gold": math_grading.gsm8k_gold_answer(answer)}
+    return {"prompt": metamath_eval_prompt(question), "gold": math_grading.gsm8k_gold_answer(answer)}
 
 
 def _math_doc(row):
@@ -28,7 +28,7 @@ def _math_doc(row):
     gold = row.get("answer")
     if gold in (None, ""):
         gold = math_grading.math_gold_answer(row.get("solution") or row.get("output") or "")
-    return {"prompt": metamath_prompt(problem), "gold": "" if gold is None else str(gold)}
+    return {"prompt": metamath_eval_prompt(problem), "gold": "" if gold is None else str(gold)}
 
 
 def process_docs_gsm8k(dataset):
