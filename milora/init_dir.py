@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from milora.autocast import skip_input_casts_under_autocast
 from milora.io import atomic_directory, read_json, write_json
 from milora.layout import ADAPTER_CONFIG_FILE, INIT_SUBDIR, METADATA_FILE
 
@@ -68,7 +69,9 @@ def load_init_dir(init_dir: str | Path, dtype="auto", is_trainable: bool = True,
             "create one with `milora init --model ... --out DIR`"
         )
     model = load_model(str(init_dir), dtype=dtype, **model_kwargs)
-    return PeftModel.from_pretrained(model, str(init_dir / INIT_SUBDIR), is_trainable=is_trainable)
+    peft_model = PeftModel.from_pretrained(model, str(init_dir / INIT_SUBDIR), is_trainable=is_trainable)
+    skip_input_casts_under_autocast(peft_model)
+    return peft_model
 
 
 def read_metadata(init_dir: str | Path) -> dict:

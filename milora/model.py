@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
+from milora.autocast import skip_input_casts_under_autocast
 from milora.decomposition import MODES
 from milora.distributed import initialize_layers, is_zero3_partitioned, lora_layers
 
@@ -214,6 +215,7 @@ def apply_milora(
 
     Under torch.distributed the layers are split across ranks and broadcast; under DeepSpeed ZeRO-3
     they are gathered group by group (see `milora.distributed`). Every rank ends with the same factors.
+    Under autocast the LoRA layers skip PEFT's float32 copy of their input (`milora.autocast`).
     """
     mode, component_mode = _resolve_mode(mode, method)
     if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
@@ -239,6 +241,7 @@ def apply_milora(
         **lora_kwargs,
     )
     peft_model = get_peft_model(model, config)
+    skip_input_casts_under_autocast(peft_model)
     if component_mode is None:
         return peft_model
 
