@@ -1,8 +1,11 @@
 """The markdown table of training-throughput runs (the JSON files benchmarks/train_throughput.py writes).
 
 One row per variant, the median over its repeats; the spread is (max - min) / 2 / median of tokens/s over
-the repeats. "vs TRL defaults" is the tokens/s ratio; "step vs LoRA" is the median-step-time ratio of a
-MiLoRA variant to the LoRA variant of the same settings (lora_X for milora_X), on the same batches.
+the repeats. "vs TRL defaults" is the tokens/s ratio. "step vs LoRA" compares a MiLoRA or PiSSA variant with
+the LoRA variant of the same settings (lora_X for milora_X, pissa_X and milora_X_cached), on the same batches:
+per repeat round, the total time of its timed steps over the LoRA run's of that round (the same steps, so
+the varying batch sizes cancel), then the median over the rounds. "SM MHz" is the median SM clock during the
+timed steps (nvidia-smi), where it was sampled.
 """
 
 from __future__ import annotations
@@ -36,7 +39,32 @@ def _settings(run: dict) -> str:
         parts.append("compiled")
     if s["lora_dropout"] == 0:
         parts.append("dropout 0")
+    if s.get("peft_input_cast") and s.get("base") != "trl_defaults":
+        parts.append("PEFT's float32 input copy")
     return ", ".join(parts)
+
+
+def lora_twin(name: str) -> str | None:
+    """The LoRA variant with the same settings as a MiLoRA/PiSSA variant."""
+    for method in ("milora", "pissa"):
+        if name.startswith(method + "_"):
+            return "lora" + name[len(method):].removesuffix("_cached")
+    return None
+
+
+def step_ratio(group: list[dict], twin: list[dict]) -> float:
+    """Median over the repeat rounds both have of (total timed-step time) / (the twin's, same round)."""
+    by_round = {run["repeat"]: run for run in twin}
+    ratios = [sum(run["step_times_s"]) / sum(by_round[run["repeat"]]["step_times_s"])
+              for run in group if run["repeat"] in by_round and "step_times_s" in run]
+    if not ratios:  # no common round: the medians of the median step times
+        return _median(group, "median_step_s") / _median(twin, "median_step_s")
+    return statistics.median(ratios)
+
+
+def _clock(group: list[dict]) -> str:
+    clocks = [run["gpu"]["sm_clock_mhz"] for run in group if run.get("gpu", {}).get("sm_clock_mhz")]
+    return f"{statistics.median(clocks):.0f}" if clocks else ""
 
 
 def _same_batches(by_variant: dict[str, list[dict]]) -> list[str]:
@@ -70,21 +98,21 @@ def markdown_table(files: list[Path], order: list[str] | None = None) -> str:
         f"{max(len(v) for v in by_variant.values())}",
         "",
         "| variant | settings | median step (s) | tokens/step | tokens/s | spread | MFU | peak GiB "
-        "| vs TRL defaults | step vs LoRA | loss |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| vs TRL defaults | step vs LoRA | SM MHz | loss |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = by_variant.get("trl_defaults")
     for name in names:
         group = by_variant[name]
         tokens_per_s = _median(group, "tokens_per_s")
         vs_defaults = f"{tokens_per_s / _median(base, 'tokens_per_s'):.2f}x" if base else ""
-        twin = by_variant.get(name.replace("milora", "lora", 1)) if name.startswith("milora") else None
-        vs_lora = f"{_median(group, 'median_step_s') / _median(twin, 'median_step_s'):.3f}" if twin else ""
+        twin = by_variant.get(lora_twin(name) or "")
+        vs_lora = f"{step_ratio(group, twin):.3f}" if twin else ""
         lines.append(
             f"| {name} | {_settings(group[0])} | {_median(group, 'median_step_s'):.3f} "
             f"| {_median(group, 'median_tokens_per_step'):.0f} | {tokens_per_s:,.0f} | {_spread(group)} "
             f"| {100 * _median(group, 'mfu'):.1f}% | {max(r['peak_mem_gib'] for r in group):.1f} "
-            f"| {vs_defaults} | {vs_lora} | {_median(group, 'training_loss'):.3f} |"
+            f"| {vs_defaults} | {vs_lora} | {_clock(group)} | {_median(group, 'training_loss'):.3f} |"
         )
     lines += _same_batches(by_variant)
     lines += [f"{r['variant']} repeat {r['repeat']} FAILED: {r['error']}" for r in failed]

@@ -17,6 +17,11 @@ not counted) against 989 TFLOP/s; peak memory during training (torch.cuda.max_me
     python benchmarks/train_throughput.py --table OUT            # the markdown table of finished runs in OUT
     python benchmarks/train_throughput.py --list                 # the variants
 
+Each result also carries the GPU's SM clock, power and temperature over the timed steps (nvidia-smi, see
+benchmarks/step_diagnostics.py); `--profile` adds one run per variant with two steps under torch.profiler.
+Separate processes on a power-capped GPU differ by a few percent from run to run; benchmarks/step_ratio.py
+compares MiLoRA/PiSSA with LoRA inside one process, step by step.
+
 A rerun with the same --out skips the (variant, repeat) pairs already done, so a long run can be split.
 The variants read the recipes' settings from recipes/llama2-7b_math_{lora,milora}.yaml and build the
 trainer directly (SFTTrainer + milora.apply_milora on pre-tokenized rows).
@@ -25,12 +30,10 @@ trainer directly (SFTTrainer + milora.apply_milora on pre-tokenized rows).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,113 +41,20 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from throughput_variants import (  # noqa: E402, F401 (the variants' names are part of this script's interface)
+    DEFAULT_VARIANTS,
+    TARGETS,
+    VARIANTS,
+    Variant,
+    build_model,
+    micro_batches,
+    model_config,
+    recipe_settings,
+    resolved_settings,
+)
 
-from milora.attention import VARLEN_ATTENTION  # noqa: E402
+from milora.attention import VARLEN_ATTENTION  # noqa: E402, F401 (tests read it from here)
 from milora.io import read_json, write_json  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One training configuration. `None` fields keep the base's setting (TRL defaults or the recipe YAML)."""
-
-    method: str  # lora | milora
-    base: str  # trl_defaults | recipe
-    description: str
-    gradient_checkpointing: bool | None = None
-    attention: str | None = None
-    liger: bool | None = None
-    grouping: str = "fixed"  # fixed (batch_size rows) | budget (token_budget tokens)
-    micro_batch: int | None = None  # rows per forward; None: the base's (recipe: per_device_train_batch_size)
-    lora_dropout: float | None = None
-    compile: bool = False
-
-
-FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True, grouping="budget", micro_batch=0)
-VARIANTS = {  # in run order: the comparisons that matter most first, in case a time budget cuts a round
-    "trl_defaults": Variant("lora", "trl_defaults", "SFTConfig defaults + PEFT LoraConfig (padded, GC on, sdpa)"),
-    "lora_fast": Variant("lora", "recipe", "LoRA, all levers: GC off, varlen, Liger, token budget, 1 micro-batch",
-                         **FAST),
-    "milora_fast": Variant("milora", "recipe", "MiLoRA, all levers", **FAST),
-    "lora_recipe": Variant("lora", "recipe", "LoRA recipe as written (recipes/llama2-7b_math_lora.yaml)"),
-    "milora_recipe": Variant("milora", "recipe", "MiLoRA recipe as written (recipes/llama2-7b_math_milora.yaml)"),
-    "lora_lowmem": Variant("lora", "recipe", "LoRA, all levers but GC on (low memory)",
-                           **{**FAST, "gradient_checkpointing": True}),
-    "lora_fast_sdpa": Variant("lora", "recipe", "all levers but sdpa instead of varlen",
-                              **{**FAST, "attention": "sdpa"}),
-    "lora_fast_noliger": Variant("lora", "recipe", "all levers but no Liger", **{**FAST, "liger": False}),
-    "lora_fast_fixed": Variant("lora", "recipe", "all levers but fixed 16-row batches",
-                               **{**FAST, "grouping": "fixed"}),
-    # not in the default run:
-    "lora_fast_dropout0": Variant("lora", "recipe", "all levers, lora_dropout 0 (the most a fused dropout could save)",
-                                  **{**FAST, "lora_dropout": 0.0}),
-    "lora_fast_compile": Variant("lora", "recipe", "all levers + torch_compile", **{**FAST, "compile": True}),
-}
-DEFAULT_VARIANTS = list(VARIANTS)[:9]
-
-
-def recipe_settings(method: str) -> dict:
-    """The training settings of recipes/llama2-7b_math_<method>.yaml (the file the recipe runs)."""
-    import yaml
-
-    return yaml.safe_load((ROOT / "recipes" / f"llama2-7b_math_{method}.yaml").read_text())
-
-
-def model_config(spec: dict):
-    from transformers import LlamaConfig
-
-    if spec["model"] == "tiny":
-        from milora.tiny import tiny_config
-
-        return tiny_config("llama")
-    overrides = {"num_hidden_layers": spec["layers"]} if spec.get("layers") else {}
-    return LlamaConfig(**{**LLAMA2_7B, **overrides}, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
-    """What the variant runs with, after its base's defaults and what this machine supports."""
-    on_gpu = torch.cuda.is_available()
-    recipe = recipe_settings(variant.method) if variant.base == "recipe" else {}
-    if variant.base == "recipe":
-        base = dict(gradient_checkpointing=recipe["gradient_checkpointing"], attention=recipe["attn_implementation"],
-                    liger=recipe["use_liger_kernel"], micro_batch=recipe["per_device_train_batch_size"],
-                    lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
-                    padding_free=recipe["padding_free"], optim=recipe["optim"], learning_rate=recipe["learning_rate"])
-    else:
-        base = dict(gradient_checkpointing=True, attention="sdpa", liger=False, micro_batch=batch_size,
-                    lora_alpha=2 * r, lora_dropout=0.05, padding_free=False, optim=None, learning_rate=None)
-    chosen = {key: getattr(variant, key) for key in ("gradient_checkpointing", "attention", "liger", "micro_batch",
-                                                     "lora_dropout")}
-    settings = {**base, **{k: v for k, v in chosen.items() if v is not None}}
-    settings["liger"] = bool(settings["liger"]) and on_gpu and importlib.util.find_spec("liger_kernel") is not None
-    if not settings["micro_batch"] or settings["micro_batch"] >= batch_size or variant.grouping == "budget":
-        settings["micro_batch"] = None  # the whole batch in one forward
-    return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
-            "compile": variant.compile, "bf16": on_gpu}
-
-
-def micro_batches(groups: list[list[int]], micro: int | None) -> tuple[list[list[int]], int]:
-    """The dataloader's batches and the gradient accumulation that puts one saved batch in each optimizer step."""
-    if micro is None:
-        return groups, 1
-    if any(len(batch) % micro for batch in groups):
-        raise ValueError(f"micro-batch {micro} does not divide the batches")
-    return [batch[i:i + micro] for batch in groups for i in range(0, len(batch), micro)], len(groups[0]) // micro
-
-
-def build_model(spec: dict, attention: str):
-    from init_speed import random_llama
-
-    from milora.attention import register_varlen_attention
-
-    register_varlen_attention()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = random_llama(model_config(spec), torch.bfloat16 if device == "cuda" else torch.float32, device)
-    model.set_attn_implementation(attention)
-    return model
 
 
 class RecordingCollator:
@@ -163,7 +73,7 @@ def sync():
         torch.cuda.synchronize()
 
 
-def make_trainer(model, training_args, dataset, tokenizer, loader_batches, peft_config, timer):
+def make_trainer(model, training_args, dataset, tokenizer, loader_batches, peft_config, callbacks):
     from torch.utils.data import DataLoader
     from trl import SFTTrainer
 
@@ -175,7 +85,7 @@ def make_trainer(model, training_args, dataset, tokenizer, loader_batches, peft_
             return self.accelerator.prepare(loader)
 
     trainer = SavedBatchesTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                                  peft_config=peft_config, callbacks=[timer])
+                                  peft_config=peft_config, callbacks=callbacks)
     trainer.data_collator = RecordingCollator(trainer.data_collator)
     return trainer
 
@@ -200,15 +110,37 @@ def step_timer():
     return StepTimer()
 
 
-def run_worker(variant_name: str, data: dict, output_dir: str) -> dict:
-    """Train one variant on the saved batches; its measurements."""
+def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str | None):
+    """The model with the variant's adapters (None for TRL's own PEFT wrapping) and the PEFT config TRL needs."""
+    from peft import LoraConfig
+
+    from milora import apply_milora
+    from milora.autocast import skip_input_casts_under_autocast
+
+    model = build_model(spec, settings["attention"])
+    if variant.base == "trl_defaults":
+        return model, LoraConfig(r=spec["r"], lora_alpha=settings["lora_alpha"], task_type="CAUSAL_LM",
+                                 lora_dropout=settings["lora_dropout"], target_modules=TARGETS)
+    if variant.init_cache and cache_dir is None:
+        raise ValueError(f"{variant.method}: init_cache needs a cache directory")
+    model = apply_milora(model, TARGETS, spec["r"], mode=variant.method, lora_alpha=settings["lora_alpha"],
+                         lora_dropout=settings["lora_dropout"], show_progress=False,
+                         cache_dir=cache_dir if variant.init_cache else None)
+    if variant.peft_input_cast:
+        skip_input_casts_under_autocast(model, enabled=False)
+    return model, None
+
+
+def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | None = None,
+               profile_table: Path | None = None) -> dict:
+    """Train one variant on the saved batches; its measurements. With `profile_table`, the first two timed
+    steps run under torch.profiler (their kernel table is written there) and the timings are not comparable."""
     from datasets import Dataset
     from mfu import attention_width, linear_weight_counts, mfu, step_flops
-    from peft import LoraConfig
+    from step_diagnostics import GpuSampler, profiled_steps
     from throughput_batches import batch_lengths, rows_digest
     from trl import SFTConfig
 
-    from milora import apply_milora
     from milora.attention import kernel_available
     from milora.tiny import tiny_tokenizer
 
@@ -216,14 +148,7 @@ def run_worker(variant_name: str, data: dict, output_dir: str) -> dict:
     settings = resolved_settings(variant, spec["batch_size"], spec["r"])
     groups = data["groupings"][variant.grouping]
     loader_batches, accumulation = micro_batches(groups, settings["micro_batch"])
-    model = build_model(spec, settings["attention"])
-    peft_config = None
-    if variant.base == "trl_defaults":
-        peft_config = LoraConfig(r=spec["r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
-                                 target_modules=TARGETS, task_type="CAUSAL_LM")
-    else:
-        model = apply_milora(model, TARGETS, spec["r"], mode=variant.method, lora_alpha=settings["lora_alpha"],
-                             lora_dropout=settings["lora_dropout"], show_progress=False)
+    model, peft_config = adapted_model(variant, spec, settings, cache_dir)
     recipe_args = {k: settings[k] for k in ("optim", "learning_rate") if settings[k] is not None}
     if variant.base == "recipe":
         recipe_args |= dict(padding_free=settings["padding_free"], max_length=None,
@@ -237,18 +162,31 @@ def run_worker(variant_name: str, data: dict, output_dir: str) -> dict:
     rows = data["rows"]
     dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
     timer = step_timer()
-    trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, timer)
+    callbacks = [timer]
+    if profile_table is not None:
+        callbacks.append(profiled_steps(spec["warmup"], 2, profile_table))
+    trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, callbacks)
     frozen, trainable = linear_weight_counts(trainer.model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    training_loss = trainer.train().training_loss
+    sampler = GpuSampler() if torch.cuda.is_available() else None
+    try:
+        training_loss = trainer.train().training_loss
+    finally:
+        if sampler is not None:
+            sampler.stop()
 
     expected = [rows[i]["input_ids"] for batch in groups for i in batch]
     if rows_digest(trainer.data_collator.rows) != rows_digest(expected):
         raise RuntimeError(f"{variant_name}: the trainer did not see the saved batches in their order")
     warmup = spec["warmup"]
     step_times = [b - a for a, b in zip(timer.ends[:-1], timer.ends[1:], strict=True)][warmup:]
+    gpu = {}
+    if sampler is not None:  # the timed steps as a whole, and each step's median SM clock
+        gpu = sampler.window(timer.ends[warmup], timer.ends[-1])
+        gpu["step_sm_clock_mhz"] = [sampler.window(a, b).get("sm_clock_mhz")
+                                    for a, b in zip(timer.ends[warmup:-1], timer.ends[warmup + 1:], strict=True)]
     lengths = batch_lengths(data, variant.grouping)[warmup:]
     if len(step_times) != len(lengths):
         raise RuntimeError(f"{variant_name}: timed {len(step_times)} steps, expected {len(lengths)}")
@@ -267,7 +205,9 @@ def run_worker(variant_name: str, data: dict, output_dir: str) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan"),
         "weights_gib": weights_gib, "frozen_linear_weights": frozen, "trainable_linear_weights": trainable,
-        "training_loss": training_loss, "batches_digest": rows_digest(expected),
+        "training_loss": training_loss, "batches_digest": rows_digest(expected), "gpu": gpu,
+        "init_cache": variant.init_cache,
+        **({"profile": callbacks[-1].summary, "profiled": True} if profile_table is not None else {}),
     }
 
 
@@ -283,7 +223,14 @@ def environment() -> dict:
 
 def worker_main(args):
     data = read_json(args.data)
-    result = run_worker(args.worker, data, str(Path(args.json).with_suffix("")) + "_trainer")
+    cache_dir = str(Path(args.data).parent / "init_cache")
+    if args.prepare_cache:  # compute and store the factors the *_cached variants load
+        variant = VARIANTS[args.worker]
+        adapted_model(variant, data["spec"], resolved_settings(variant, data["spec"]["batch_size"], data["spec"]["r"]),
+                      cache_dir)
+        return
+    profile = Path(args.json).with_suffix(".txt") if args.profile else None
+    result = run_worker(args.worker, data, str(Path(args.json).with_suffix("")) + "_trainer", cache_dir, profile)
     write_json(args.json, {**environment(), "spec": data["spec"], "repeat": args.repeat, **result})
 
 
@@ -318,6 +265,21 @@ def orchestrate(args) -> list[Path]:
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; --list shows them")
     start, results = time.perf_counter(), []
+
+    def worker(name: str, path: Path, *extra: str) -> tuple[int, str]:
+        log = path.with_suffix(".log")
+        cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--json", str(path), *extra]
+        began = time.perf_counter()
+        with open(log, "w") as handle:
+            rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        print(f"{path.stem}: rc={rc} in {time.perf_counter() - began:.0f} s" + (f"  {tail[0]}" if rc else ""))
+        return rc, tail[0]
+
+    for name in variants:  # the *_cached variants load factors an earlier process computed
+        if VARIANTS[name].init_cache and not (out / "init_cache" / f"{VARIANTS[name].method}.done").exists():
+            if worker(name, out / f"{name}__prepare_cache.json", "--prepare_cache")[0] == 0:
+                (out / "init_cache" / f"{VARIANTS[name].method}.done").touch()
     for repeat in range(args.repeats):
         for name in variants:
             path = out / f"{name}__r{repeat}.json"
@@ -327,17 +289,14 @@ def orchestrate(args) -> list[Path]:
             if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
                 print(f"time budget spent: {name} repeat {repeat} not run (rerun with the same --out to continue)")
                 continue
-            log = out / f"{name}__r{repeat}.log"
             path.with_suffix(".failed.json").unlink(missing_ok=True)
-            cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--json", str(path),
-                   "--repeat", str(repeat)]
-            began = time.perf_counter()
-            with open(log, "w") as handle:
-                rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
-            tail = log.read_text().strip().splitlines()[-1:] or [""]
-            print(f"{name} r{repeat}: rc={rc} in {time.perf_counter() - began:.0f} s" + (f"  {tail[0]}" if rc else ""))
+            rc, tail = worker(name, path, "--repeat", str(repeat))
             if rc:
-                write_json(path.with_suffix(".failed.json"), {"variant": name, "repeat": repeat, "error": tail[0]})
+                write_json(path.with_suffix(".failed.json"), {"variant": name, "repeat": repeat, "error": tail})
+    for name in variants if args.profile else []:  # after the timed rounds: the profiler slows the steps it sees
+        path = out / f"{name}__profile.json"
+        if not path.exists() and not (args.time_budget_s and time.perf_counter() - start > args.time_budget_s):
+            worker(name, path, "--profile")
     failed = [p.with_suffix(".failed.json") for p in results]
     return [p for p in results + failed if p.exists()]
 
@@ -357,12 +316,16 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick look (default 32)")
     parser.add_argument("--time_budget_s", type=float, default=None, help="start no new run after this long")
     parser.add_argument("--smoke", action="store_true", help="tiny model, CPU, 2 steps: checks the plumbing")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, one more run per variant with two steps under torch.profiler "
+                             "(OUT/<variant>__profile.txt: the kernel table; .json: kernel vs wall time per step)")
     parser.add_argument("--table", default=None, help="print the table of the runs in this --out directory")
     parser.add_argument("--list", action="store_true", help="list the variants")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare_cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.list:
         for name, variant in VARIANTS.items():

@@ -138,3 +138,30 @@ def test_command_line_smoke_run_resumes_and_refuses_bad_input(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown variant(s) lora_fastest" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_lora_twin_and_paired_step_ratio():
+    table = load_script(BENCHMARKS / "throughput_table.py")
+    assert table.lora_twin("milora_fast") == "lora_fast" and table.lora_twin("pissa_fast") == "lora_fast"
+    assert table.lora_twin("milora_fast_cached") == "lora_fast" and table.lora_twin("lora_fast") is None
+    lora = [{"repeat": 0, "step_times_s": [1.0, 2.0]}, {"repeat": 1, "step_times_s": [2.0, 2.0]}]
+    milora = [{"repeat": 0, "step_times_s": [1.5, 1.5]}, {"repeat": 1, "step_times_s": [2.0, 2.4]},
+              {"repeat": 2, "step_times_s": [9.0, 9.0]}]  # no LoRA run in round 2: not compared
+    assert table.step_ratio(milora, lora) == pytest.approx((1.0 + 1.1) / 2)  # rounds: 3/3 and 4.4/4
+
+
+def test_cached_init_and_profile_runs(tmp_path):
+    """milora_fast_cached: one process computes the factors, the timed run loads them; --profile writes the
+    kernel table of two steps."""
+    script = str(BENCHMARKS / "train_throughput.py")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, script, "--smoke", "--variants", "milora_fast_cached", "--repeats", "1",
+                          "--profile", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "milora_fast_cached__prepare_cache: rc=0" in run.stdout
+    assert len([p for p in (out / "init_cache").iterdir() if p.is_dir()]) == 1  # the timed runs found the cache
+    result = json.loads((out / "milora_fast_cached__r0.json").read_text())
+    assert result["init_cache"] and "profiled" not in result
+    profiled = json.loads((out / "milora_fast_cached__profile.json").read_text())
+    assert profiled["profiled"] and profiled["profile"]["profiled_steps"] == 2
+    assert "aten::mm" in (out / "milora_fast_cached__profile.txt").read_text()

@@ -1,0 +1,135 @@
+"""The training configurations benchmarks/train_throughput.py and benchmarks/step_ratio.py compare.
+
+A variant starts from a base, plain TRL + PEFT defaults or the recipe recipes/llama2-7b_math_<method>.yaml as
+written, and changes the levers it names (gradient checkpointing, attention, Liger, batching, ...).
+`resolved_settings` is what a variant runs with on this machine; `build_model` the LLaMA-2-7B-shaped model
+(random bf16 weights, no download) or the tiny one of the smoke runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from milora.attention import VARLEN_ATTENTION  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training configuration. `None` fields keep the base's setting (TRL defaults or the recipe YAML)."""
+
+    method: str  # lora | milora | pissa
+    base: str  # trl_defaults | recipe
+    description: str
+    gradient_checkpointing: bool | None = None
+    attention: str | None = None
+    liger: bool | None = None
+    grouping: str = "fixed"  # fixed (batch_size rows) | budget (token_budget tokens)
+    micro_batch: int | None = None  # rows per forward; None: the base's (recipe: per_device_train_batch_size)
+    lora_dropout: float | None = None
+    compile: bool = False
+    init_cache: bool = False  # load the MiLoRA/PiSSA factors computed by an earlier process (no decomposition here)
+    peft_input_cast: bool = False  # keep PEFT's float32 copy of LoRA inputs under autocast (milora.autocast)
+
+
+FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True, grouping="budget", micro_batch=0)
+VARIANTS = {  # in run order: the comparisons that matter most first, in case a time budget cuts a round
+    "trl_defaults": Variant("lora", "trl_defaults", "SFTConfig defaults + PEFT LoraConfig (padded, GC on, sdpa)"),
+    "lora_fast": Variant("lora", "recipe", "LoRA, all levers: GC off, varlen, Liger, token budget, 1 micro-batch",
+                         **FAST),
+    "milora_fast": Variant("milora", "recipe", "MiLoRA, all levers", **FAST),
+    "milora_fast_cached": Variant("milora", "recipe", "MiLoRA, all levers, factors loaded from an earlier run's cache",
+                                  **FAST, init_cache=True),
+    "pissa_fast": Variant("pissa", "recipe", "PiSSA, all levers", **FAST),
+    "lora_recipe": Variant("lora", "recipe", "LoRA recipe as written (recipes/llama2-7b_math_lora.yaml)"),
+    "milora_recipe": Variant("milora", "recipe", "MiLoRA recipe as written (recipes/llama2-7b_math_milora.yaml)"),
+    "lora_lowmem": Variant("lora", "recipe", "LoRA, all levers but GC on (low memory)",
+                           **{**FAST, "gradient_checkpointing": True}),
+    "lora_fast_sdpa": Variant("lora", "recipe", "all levers but sdpa instead of varlen",
+                              **{**FAST, "attention": "sdpa"}),
+    "lora_fast_noliger": Variant("lora", "recipe", "all levers but no Liger", **{**FAST, "liger": False}),
+    "lora_fast_fixed": Variant("lora", "recipe", "all levers but fixed 16-row batches",
+                               **{**FAST, "grouping": "fixed"}),
+    "lora_fast_peftcast": Variant("lora", "recipe", "all levers but PEFT's float32 copy of LoRA inputs",
+                                  **FAST, peft_input_cast=True),
+    # not in the default run:
+    "lora_fast_dropout0": Variant("lora", "recipe", "all levers, lora_dropout 0 (the most a fused dropout could save)",
+                                  **{**FAST, "lora_dropout": 0.0}),
+    "lora_fast_compile": Variant("lora", "recipe", "all levers + torch_compile", **{**FAST, "compile": True}),
+}
+DEFAULT_VARIANTS = ["trl_defaults", "lora_fast", "milora_fast", "lora_recipe", "milora_recipe", "lora_lowmem",
+                    "lora_fast_sdpa", "lora_fast_noliger", "lora_fast_fixed", "lora_fast_peftcast"]
+
+
+def recipe_settings(method: str) -> dict:
+    """The training settings of recipes/llama2-7b_math_<method>.yaml (the file the recipe runs)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "recipes" / f"llama2-7b_math_{method}.yaml").read_text())
+
+
+def model_config(spec: dict):
+    from transformers import LlamaConfig
+
+    if spec["model"] == "tiny":
+        from milora.tiny import tiny_config
+
+        return tiny_config("llama")
+    overrides = {"num_hidden_layers": spec["layers"]} if spec.get("layers") else {}
+    return LlamaConfig(**{**LLAMA2_7B, **overrides}, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
+    """What the variant runs with, after its base's defaults and what this machine supports."""
+    on_gpu = torch.cuda.is_available()
+    recipe = recipe_settings(variant.method) if variant.base == "recipe" else {}
+    if variant.base == "recipe":
+        base = dict(gradient_checkpointing=recipe["gradient_checkpointing"], attention=recipe["attn_implementation"],
+                    liger=recipe["use_liger_kernel"], micro_batch=recipe["per_device_train_batch_size"],
+                    lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
+                    padding_free=recipe["padding_free"], optim=recipe["optim"], learning_rate=recipe["learning_rate"])
+    else:
+        base = dict(gradient_checkpointing=True, attention="sdpa", liger=False, micro_batch=batch_size,
+                    lora_alpha=2 * r, lora_dropout=0.05, padding_free=False, optim=None, learning_rate=None)
+    chosen = {key: getattr(variant, key) for key in ("gradient_checkpointing", "attention", "liger", "micro_batch",
+                                                     "lora_dropout")}
+    settings = {**base, **{k: v for k, v in chosen.items() if v is not None}}
+    settings["liger"] = bool(settings["liger"]) and on_gpu and importlib.util.find_spec("liger_kernel") is not None
+    if not settings["micro_batch"] or settings["micro_batch"] >= batch_size or variant.grouping == "budget":
+        settings["micro_batch"] = None  # the whole batch in one forward
+    return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
+            "compile": variant.compile, "bf16": on_gpu,
+            "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults"}
+
+
+def micro_batches(groups: list[list[int]], micro: int | None) -> tuple[list[list[int]], int]:
+    """The dataloader's batches and the gradient accumulation that puts one saved batch in each optimizer step."""
+    if micro is None:
+        return groups, 1
+    if any(len(batch) % micro for batch in groups):
+        raise ValueError(f"micro-batch {micro} does not divide the batches")
+    return [batch[i:i + micro] for batch in groups for i in range(0, len(batch), micro)], len(groups[0]) // micro
+
+
+def build_model(spec: dict, attention: str):
+    from init_speed import random_llama
+
+    from milora.attention import register_varlen_attention
+
+    register_varlen_attention()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_llama(model_config(spec), torch.bfloat16 if device == "cuda" else torch.float32, device)
+    model.set_attn_implementation(attention)
+    return model
