@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU-machine checks recorded in docs/benchmarks.md, in one call (from the repository root, $OUT set):
-#   bash benchmarks/gpu_checks.sh [init_speed] [varlen] [throughput] [llava] [zero]
+#   bash benchmarks/gpu_checks.sh [init_speed] [varlen] [throughput] [step_ratio] [llava] [zero]
 # Each step's full log goes to $OUT/<step>.log; this prints each return code, time and the lines that matter.
 set -uo pipefail
 source scripts/gpu_env.sh || exit 1
@@ -30,6 +30,10 @@ throughput)
     step throughput python3 benchmarks/train_throughput.py --out "$tp_out" --time_budget_s "${THROUGHPUT_BUDGET_S:-420}"
     grep -E "rc=|time budget" "$OUT/throughput.log"; cat "$tp_out/table.md"
     mkdir -p "$OUT/throughput" && cp "$tp_out"/*.json "$tp_out"/*.log "$tp_out"/table.md "$OUT/throughput/" ;;
+step_ratio)
+    # MiLoRA/PiSSA vs LoRA step time, the three models trained in turn in one process
+    step step_ratio python3 benchmarks/step_ratio.py --out "$OUT/step_ratio"
+    cat "$OUT/step_ratio/step_ratio.md" ;;
 varlen)
     # torch's varlen kernel against padded sdpa in bf16 (the CUDA tests of milora.attention)
     step varlen python3 -m pytest -q -p no:cacheprovider tests/milora/test_attention.py

@@ -5,7 +5,7 @@ the adapters are float32 and the activations bfloat16/float16, so every adapted 
 its input, runs the dropout on it, and autocast then casts it back to the compute dtype for the matmul (and
 the backward pass does the same in reverse). The values are unchanged by the round trip (a bfloat16 value
 is exact in float32, and the dropout rounds `x * mask / (1 - p)` once either way), so the copies are pure cost:
-about a tenth of a LLaMA-2-7B LoRA step on an H100-class GPU (docs/benchmarks.md).
+14% of a LLaMA-2-7B LoRA step on an H200 (docs/benchmarks.md).
 
 `skip_input_casts_under_autocast(model)` turns PEFT's cast off while autocast is on for the input's device and
 leaves it on otherwise (a bfloat16 model with float32 adapters outside autocast still needs it).

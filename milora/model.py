@@ -251,8 +251,8 @@ def apply_milora(
         workers=workers,
     )
     if torch.cuda.is_available():
-        # hand the float64 decomposition workspaces back, so training allocates from a fresh cache (a suspect
-        # in the MiLoRA/LoRA step-time gap of docs/benchmarks.md, not yet measured)
+        # the float64 workspaces stay cached for the decomposition's side streams, where training cannot reuse
+        # them: hand them back to the device
         torch.cuda.empty_cache()
     return peft_model
 
