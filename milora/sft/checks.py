@@ -4,6 +4,7 @@ a value. They run before anything loads, so a bad recipe fails in seconds, not a
 from __future__ import annotations
 
 import os
+import re
 
 from milora.data import is_local_data_path
 from milora.gguf import GGUFError, checked_gguf_file, is_gguf_path, require_gguf_package
@@ -16,6 +17,8 @@ def check_recipe(recipe) -> None:
     where = f" in {recipe.path}" if recipe.path else ""
     if recipe.model.milora_init_dir is None:
         check_model_source(recipe.model.model_name_or_path, where)
+    else:
+        check_init_dir_targets(recipe.model, recipe.training.trust_remote_code)
     check_dataset(recipe.data.dataset_name, recipe.path, where)
     check_chat_template(recipe.training.chat_template_path)
     check_zero3_merge(recipe.training)
@@ -40,6 +43,78 @@ def check_model_source(name: str | None, where: str = "") -> None:
         raise RecipeError(f"model_name_or_path {name}: no such directory")
     elif os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise RecipeError(f"model_name_or_path {name} has no config.json (not a saved model directory)")
+
+
+def check_init_dir_targets(model, trust_remote_code: bool = False) -> None:
+    """`lora_target_modules` set beside a `milora_init_dir` must select the modules the init directory's adapter was
+    built on: that adapter trains as saved, so other targets would be silently replaced by its own. Compared on
+    the modules each selects in the model (a list, a comma string, a regex or all-linear), built from the init
+    directory's config on the meta device. Method, rank and alpha are compared as `ModelArguments` is built."""
+    requested, init_dir = model.recipe_target_modules, model.milora_init_dir
+    if init_dir is None or requested is None:
+        return
+    built = model.lora_target_modules  # the init directory's adapter's `target_modules`
+    if _plain_names(requested) is not None and _plain_names(requested) == _plain_names(built):
+        return
+    from milora.model import MiLoRAError, resolve_target_modules
+
+    skeleton = _model_skeleton(init_dir, trust_remote_code)
+    init_modules = resolve_target_modules(skeleton, built)
+    try:
+        recipe_modules = resolve_target_modules(skeleton, requested)
+    except MiLoRAError:  # selects nothing, or a layer that is not linear: not the init directory's modules either
+        recipe_modules = []
+    if sorted(recipe_modules) == sorted(init_modules):
+        return
+    from milora.init_dir import read_metadata
+
+    built_as = read_metadata(init_dir).get("targets") or _describe_targets(built)
+    wanted = requested if isinstance(requested, str) else ",".join(requested)
+    selects = f"selects {len(recipe_modules)} modules" if recipe_modules else "selects no module"
+    raise RecipeError(
+        f"lora_target_modules: {_describe_targets(requested)} ({selects}) contradicts milora_init_dir {init_dir}, "
+        f"whose adapter was built with targets {built_as} ({len(init_modules)} modules); drop lora_target_modules "
+        f"from the recipe to train the init directory's targets, or re-run `milora init --targets {wanted} ...` "
+        "to build an init directory with the targets you want"
+    )
+
+
+def _plain_names(targets) -> list[str] | None:
+    """Sorted module-name suffixes of a list or comma string of plain names; None for a regex or all-linear."""
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = sorted({name.strip() for name in names if name.strip()})
+    if not names or not all(re.fullmatch(r"[\w.]+", name) for name in names):
+        return None
+    return names
+
+
+def _describe_targets(targets) -> str:
+    """Targets for a message: as spelled, or for a long list of full module names, their suffixes and count."""
+    if isinstance(targets, str):
+        return targets
+    if len(targets) <= 8:
+        return ",".join(targets)
+    return f"{','.join(sorted({name.rsplit('.', 1)[-1] for name in targets}))} (in {len(targets)} layers)"
+
+
+def _model_skeleton(init_dir: str, trust_remote_code: bool):
+    """The init directory's model architecture on the meta device: module names and types, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    from milora.loading import is_vision_language
+
+    try:
+        config = AutoConfig.from_pretrained(init_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            if is_vision_language(config):
+                return LlavaForConditionalGeneration(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise RecipeError(
+            f"milora_init_dir {init_dir}: its model could not be built to compare lora_target_modules with its "
+            f"adapter's ({error}); drop lora_target_modules from the recipe (the init directory's targets are used)"
+        ) from None
 
 
 def check_dataset(name: str | None, recipe_path: str | None, where: str = "") -> None:

@@ -109,9 +109,10 @@ class ModelArguments:
                   "2r for lora (the paper)."},
     )
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Modules to adapt: name suffixes, a regex, or all-linear (a milora_init_dir's own)."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt: name suffixes (a list or a comma string), a regex, or all-linear. "
+                  f"Default: the milora_init_dir's targets, else {','.join(DEFAULT_TARGET_MODULES)}."},
     )
     lora_modules_to_save: list[str] | None = field(
         default=None,
@@ -127,6 +128,9 @@ class ModelArguments:
         metadata={"help": "Reuse the SVD factors computed for the same weights, targets, rank and method by an "
                   "earlier run (stored there on first use): a resumed or repeated run skips the decomposition."},
     )
+    # Not a recipe key: lora_target_modules as the recipe gave it (None: not given) when a milora_init_dir's targets
+    # replaced it; milora.sft.checks refuses one that selects other modules than the init directory's adapter.
+    recipe_target_modules: list[str] | str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.method is not None:
@@ -139,14 +143,18 @@ class ModelArguments:
             self._take_settings_from_init_dir()
         self.method = self.method or DEFAULT_METHOD
         self.lora_r = self.lora_r or DEFAULT_RANK
+        if self.lora_target_modules is None:
+            self.lora_target_modules = list(DEFAULT_TARGET_MODULES)
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_r if self.method == "lora" else self.lora_r
         if self.dtype is None:
             self.dtype = str(default_dtype()).removeprefix("torch.")
 
     def _take_settings_from_init_dir(self) -> None:
-        """Method, rank, alpha and targets come from a `milora init` directory; a value set here that differs is
-        refused (a PiSSA recipe pointed at a MiLoRA init, a rank-32 recipe at a rank-64 init)."""
+        """Method, rank, alpha and targets come from a `milora init` directory; a method, rank or alpha set here that
+        differs is refused (a PiSSA recipe pointed at a MiLoRA init, a rank-32 recipe at a rank-64 init). Targets
+        set here are kept in `recipe_target_modules` and compared by `milora.sft.checks.check_init_dir_targets`,
+        on the modules they select (that needs the model's structure)."""
         from milora.init_dir import is_init_dir
 
         if not is_init_dir(self.milora_init_dir):
@@ -171,6 +179,7 @@ class ModelArguments:
                     f"{key} {found[key]}; use a matching init directory or drop {key} from the recipe"
                 )
             setattr(self, key, found[key] if found[key] is not None else ours)
+        self.recipe_target_modules = self.lora_target_modules
         self.lora_target_modules = found["lora_target_modules"]
 
 

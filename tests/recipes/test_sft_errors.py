@@ -142,3 +142,16 @@ def test_modules_to_save_with_an_init_dir_is_refused(sft, capsys, tmp_path):
     assert milora_cli(["init", "--model", "tiny:llama", "--r", "8", "--out", str(init_dir)]) == 0
     err = run_main(sft, capsys, TINY, "--milora_init_dir", init_dir, "--lora_modules_to_save", "lm_head")
     assert "lora_modules_to_save ['lm_head'] is not applied to a milora_init_dir run" in err
+
+
+def test_targets_other_than_the_init_dirs_are_refused(sft, capsys, tmp_path):
+    """tiny_milora.yaml names five target modules; an init directory built on two would silently train those two."""
+    from milora.cli import main as milora_cli
+
+    init_dir = tmp_path / "init"
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "8", "--targets", "q_proj,v_proj",
+                       "--out", str(init_dir)]) == 0
+    err = run_main(sft, capsys, TINY, "--milora_init_dir", init_dir, "--output_dir", tmp_path / "out")
+    assert "lora_target_modules: q_proj,k_proj,v_proj,up_proj,down_proj (selects 10 modules) contradicts " in err
+    assert "built with targets q_proj,v_proj (4 modules)" in err and "drop lora_target_modules" in err
+    assert not (tmp_path / "out").exists()

@@ -148,6 +148,52 @@ def test_init_dir_contradicted_by_the_recipe(tmp_path, init_dir, key, value):
         parse_recipe([write(tmp_path, milora_init_dir=str(init_dir), **{key: value})])
 
 
+@pytest.mark.parametrize("targets", [
+    ["q_proj"],                                                  # a subset
+    "q_proj,k_proj",                                             # a comma string naming other modules
+    ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],      # the default list, set explicitly
+    "all-linear",
+    r".*\.(q|o)_proj",                                          # a regex selecting other modules
+])
+def test_init_dir_targets_contradicted_by_the_recipe(tmp_path, init_dir, targets):
+    """The init directory's adapter trains as saved: targets the recipe names that select other modules are
+    refused before anything loads, instead of being silently replaced by the init directory's."""
+    with pytest.raises(RecipeError) as error:
+        parse_recipe([write(tmp_path, milora_init_dir=str(init_dir), lora_target_modules=targets)])
+    message = str(error.value)
+    assert message.startswith("lora_target_modules: ") and f"contradicts milora_init_dir {init_dir}" in message
+    assert "built with targets q_proj,v_proj (4 modules)" in message
+    assert "drop lora_target_modules from the recipe" in message and "re-run `milora init --targets" in message
+
+
+@pytest.mark.parametrize("targets", [["v_proj", "q_proj"], "q_proj,v_proj", " v_proj , q_proj ", r".*\.(q|v)_proj",
+                                     ["self_attn.q_proj", "self_attn.v_proj"]])
+def test_init_dir_targets_spelled_otherwise_run(tmp_path, init_dir, targets):
+    """Targets that select the init directory's modules are accepted however they are spelled, and so are method
+    and rank equal to the init directory's; the run trains the init directory's adapter."""
+    recipe = parse_recipe([write(tmp_path, milora_init_dir=str(init_dir), lora_target_modules=targets,
+                                 method="pissa", lora_r=4)])
+    assert recipe.model.lora_target_modules == ["q_proj", "v_proj"] and recipe.model.recipe_target_modules == targets
+    assert (recipe.model.method, recipe.model.lora_r) == ("pissa", 4)
+
+
+def test_all_linear_init_dir_targets(tmp_path):
+    """An all-linear init directory's adapter names every adapted module; the recipe's all-linear (or the same
+    list) selects them too, a shorter list does not."""
+    from milora import apply_milora, save_init_dir
+    from milora.tiny import tiny_model, tiny_tokenizer
+
+    init = tmp_path / "init"
+    peft_model = apply_milora(tiny_model("llama"), "all-linear", 4, show_progress=False)
+    save_init_dir(peft_model, init, tiny_tokenizer(), {"mode": "minor", "r": 4, "targets": "all-linear"})
+    recipe = parse_recipe([write(tmp_path, milora_init_dir=str(init), lora_target_modules="all-linear")])
+    assert len(recipe.model.lora_target_modules) == 14  # 7 linear layers x 2 decoder layers, not lm_head
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert parse_recipe([write(tmp_path, milora_init_dir=str(init), lora_target_modules=linear)])
+    with pytest.raises(RecipeError, match=r"built with targets all-linear \(14 modules\)"):
+        parse_recipe([write(tmp_path, milora_init_dir=str(init), lora_target_modules=linear[:-1])])
+
+
 def test_init_dir_refuses_lora(tmp_path, init_dir):
     with pytest.raises(RecipeError, match="cannot be combined with method: lora"):
         parse_recipe([write(tmp_path, milora_init_dir=str(init_dir), method="lora")])
