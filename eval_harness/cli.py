@@ -12,7 +12,9 @@ Suites (runners in `eval_harness.suites`):
 
 Data comes from a suite's file flag, else the data folder (``--data_dir`` or ``$MILORA_EVAL_DATA``, layout in
 `eval_harness.data_paths`), else the hub. Exit status: 0 all requested evaluations ran, 3 some were skipped
-(see the report), 1 none ran, 2 bad input (one line on stderr; ``--debug`` shows the traceback).
+(see the report), 1 none ran, 2 bad input or a suite that failed (one line on stderr; ``--debug`` shows the
+traceback). Errors are reported as for every ``milora`` command, by `milora.cli.run_reporting_errors`, whether
+this runs as ``milora eval`` or as ``python -m eval_harness.cli``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from eval_harness.data_paths import DATA_DIR_ENV
 from eval_harness.errors import UsageError
 from eval_harness.suites import SuiteResult, alpaca_eval_suite, followbench_suite, lm_eval_suite, open_ended, vqa_suite
+from milora.cli import USER_ERRORS, CommandFailed, run_reporting_errors, split_debug_flag
 
 PROG = "milora eval"
 SUITE_RUNNERS = {
@@ -64,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max_gen_toks", type=int, help="override the number of new tokens of every generation")
     parser.add_argument("--num_beams", type=int, help="beam search width (commonsense defaults to 4, others to 1)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (also `milora --debug eval ...`)"
+    )
     for runner in (lm_eval_suite, open_ended, alpaca_eval_suite, followbench_suite, vqa_suite):
         runner.add_arguments(parser)
     return parser
@@ -132,19 +137,21 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``milora eval`` on `argv`: the exit status. Bad input raises (ValueError, OSError; `UsageError` is a
+    ValueError) and any other failure of a suite raises `CommandFailed` naming it, for the caller
+    (`milora.cli.main`, or this module run as a script) to report as one line; with ``--debug`` every error
+    propagates as it was raised."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return evaluate(args)
-    except UsageError as error:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+    except USER_ERRORS:
+        raise
     except Exception as error:
         if args.debug:
             raise
-        print(f"{PROG}: error: {one_line(error)}; run again with --debug for the traceback", file=sys.stderr)
-    return EXIT_USAGE
+        raise CommandFailed(f"{one_line(error)}; run again with --debug for the traceback") from error
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _argv, _debug = split_debug_flag(sys.argv[1:])
+    sys.exit(run_reporting_errors(PROG, main, _argv, _debug))

@@ -1,9 +1,12 @@
-"""The error `milora eval` reports as one line (``milora eval: error: <problem>; <fix>``, exit status 2)."""
+"""The error `milora eval` reports as one line (``milora eval: error: <problem>; <fix>``, exit status 2).
+
+A ValueError, as all of milora's bad-input errors are: `milora.cli.run_reporting_errors` reports it.
+"""
 
 from __future__ import annotations
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input from the user: what is wrong and how to fix it."""
 
     def __init__(self, problem: str, fix: str):

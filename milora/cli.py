@@ -21,12 +21,15 @@ SUBCOMMANDS = {
     "analyze": ("milora.analysis.cli", "subspace similarity, amplification factor and forgetting of a finetune"),
 }
 DEBUG_FLAG = "--debug"
-# Subcommands that report their own errors in one line and take --debug themselves: the flag is passed on.
-REPORT_OWN_ERRORS = ("eval",)
 USAGE_ERROR_STATUS = 2
-# Bad input surfaces as ValueError (MiLoRAError, RecipeError, DataError and AnalysisInputError derive from it)
-# or OSError (a missing file or directory, a checkpoint that cannot be read).
+# Bad input surfaces as ValueError (MiLoRAError, RecipeError, DataError, AnalysisInputError and eval's
+# UsageError derive from it) or OSError (a missing file or directory, a checkpoint that cannot be read).
 USER_ERRORS = (ValueError, OSError)
+
+
+class CommandFailed(Exception):
+    """A failure that is not bad input but that a subcommand still reports as one line (``milora eval`` does so
+    for a suite that crashes); raise it ``from`` the original error, whose traceback ``--debug`` shows."""
 
 
 def _usage() -> str:
@@ -53,11 +56,14 @@ def error_line(prog: str, error: BaseException) -> str:
 
 
 def run_reporting_errors(prog: str, run: Callable[[list[str]], int | None], argv: list[str], debug: bool) -> int:
-    """`run(argv)`'s exit status; bad input is printed as one line with status 2, or re-raised when `debug`."""
+    """`run(argv)`'s exit status; bad input (and `CommandFailed`) is printed as one line with status 2, or
+    re-raised when `debug` (for `CommandFailed`, the error it was raised from)."""
     try:
         return int(run(argv) or 0)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, CommandFailed) as error:
         if debug:
+            if isinstance(error, CommandFailed) and error.__cause__ is not None:
+                raise error.__cause__ from None
             raise
         print(error_line(prog, error), file=sys.stderr)
         return USAGE_ERROR_STATUS
@@ -73,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"milora: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return USAGE_ERROR_STATUS
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    if debug and name in REPORT_OWN_ERRORS:
-        rest = [*rest, DEBUG_FLAG]
     return run_reporting_errors(f"milora {name}", module.main, rest, debug)
 
 

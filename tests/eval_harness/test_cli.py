@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 from eval_harness import cli as eval_cli
 from eval_harness.data_paths import DATA_DIR_ENV
+from eval_harness.errors import UsageError
 from eval_harness.suites.lm_eval_suite import COMMONSENSE_TASKS
+from milora.cli import CommandFailed
 from milora.cli import main as milora_main
 from tests.eval_harness.stub_judge import StubJudge
 
@@ -214,21 +218,62 @@ def test_bad_input_is_one_line_naming_problem_and_fix(tmp_path, capsys, monkeypa
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     model = tmp_path / "model"
     model.mkdir()
-    status = eval_cli.main(["--model", str(model), "--output_dir", str(tmp_path / "out"), "--device", "cpu", *extra])
-    assert status == eval_cli.EXIT_USAGE
+    args = ["--model", str(model), "--output_dir", str(tmp_path / "out"), "--device", "cpu", *extra]
+    assert milora_main(["eval", *args]) == eval_cli.EXIT_USAGE
     line = _one_error_line(capsys)
     assert named in line and "; " in line
 
 
+def test_eval_main_leaves_error_reporting_to_the_milora_reporter(tmp_path):
+    """Like every subcommand's main: bad input raises, for `milora.cli.run_reporting_errors` to report."""
+    with pytest.raises(UsageError, match="--model .*nope does not exist"):
+        eval_cli.main(["--suite", "gsm8k", "--model", str(tmp_path / "nope")])
+
+
 def test_missing_model_and_library_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
-    assert eval_cli.main(["--suite", "gsm8k", "--model", str(tmp_path / "nope")]) == eval_cli.EXIT_USAGE
+    assert milora_main(["eval", "--suite", "gsm8k", "--model", str(tmp_path / "nope")]) == eval_cli.EXIT_USAGE
     assert "--model" in _one_error_line(capsys)
     broken = tmp_path / "questions.jsonl"
     broken.write_text("{not json\n")
     args = _args(suite="vqa", model=tmp_path, output_dir=tmp_path / "out", vqa_benchmark="pope", vqa_file=broken,
                  device="cpu")  # fmt: skip
-    assert eval_cli.main(args) == eval_cli.EXIT_USAGE
+    assert milora_main(["eval", *args]) == eval_cli.EXIT_USAGE
     line = _one_error_line(capsys)
-    assert "ValueError" in line and "line 1" in line and "--debug" in line
-    with pytest.raises(ValueError):
-        eval_cli.main([*args, "--debug"])
+    assert str(broken) in line and "line 1" in line
+    with pytest.raises(ValueError, match="line 1"):
+        milora_main(["eval", *args, "--debug"])
+
+
+@pytest.fixture
+def pope_args_without_questions(tiny_llava_dir, tmp_path) -> list[str]:
+    """POPE rows that lack their question: the suite loads the model, then fails (KeyError) building requests."""
+    data = tmp_path / "pope.jsonl"
+    data.write_text(json.dumps({"question_id": 0, "answer": "yes", "category": "random"}) + "\n")
+    return _args(suite="vqa", model=tiny_llava_dir, output_dir=tmp_path / "out", vqa_benchmark="pope", vqa_file=data,
+                 max_gen_toks=2, device="cpu")  # fmt: skip
+
+
+def test_a_failing_suite_is_one_line_and_debug_shows_its_traceback(pope_args_without_questions, capsys):
+    args = pope_args_without_questions
+    assert milora_main(["eval", *args]) == eval_cli.EXIT_USAGE
+    err = capsys.readouterr().err  # after the model loader's progress bar
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "error" in line]
+    assert line == "milora eval: error: KeyError: 'question'; run again with --debug for the traceback"
+    with pytest.raises(CommandFailed) as raised:
+        eval_cli.main(args)
+    assert isinstance(raised.value.__cause__, KeyError)
+    for argv in (["--debug", "eval", *args], ["eval", *args, "--debug"]):
+        with pytest.raises(KeyError, match="question") as raised:
+            milora_main(argv)
+        assert raised.traceback[-1].name == "question_text"  # the failure's own traceback, not a wrapper's
+
+
+def test_a_failing_suite_run_as_a_script_with_debug_prints_its_traceback(pope_args_without_questions):
+    command = [sys.executable, "-m", "eval_harness.cli", *pope_args_without_questions]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == eval_cli.EXIT_USAGE and "Traceback" not in plain.stderr
+    assert "milora eval: error: KeyError: 'question'; run again with --debug" in plain.stderr
+    debugged = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300)
+    assert debugged.returncode == 1 and "Traceback" in debugged.stderr
+    assert "in question_text" in debugged.stderr and debugged.stderr.rstrip().endswith("KeyError: 'question'")

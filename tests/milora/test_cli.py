@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from milora.cli import CommandFailed, run_reporting_errors, split_debug_flag
 from milora.cli import main as milora_cli
-from milora.cli import split_debug_flag
 from milora.model import MiLoRAError
 
 TOO_LARGE_RANK = ["init", "--model", "tiny:llama", "--targets", "q_proj", "--r", "100000"]
@@ -102,7 +102,43 @@ def test_split_debug_flag():
     assert split_debug_flag(["convert"]) == (["convert"], False)
 
 
-def test_debug_reaches_eval_which_reports_its_own_errors(tmp_path):
-    result = run_milora("eval", "--suite", "gsm8k", "--model", str(tmp_path / "missing"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "Traceback" in run_milora("--debug", "eval", "--suite", "gsm8k", "--model", str(tmp_path / "missing")).stderr
+def test_run_reporting_errors_reports_a_command_failure_in_one_line_and_debug_raises_its_cause(capsys):
+    def crashing_command(argv: list[str]) -> int:
+        try:
+            return {"known": 0}[argv[0]]
+        except KeyError as error:
+            raise CommandFailed(f"KeyError: {error}; run again with --debug for the traceback") from error
+
+    assert run_reporting_errors("milora x", crashing_command, ["unknown"], debug=False) == 2
+    [line] = stderr_lines(capsys)
+    assert line == "milora x: error: KeyError: 'unknown'; run again with --debug for the traceback"
+    with pytest.raises(KeyError, match="unknown") as raised:
+        run_reporting_errors("milora x", crashing_command, ["unknown"], debug=True)
+    assert raised.traceback[-1].name == "crashing_command"  # the traceback of the failure itself
+
+
+EVAL_ENTRY_POINTS = {"milora eval": [sys.executable, "-m", "milora.cli", "eval"],
+                     "python -m eval_harness.cli": [sys.executable, "-m", "eval_harness.cli"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("entry_point", EVAL_ENTRY_POINTS)
+def test_eval_reports_bad_input_like_every_command_and_debug_shows_the_traceback(tmp_path, entry_point):
+    command = [*EVAL_ENTRY_POINTS[entry_point], "--suite", "gsm8k", "--model", str(tmp_path / "missing")]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr, plain.stderr
+    [line] = [line for line in plain.stderr.splitlines() if line.strip()]
+    assert line.startswith("milora eval: error: --model ") and str(tmp_path / "missing") in line
+    for debug_command in ([*command[:3], "--debug", *command[3:]], [*command, "--debug"]):  # first or last
+        debugged = subprocess.run(debug_command, capture_output=True, text=True, timeout=300)
+        assert debugged.returncode not in (0, 2), debugged.stderr
+        assert "Traceback" in debugged.stderr and "UsageError: --model " in debugged.stderr
+
+
+@pytest.mark.parametrize("position", ["global", "after the command"])
+def test_debug_reraises_eval_errors_in_process(tmp_path, position):
+    from eval_harness.errors import UsageError
+
+    argv = ["eval", "--suite", "gsm8k", "--model", str(tmp_path / "missing")]
+    argv = ["--debug", *argv] if position == "global" else [*argv, "--debug"]
+    with pytest.raises(UsageError, match="--model"):
+        milora_cli(argv)
