@@ -128,30 +128,14 @@ def response_token_ids(tokenizer, instruction: str, output: str, max_tokens: int
 
 
 def response_nll(model, tokenizer, rows: list[dict], batch_size: int, max_tokens: int = FORGETTING_MAX_TOKENS) -> dict:
-    """Mean NLL (nats per token) of the reference outputs given their instructions, output tokens only."""
-    import torch
-    import torch.nn.functional as F
+    """Mean NLL (nats per token) of the reference outputs given their instructions, output tokens only
+    (`milora.analysis.forgetting.sequence_nll`)."""
+    from milora.analysis.forgetting import sequence_nll
 
-    device = next(model.parameters()).device
     encoded = [response_token_ids(tokenizer, r["instruction"], r["output"], max_tokens) for r in rows]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    total, tokens = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = [encoded[i] for i in order[start : start + batch_size]]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (ids, prompt_len) in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:], dtype=torch.long)
-                attention[row, : len(ids)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            targets = labels[:, 1:].to(device)
-            total += float(F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="sum"))
-            tokens += int((targets != -100).sum())
-    return {"nll": total / tokens, "tokens": tokens, "rows": len(rows)}
+    result = sequence_nll(model, [ids for ids, _ in encoded], [prompt_len for _, prompt_len in encoded],
+                          batch_size=batch_size, pad_id=tokenizer.pad_token_id)
+    return {"nll": result["nll"], "tokens": result["token_count"], "rows": len(rows)}
 
 
 def evaluation_parts(data_dir: Path, limit: int | None) -> dict:

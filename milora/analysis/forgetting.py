@@ -12,6 +12,9 @@ next-token distribution (float64, see `metrics.next_token_divergence_sums`):
 - ``base_lm_loss`` / ``tuned_lm_loss`` = each model's mean next-token NLL on the text itself.
 
 Means are over all counted token positions of all blocks (not a mean of per-block means).
+
+`sequence_nll` is one model's NLL of token sequences (optionally of each one's completion after its prompt),
+batched the same way (`pad_batches`); scripts/miniature_worker.py scores its forgetting rows with it.
 """
 
 from __future__ import annotations
@@ -105,16 +108,55 @@ def token_blocks(
     return [bos + stream[start:start + body] for start in range(0, len(stream), body)]
 
 
-def _batches(blocks: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size]
-        width = max(len(block) for block in batch)
+def pad_batches(
+    sequences: list[list[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Token id sequences, `batch_size` at a time in the order given, as `(input_ids, attention_mask)` long
+    tensors right-padded to the batch's longest sequence with `pad_id` (mask 1 on real tokens, 0 on padding):
+    the model inputs of `forgetting_loss` and `sequence_nll`."""
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        width = max(len(sequence) for sequence in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, block in enumerate(batch):
-            input_ids[row, : len(block)] = torch.tensor(block)
-            attention_mask[row, : len(block)] = 1
+        for row, sequence in enumerate(batch):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, : len(sequence)] = 1
         yield input_ids, attention_mask
+
+
+@torch.inference_mode()
+def sequence_nll(
+    model,
+    sequences: list[list[int]],
+    prompt_lengths: list[int] | None = None,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    device: str | torch.device | None = None,
+) -> dict:
+    """A model's mean next-token negative log-likelihood (nats per token, float64 sums) of token `sequences`,
+    counting each sequence's tokens from index `prompt_lengths[i]` on: the loss of a completion given its
+    prompt (default: every token after the first, as `forgetting_loss`'s `*_lm_loss`).
+
+    Sequences are batched shortest first (less padding) by `pad_batches` and scored by
+    `metrics.next_token_nll_sum`; `device` defaults to the model's. Returns `nll` (the mean over counted tokens),
+    `nll_sum` and `token_count`; raises ValueError when no token is counted."""
+    if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
+        raise ValueError(f"{len(prompt_lengths)} prompt lengths for {len(sequences)} sequences")
+    starts = list(prompt_lengths) if prompt_lengths is not None else [1] * len(sequences)
+    device = next(model.parameters()).device if device is None else device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    total, count = 0.0, 0
+    batches = pad_batches([sequences[i] for i in order], batch_size, pad_id)
+    for start, (input_ids, attention_mask) in zip(range(0, len(order), batch_size), batches, strict=True):
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        first = [starts[i] for i in order[start:start + batch_size]]
+        sums = metrics.next_token_nll_sum(logits, input_ids, attention_mask, first_target=first)
+        total, count = total + sums["nll_sum"], count + sums["token_count"]
+    if count == 0:
+        raise ValueError("no tokens to score: every sequence ends within its prompt")
+    return {"nll": total / count, "nll_sum": total, "token_count": count}
 
 
 @torch.inference_mode()
@@ -134,7 +176,7 @@ def forgetting_loss(
         raise ValueError("no token blocks: the forgetting data has no text")
     sums = {"base_entropy_sum": 0.0, "cross_entropy_sum": 0.0, "kl_sum": 0.0, "token_count": 0}
     nll = {"base": 0.0, "tuned": 0.0, "token_count": 0}
-    batches = _batches(blocks, batch_size, pad_id)
+    batches = pad_batches(blocks, batch_size, pad_id)
     total = (len(blocks) + batch_size - 1) // batch_size
     for input_ids, attention_mask in tqdm(batches, total=total, desc="forgetting loss", disable=not show_progress):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)

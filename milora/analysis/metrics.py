@@ -181,15 +181,23 @@ def next_token_divergence_sums(
     }
 
 
-def next_token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+def next_token_nll_sum(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None, first_target=None
+) -> dict:
     """Sum of -log q(x_{t+1} | x_<=t) over positions whose own and next token are unmasked (float64):
-    the ordinary language-modelling loss of a model on the text itself. `logits`: (batch, seq, vocab)."""
+    the ordinary language-modelling loss of a model on the text itself. `logits`: (batch, seq, vocab).
+
+    `first_target` (one int per row, e.g. prompt lengths) counts only the predictions of tokens at that index
+    or later: the loss of a completion given its prompt. Default: every token after the first."""
     predicted = logits[:, :-1]
     targets = input_ids[:, 1:].to(logits.device)
     keep = torch.ones_like(targets, dtype=torch.bool)
     if mask is not None:
         mask = mask.to(torch.bool).to(logits.device)
         keep = mask[:, :-1] & mask[:, 1:]
+    if first_target is not None:
+        target_index = torch.arange(1, input_ids.shape[1], device=logits.device)
+        keep = keep & (target_index[None, :] >= torch.as_tensor(first_target, device=logits.device)[:, None])
     total = 0.0
     for row in range(predicted.shape[0]):
         log_q = torch.log_softmax(as_float64(predicted[row][keep[row]]), dim=-1)

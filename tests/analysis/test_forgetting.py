@@ -76,6 +76,47 @@ def test_lm_losses_match_hand_computation(base_dir, blocks):
     assert result["base_lm_loss"] == pytest.approx(total / count, rel=1e-6)
 
 
+def test_pad_batches_keep_order_and_mask_the_padding():
+    sequences = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15]]
+    batches = list(forgetting.pad_batches(sequences, batch_size=2, pad_id=0))
+    assert [tuple(ids.shape) for ids, _ in batches] == [(2, 3), (2, 4), (1, 1)]
+    ids, mask = batches[0]
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    unpadded = [row[: int(m.sum())] for ids, mask in batches for row, m in zip(ids.tolist(), mask, strict=True)]
+    assert unpadded == sequences
+
+
+def test_sequence_nll_counts_tokens_from_the_prompt_length_across_batch_sizes(base_dir):
+    """Against HF's own loss, one unpadded sequence at a time with the prompt's labels masked; sequences of
+    mixed lengths (so batches are padded), one whose completion is empty and one without a prompt."""
+    model = load_model(str(base_dir), dtype="float32").eval()
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(5, 250, (length,), generator=generator).tolist() for length in (7, 19, 3, 12, 30, 5)]
+    prompts = [3, 10, 3, 0, 29, 1]  # the third has no completion token; the fourth is all completion
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, prompt in zip(sequences, prompts, strict=True):
+            counted = len(ids) - max(prompt, 1)
+            if counted:
+                labels = torch.tensor([[-100] * prompt + ids[prompt:]])
+                loss = model(input_ids=torch.tensor([ids]), labels=labels).loss
+                total, count = total + float(loss) * counted, count + counted
+    for batch_size in (1, 4, 8):
+        result = forgetting.sequence_nll(model, sequences, prompts, batch_size=batch_size, pad_id=0)
+        assert result["token_count"] == count == 29
+        assert result["nll"] == pytest.approx(total / count, rel=1e-6)
+        assert result["nll_sum"] == pytest.approx(total, rel=1e-6)
+    # without prompt lengths: every token after the first, as forgetting_loss's lm losses count them
+    whole = forgetting.sequence_nll(model, sequences, batch_size=4)
+    reference = forgetting.forgetting_loss(model, model, sequences, batch_size=4, show_progress=False)
+    assert whole["token_count"] == sum(len(ids) - 1 for ids in sequences)
+    assert whole["nll"] == pytest.approx(reference["base_lm_loss"], rel=1e-9)
+    with pytest.raises(ValueError, match="no tokens to score"):
+        forgetting.sequence_nll(model, [[5, 6]], [2])
+    with pytest.raises(ValueError, match="1 prompt lengths for 2 sequences"):
+        forgetting.sequence_nll(model, [[5, 6], [7, 8]], [1])
+
+
 def test_token_blocks_concatenate_texts_and_start_with_bos():
     tokenizer = tiny_tokenizer()
     texts = ["first line\n", "", "second line\n", "third\n"]
