@@ -20,6 +20,10 @@ run, one process per model, into OUT/eval/<model>.json. Everything is written as
 or model is skipped by a rerun, an interrupted run resumes from its last checkpoint, an interrupted evaluation
 from its last finished part. `--deadline_s` stops whatever is still running at that time (to fit a command
 limit) so that a rerun continues it. `--smoke`: a few steps and 8 rows per set, for a check on CPU.
+
+An output directory holds the results of one mode: the first `train` or `evaluate` records it in
+OUT/miniature_mode.json (`smoke` or `full`), and the other mode is refused there, so that a smoke run's jobs
+never count as done for a real run (nor resume its checkpoints). `table` marks smoke results as such.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ SMOKE_TRAIN = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--effe
                "--report_to", "none"]
 SMOKE_EVAL = ["--limit", "8", "--batch_size", "8", "--gsm8k_max_new_tokens", "48"]
 WORKER = REPO / "scripts" / "miniature_worker.py"
+MODE_FILE = "miniature_mode.json"  # in OUT: {"mode": "smoke" | "full"}, the mode whose results OUT holds
+SMOKE_NOTE = "**Smoke run (`--smoke`: a few steps, 8 rows per set): a check of the plumbing, not results.**"
 
 
 class DriverError(Exception):
@@ -183,6 +189,42 @@ def _valid_run(name: str) -> bool:
             and parts[2][1:].isdigit())
 
 
+def mode_name(smoke: bool) -> str:
+    return "smoke" if smoke else "full"
+
+
+def held_mode(out: Path) -> str | None:
+    """The mode whose results OUT holds: the one recorded in OUT/MODE_FILE or, in a directory written before
+    that file existed, `smoke` if any run's recorded sft arguments hold the smoke settings, `full` if it has
+    runs without them; None for a directory with neither."""
+    if (out / MODE_FILE).is_file():
+        mode = read_json(out / MODE_FILE).get("mode")
+        if mode not in ("smoke", "full"):
+            raise DriverError(f"{out / MODE_FILE}: mode {mode!r} is neither smoke nor full; fix or delete the file")
+        return mode
+    argvs = [read_json(path).get("argv", []) for path in sorted((out / "train").glob("*.json"))]
+    if not argvs:
+        return None
+    width = len(SMOKE_TRAIN)
+    smoke = any(argv[i:i + width] == SMOKE_TRAIN for argv in argvs for i in range(len(argv) - width + 1))
+    return mode_name(smoke)
+
+
+def claim_mode(out: Path, smoke: bool, flag: str) -> None:
+    """Record this run's mode in OUT, or refuse an OUT that holds the other mode's results (its finished jobs
+    would count as done, its checkpoints would be resumed)."""
+    from milora.io import write_json
+
+    wanted, held = mode_name(smoke), held_mode(out)
+    if held is not None and held != wanted:
+        raise DriverError(
+            f"{out} holds the results of a {held} run (see {out / MODE_FILE}); a {wanted} run there would count "
+            f"them as its own: pass another {flag} for it (e.g. {out}_{wanted}, after `prepare --out` there)"
+        )
+    if held is None or not (out / MODE_FILE).is_file():
+        write_json(out / MODE_FILE, {"mode": wanted})
+
+
 def is_done(stats_file: Path) -> bool:
     return stats_file.is_file() and read_json(stats_file).get("status") == "done"
 
@@ -193,6 +235,7 @@ def train(args) -> int:
     for task in {name.split("_")[0] for name in runs}:
         if not (out / "data" / TRAIN_FILES[task]).is_file():
             raise DriverError(f"{out / 'data' / TRAIN_FILES[task]} not found: run `prepare --out {out}` first")
+    claim_mode(out, args.smoke, "--out")
     base = ensure_base(args.model, out)
     todo = {name: run_job(name, out, base, args.smoke, args.sft_args) for name in runs
             if not is_done(out / "train" / f"{name}.json")}
@@ -217,6 +260,7 @@ def evaluate(args) -> int:
     if not (data_dir / "gsm8k_test.jsonl").is_file():
         raise DriverError(f"{data_dir}/gsm8k_test.jsonl not found: --data_dir must be laid out as "
                           "eval_harness/data_paths.py describes (prepare writes one in OUT/data)")
+    claim_mode(out, args.smoke, "--runs_dir")
     models = {"base": ensure_base(args.model, out), **trained_models(out)}
     jobs = {}
     for name, path in models.items():
@@ -235,6 +279,8 @@ def table(args) -> int:
     if not evals:
         raise DriverError(f"no results in {out / 'eval'}: run evaluate first")
     text = markdown_tables(train_stats, evals)
+    if held_mode(out) == "smoke":
+        text = f"{SMOKE_NOTE}\n\n{text}"
     print(text)
     if args.write:
         from milora.io import atomic_write_text

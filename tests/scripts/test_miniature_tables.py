@@ -75,6 +75,72 @@ def test_a_run_resumes_from_its_checkpoint(tmp_path):
     assert resumed[resumed.index("--resume_from_checkpoint") + 1] == "true"
 
 
+def finished_run(out, name: str, smoke: bool) -> None:
+    """OUT/train/<name>.json as the worker writes it for a finished run of the driver's job."""
+    from milora.io import write_json
+
+    argv = miniature_tables.run_job(name, out, out / "base", smoke=smoke, extra=[])
+    write_json(out / "train" / f"{name}.json", {"argv": argv[argv.index("--") + 1:], "status": "done"})
+
+
+def driver(capsys, *argv) -> tuple[int, str]:
+    code = miniature_tables.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("first_smoke", [True, False])
+def test_smoke_and_full_results_never_share_an_output_directory(tmp_path, capsys, first_smoke):
+    """A run in the other mode is refused on one line before it starts anything: a smoke run's finished jobs
+    would otherwise count as done for the real run (and its checkpoints be resumed), or the other way round."""
+    out, data = tmp_path / "out", tmp_path / "out" / "data"
+    data.mkdir(parents=True)
+    (data / "gsm8k_train.jsonl").write_text("{}\n")
+    (data / "gsm8k_test.jsonl").write_text("{}\n")
+    finished_run(out, "math_lora_s1", smoke=first_smoke)
+    same = ["--smoke"] if first_smoke else []
+    other = [] if first_smoke else ["--smoke"]
+    train = ["train", "--model", tmp_path / "base", "--out", out, "--runs", "math_lora_s1"]
+    code, text = driver(capsys, *train, *same)  # the finished run counts as done in its own mode
+    assert code == 0 and "training 0 run(s) (1 already done)" in text
+    held, wanted = ("smoke", "full") if first_smoke else ("full", "smoke")
+    assert miniature_tables.held_mode(out) == held
+    code, text = driver(capsys, *train, *other)
+    assert code == 2 and text.count("\n") == 1 and "started" not in text
+    assert f"{out} holds the results of a {held} run" in text
+    assert f"pass another --out for it (e.g. {out}_{wanted}" in text
+    evaluate = ["evaluate", "--model", tmp_path / "base", "--runs_dir", out, "--data_dir", data]
+    code, text = driver(capsys, *evaluate, *other)
+    assert code == 2 and "pass another --runs_dir" in text and not (out / "eval").exists()
+
+
+def test_an_output_directory_from_before_the_mode_file_is_read_from_its_runs(tmp_path):
+    out = tmp_path / "out"
+    assert miniature_tables.held_mode(out) is None
+    finished_run(out, "math_milora_s1", smoke=False)
+    assert miniature_tables.held_mode(out) == "full"
+    finished_run(out, "math_milora_s2", smoke=True)  # any smoke run taints the directory
+    assert miniature_tables.held_mode(out) == "smoke"
+    with pytest.raises(miniature_tables.DriverError, match="holds the results of a smoke run"):
+        miniature_tables.claim_mode(out, smoke=False, flag="--out")
+    miniature_tables.claim_mode(out, smoke=True, flag="--out")
+    assert (out / miniature_tables.MODE_FILE).is_file()
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_tables_of_a_smoke_run_say_so(tmp_path, capsys, smoke):
+    from milora.io import write_json
+
+    out = tmp_path / "out"
+    miniature_tables.claim_mode(out, smoke=smoke, flag="--out")
+    parts = {p: {"accuracy": 50.0, "rows": 8} for p in miniature_report.COMMONSENSE_COLUMNS}
+    write_json(out / "eval" / "base.json", {"parts": {"gsm8k": {"accuracy": 2.0, "rows": 8},
+                                                      "forgetting": {"nll": 1.0}, **parts}})
+    code, text = driver(capsys, "table", "--runs_dir", out)
+    assert code == 0 and "| Base (no finetuning) | 2.0 |" in text
+    assert text.startswith(miniature_tables.SMOKE_NOTE) == smoke
+
+
 def test_forgetting_nll_counts_the_output_tokens_only():
     from milora.tiny import tiny_model, tiny_tokenizer
 
