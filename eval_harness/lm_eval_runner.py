@@ -3,13 +3,19 @@
 One `HFLM` (lm-eval's Hugging Face model wrapper: batched, left-padded generation) is built per run and shared
 by every task; each task (or group) is evaluated by its own ``simple_evaluate`` call, so a task whose data
 cannot be loaded is reported as skipped instead of stopping the others.
+
+Generation settings: ``gen_kwargs`` of `run_tasks` replace the tasks' own (lm-eval applies them to every task
+of the call, as ``lm_eval --gen_kwargs`` does); ``max_gen_toks_cap`` of `build_lm` only lowers each request's
+limit: a task generates ``min(its own max_gen_toks, cap)`` new tokens (lm-eval's HFLM default, 256, for a task
+that sets none), which is how a short-context model keeps room for its prompts.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +35,53 @@ def task_manager(extra_include_paths: Sequence[str | os.PathLike] = (), include_
     return TaskManager(include_path=paths, include_defaults=include_defaults)
 
 
+# lm-eval's names for a request's new-token limit, in the priority order of its `normalize_gen_kwargs`.
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def capped_generation_kwargs(gen_kwargs: Mapping[str, Any], cap: int, default: int) -> dict[str, Any]:
+    """A request's generation settings with its new-token limit lowered to at most `cap`, never raised: the
+    limit the task set (under any of lm-eval's names; `default` when it set none) if smaller, else `cap`."""
+    own = next((int(gen_kwargs[key]) for key in MAX_TOKEN_KEYS if gen_kwargs.get(key) is not None), default)
+    kept = {key: value for key, value in gen_kwargs.items() if key not in MAX_TOKEN_KEYS}
+    return {**kept, "max_gen_toks": min(own, cap)}
+
+
+@functools.cache
+def _capped_hflm_class():
+    """HFLM whose ``generate_until`` first lowers each request's new-token limit to ``max_gen_toks_cap``."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CappedHFLM(HFLM):
+        def __init__(self, *args, max_gen_toks_cap: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.max_gen_toks_cap = max_gen_toks_cap
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            for request in requests:  # the Instance objects lm-eval logs: samples show the limit that was used
+                context, gen_kwargs, *rest = request.args
+                capped = capped_generation_kwargs(gen_kwargs, self.max_gen_toks_cap, default=self.max_gen_toks)
+                request.arguments = (context, capped, *rest)
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    return CappedHFLM
+
+
 def build_lm(
     model_path: str,
     device: str = "cpu",
     batch_size: int | str = 8,
     dtype: str = "auto",
     max_length: int | None = None,
+    max_gen_toks_cap: int | None = None,
 ):
     """lm-eval's HFLM for a merged checkpoint directory, a hub id or a `.gguf` file.
 
     A GGUF file is loaded by milora's own loader (the float model `milora init` and training see, errors that
     name the file) and handed to HFLM with its tokenizer, rather than through HFLM's `gguf_file=`, which would
     keep transformers' GGUF quantizer on the model and report a bad file as a bare loader error.
+    With `max_gen_toks_cap`, every generation makes at most that many new tokens, and never more than its
+    task asks for (`capped_generation_kwargs`).
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -54,6 +95,8 @@ def build_lm(
         kwargs = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
     if max_length:
         kwargs["max_length"] = max_length
+    if max_gen_toks_cap is not None:
+        return _capped_hflm_class()(**kwargs, max_gen_toks_cap=max_gen_toks_cap)
     return HFLM(**kwargs)
 
 
@@ -85,14 +128,17 @@ class TaskRun:
 
 
 def sample_rows(samples: list[dict]) -> list[dict]:
-    """Per-doc records worth keeping: prompt, doc, target, the (filtered) response and its metrics."""
+    """Per-doc records worth keeping: prompt, generation settings (of a generated answer), doc, target, the
+    (filtered) response and its metrics."""
     rows = []
     for sample in samples:
         arguments = sample.get("arguments") or [[None]]
+        settings = arguments[0][1] if len(arguments[0]) > 1 and isinstance(arguments[0][1], dict) else None
         rows.append(
             {
                 "doc_id": sample.get("doc_id"),
                 "prompt": arguments[0][0],  # the context the model saw (of the first request)
+                "generation_kwargs": settings,  # what lm-eval generated with; None for loglikelihood tasks
                 "target": sample.get("target"),
                 "response": sample.get("filtered_resps"),
                 "metrics": {m: sample.get(m) for m in sample.get("metrics", [])},

@@ -39,7 +39,7 @@ TASK_DATA = {
     "milora_math": ("math", "math_file"),
     "ifeval": ("ifeval", "ifeval_file"),
 }
-SHORT_CONTEXT = 1024  # tokens; the tasks generate up to 512, which does not fit such a model with its prompt
+SHORT_CONTEXT = 1024  # tokens; the tasks generate up to 2048, which does not fit such a model with its prompt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,18 +94,29 @@ def model_context_length(model: str) -> int | None:
 
 
 def generation_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Generation settings that replace the tasks' own: --max_gen_toks (or a cap for short contexts), --num_beams."""
+    """Generation settings that replace the tasks' own in every task: --max_gen_toks, --num_beams."""
     overrides: dict[str, Any] = {}
     if args.max_gen_toks:
         overrides["max_gen_toks"] = args.max_gen_toks
-    else:
-        context = model_context_length(args.model)
-        if context is not None and context <= SHORT_CONTEXT:
-            overrides["max_gen_toks"] = context // 4
-            print(f"milora eval: context of {context} tokens; generating at most {context // 4} (--max_gen_toks)")
     if args.num_beams:
         overrides["num_beams"] = args.num_beams
     return overrides or None
+
+
+def short_context_cap(args: argparse.Namespace) -> int | None:
+    """For a model of at most `SHORT_CONTEXT` tokens (and no --max_gen_toks): a quarter of its context, the
+    most any task may generate (`lm_eval_runner.build_lm` lowers larger task limits to it, keeps smaller ones)."""
+    if args.max_gen_toks:
+        return None
+    context = model_context_length(args.model)
+    if context is None or context > SHORT_CONTEXT:
+        return None
+    cap = context // 4
+    print(
+        f"milora eval: context of {context} tokens; each task generates at most {cap} new tokens "
+        "(fewer where the task asks for fewer; --max_gen_toks sets the number for every task)"
+    )
+    return cap
 
 
 def task_include_paths(files: dict[str, Path], tasks: Sequence[str], variant_dir: Path) -> list[Path]:
@@ -128,7 +139,12 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
     include = task_include_paths(files, tasks, output_dir / "local_tasks") + list(args.include_path)
     manager = lm_eval_runner.task_manager(include, include_defaults=args.suite == "lm_eval")
     lm = lm_eval_runner.build_lm(
-        args.model, device=args.device, batch_size=args.batch_size, dtype=args.dtype, max_length=args.max_length
+        args.model,
+        device=args.device,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        max_length=args.max_length,
+        max_gen_toks_cap=short_context_cap(args),
     )
 
     gen_kwargs = generation_overrides(args)

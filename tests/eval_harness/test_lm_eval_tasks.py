@@ -299,3 +299,67 @@ def test_lm_eval_command_runs_a_project_task_from_outside_the_repository(tiny_ll
         found = re.findall(r"true|false", sample["filtered_resps"][0].split("### Response:")[0].strip())
         assert sample["acc"] == (bool(found) and found[0] == sample["target"])
     assert results["acc,none"] == sum(s["acc"] for s in samples) / 2
+
+
+# --------------------------------------------------------------------------- generation limits
+
+
+@pytest.mark.parametrize(
+    "task_settings, cap, expected",
+    [
+        ({"until": [], "max_gen_toks": 32, "num_beams": 4}, 128, {"until": [], "max_gen_toks": 32, "num_beams": 4}),
+        ({"until": ["\n"], "max_gen_toks": 2048}, 128, {"until": ["\n"], "max_gen_toks": 128}),
+        ({"until": ["\n"]}, 100, {"until": ["\n"], "max_gen_toks": 100}),  # no limit of its own: HFLM's 256
+        ({"until": ["\n"]}, 300, {"until": ["\n"], "max_gen_toks": 256}),
+        ({"max_new_tokens": 16}, 128, {"max_gen_toks": 16}),  # lm-eval's other names for the limit count too
+        ({"max_tokens": 1000, "max_completion_tokens": 8}, 128, {"max_gen_toks": 128}),  # in lm-eval's priority
+    ],
+)
+def test_the_cap_only_lowers_a_task_s_token_limit(task_settings, cap, expected):
+    assert lm_eval_runner.capped_generation_kwargs(task_settings, cap, default=256) == expected
+
+
+def test_short_context_cap_keeps_smaller_task_limits(tiny_llama_dir, tmp_path, fixtures_dir, capsys):
+    """The tiny llama has 512 positions: at most 128 new tokens. The commonsense task's own 32 stays 32 (it used
+    to be raised to 128), MATH's 2048 becomes 128, and a task with no limit (HFLM's 256) gets 128; the samples
+    record the settings lm-eval generated with."""
+    from milora.cli import main as milora_main
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    rows = write_jsonl(tmp_path / "echo.jsonl", [{"question": "Say hi.", "answer": "hi"}])
+    (tasks_dir / "echo_no_limit.yaml").write_text(
+        "task: echo_no_limit\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {rows}\ntest_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        "generation_kwargs:\n  until: []\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    out = tmp_path / "out"
+    status = milora_main(
+        ["eval", "--suite", "lm_eval", "--tasks", "milora_boolq,milora_math,echo_no_limit", "--model",
+         str(tiny_llama_dir), "--output_dir", str(out), "--include_path", str(tasks_dir), "--data_dir",
+         str(fixtures_dir), "--math_file", str(fixtures_dir / "math_test.jsonl"), "--limit", "1", "--num_beams",
+         "1", "--batch_size", "1", "--device", "cpu"]
+    )  # fmt: skip
+    assert status == 0
+    limits = {}
+    for task in ("milora_boolq", "milora_math", "echo_no_limit"):
+        [sample] = read_jsonl(out / "samples" / f"{task}.jsonl")
+        limits[task] = sample["generation_kwargs"]["max_gen_toks"]
+        assert sample["generation_kwargs"]["num_beams"] == 1  # --num_beams still replaces the task's own
+    assert limits == {"milora_boolq": 32, "milora_math": 128, "echo_no_limit": 128}
+    assert "context of 512 tokens; each task generates at most 128 new tokens" in capsys.readouterr().out
+
+
+def test_an_explicit_max_gen_toks_replaces_every_task_s_limit_without_a_cap(tiny_llama_dir):
+    from argparse import Namespace
+
+    from eval_harness.suites import lm_eval_suite
+
+    explicit = Namespace(model=str(tiny_llama_dir), max_gen_toks=600, num_beams=None)
+    assert lm_eval_suite.generation_overrides(explicit) == {"max_gen_toks": 600}
+    assert lm_eval_suite.short_context_cap(explicit) is None
+    default = Namespace(model=str(tiny_llama_dir), max_gen_toks=None, num_beams=None)
+    assert lm_eval_suite.generation_overrides(default) is None
+    assert lm_eval_suite.short_context_cap(default) == 512 // 4
