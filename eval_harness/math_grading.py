@@ -9,9 +9,10 @@ what follows the last ``The answer is: `` in its response.
   without a trailing period, against the last ``\\boxed{}`` of the reference solution, compared by Hendrycks'
   ``is_equiv`` (string equality after ``strip_string``), imported from lm-eval's ``hendrycks_math`` task: the
   same functions, line for line, as MetaMath's ``util.py``. No numeric tolerance, no symbolic algebra.
-- ``exact_match_flex`` (ours, lenient): the answer after the marker, else the last ``\\boxed{}``, else the
-  last number; for MATH it counts as right if ``is_equiv`` or HF's ``math-verify`` says so, each
-  math-verify comparison under a hard time limit (`eval_harness.math_verify_worker`).
+- ``exact_match_flex`` (ours, lenient): the answer after the marker, else the last ``\\boxed{}`` (or
+  ``\\fbox{}``, which the official helpers find but cannot read), else the last number; for MATH it counts as
+  right if ``is_equiv`` or HF's ``math-verify`` says so, each math-verify comparison under a hard time limit
+  (`eval_harness.math_verify_worker`).
 
 Deliberate deviations from the official scripts, each because the official code crashes on model output:
 
@@ -105,11 +106,14 @@ def extract_last_number(text: str) -> float | None:
 
 
 def extract_gsm8k_answer_flexible(completion: str) -> float | None:
-    """The MetaMath answer when the marker is there, else the last number of the response."""
+    """The MetaMath answer when the marker is there, else the number in the last ``\\boxed{}`` / ``\\fbox{}``,
+    else the last number of the response."""
     strict = extract_gsm8k_answer(completion)
     if strict is not None:
         return float(strict)
-    return extract_last_number(completion)
+    boxed = last_box_content(completion)
+    boxed_number = extract_last_number(boxed) if boxed is not None else None
+    return boxed_number if boxed_number is not None else extract_last_number(completion)
 
 
 def gsm8k_is_correct(prediction: float | None, gold: str) -> bool:
@@ -126,7 +130,9 @@ def gsm8k_is_correct(prediction: float | None, gold: str) -> bool:
 
 
 def last_boxed_only_string(text: str) -> str | None:
-    """The last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed x``) in the text (lm-eval's helper), or None."""
+    """The last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed x``) in the text (lm-eval's helper), or None.
+
+    `remove_boxed` reads only the ``\\boxed`` forms; `last_box_content` (the lenient score's) reads all three."""
     return _hendrycks_last_boxed(text)
 
 
@@ -138,6 +144,19 @@ def remove_boxed(boxed: str | None) -> str | None:
         return _hendrycks_remove_boxed(boxed)
     except (AssertionError, IndexError):
         return None
+
+
+def last_box_content(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}``, ``\\boxed x`` or ``\\fbox{...}`` in the text, for the lenient
+    score. `remove_boxed` (lm-eval's and MetaMath's, kept for gold answers and the official score) returns None
+    for the ``\\fbox{...}`` that `last_boxed_only_string` finds, and that helper prefers any ``\\boxed`` to a
+    later ``\\fbox``; here an ``\\fbox{}`` that comes last is read."""
+    fbox = text.rfind("\\fbox")
+    if fbox > text.rfind("\\boxed"):
+        found = last_boxed_only_string(text[fbox:])
+        if found is not None and found.startswith("\\fbox{") and found.endswith("}"):
+            return found[len("\\fbox{") : -1]
+    return remove_boxed(last_boxed_only_string(text))
 
 
 def math_gold_answer(solution: str) -> str | None:
@@ -156,12 +175,13 @@ def extract_math_answer(completion: str) -> str | None:
 
 
 def extract_math_answer_flexible(completion: str) -> str | None:
-    """The MetaMath answer when the marker is there, else the last ``\\boxed{}``, else the last number."""
+    """The MetaMath answer when the marker is there (its box's content if boxed), else the last ``\\boxed{}`` /
+    ``\\fbox{}``, else the last number."""
     strict = extract_math_answer(completion)
     if strict:
-        boxed = remove_boxed(last_boxed_only_string(strict))
+        boxed = last_box_content(strict)
         return boxed if boxed is not None else strict
-    boxed = remove_boxed(last_boxed_only_string(completion))
+    boxed = last_box_content(completion)
     if boxed is not None:
         return boxed
     number = _ANY_NUMBER.findall(completion)

@@ -256,3 +256,53 @@ def test_lm_eval_hooks_score_without_raising():
     assert gsm8k == {"exact_match": False, "exact_match_flex": False}
     math_scores = utils.process_results_math({"gold": "\\frac{1}{4}"}, ["So.\nThe answer is: 0.25"])
     assert math_scores == {"exact_match": False, "exact_match_flex": True}
+
+
+# --------------------------------------------------------------------------- \fbox{} in the lenient score
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("\\fbox{42}", "42"),
+        ("so $\\fbox{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+        ("first \\boxed{1}, finally \\fbox{2}", "2"),  # the last box, whichever command
+        ("first \\fbox{1}, finally \\boxed{2}", "2"),
+        ("answer $\\boxed 7$", "7"),
+        ("\\fbox{unbalanced", None),
+        ("no box here", None),
+    ],
+)
+def test_last_box_content_reads_fbox_too(text, expected):
+    assert mg.last_box_content(text) == expected
+
+
+def test_fbox_answers_count_in_exact_match_flex_on_the_gsm8k_and_math_paths():
+    from eval_harness.tasks.math import utils
+
+    # The number in the box wins over the last number of the response (7).
+    gsm8k = utils.process_results_gsm8k({"gold": "42"}, ["She pays \\fbox{42} dollars (6 times 7)."])
+    assert gsm8k == {"exact_match": False, "exact_match_flex": True}
+    assert mg.extract_gsm8k_answer_flexible("Total: \\fbox{1,200} after 3 weeks") == 1200.0
+    math_scores = utils.process_results_math({"gold": "\\frac{1}{2}"}, ["Hence $\\fbox{\\frac{1}{2}}$."])
+    assert math_scores == {"exact_match": False, "exact_match_flex": True}
+    with_marker = utils.process_results_math({"gold": "\\frac{3}{4}"}, ["So.\nThe answer is: $\\fbox{\\frac{3}{4}}$"])
+    assert with_marker == {"exact_match": False, "exact_match_flex": True}  # MetaMath compares the raw text
+
+
+def test_exact_match_stays_metamath_s_with_fbox_answers():
+    """The strict score and the gold answers keep lm-eval's (= MetaMath's) helpers, which never read \\fbox{}."""
+    from lm_eval.tasks.hendrycks_math.utils import is_equiv, last_boxed_only_string, remove_boxed
+
+    from eval_harness.tasks.math import utils
+
+    assert mg.math_gold_answer("so \\fbox{5}") is None
+    assert mg.remove_boxed(mg.last_boxed_only_string("\\fbox{5}")) is None
+    responses = ["The answer is: \\fbox{5}", "The answer is: 5", "\\fbox{5}", "The answer is: \\boxed{5}"]
+    official = [is_equiv(r.split("The answer is: ")[-1], "5") if "The answer is: " in r else False for r in responses]
+    ours = [utils.process_results_math({"gold": "5"}, [r])["exact_match"] for r in responses]
+    assert ours == official == [False, True, False, False]
+    gsm8k = [utils.process_results_gsm8k({"gold": "5"}, [r])["exact_match"] for r in responses]
+    assert gsm8k == [True, True, False, True]  # MetaMath: the first number after the marker
+    solution = "We find $x = \\boxed{\\frac{1}{2}}$, not \\fbox{3}."
+    assert mg.math_gold_answer(solution) == remove_boxed(last_boxed_only_string(solution)) == "\\frac{1}{2}"
