@@ -36,9 +36,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from eval_harness.followbench_rules import is_rule_scored, rule_satisfied
+from eval_harness.errors import UsageError
+from eval_harness.followbench_rules import is_rule_scored, rule_input_problem, rule_satisfied
 
 LEVELS = (1, 2, 3, 4, 5)
+DATA_FIX = "give FollowBench's data/*_constraints.json files (or rows with the same fields)"
 UNSATISFIED_WORDS = ("NO", "PARTIAL", "MAYBE", "UNKNOWN", "N/A")
 
 
@@ -104,7 +106,7 @@ def judge_prompt_for(category: str, instructions: Sequence[str], response: str) 
     """FollowBench's judge prompt: the instruction at levels 0..n (``instructions``) and the level-n response."""
     if category not in _CONSTRAINT_KIND:
         known = ", ".join(_CONSTRAINT_KIND)
-        raise ValueError(f"FollowBench has no judge prompt for category {category!r}; it has one for {known}")
+        raise UsageError(f"FollowBench has no judge prompt for category {category!r}", f"it has one for {known}")
     level, kind = len(instructions) - 1, _CONSTRAINT_KIND[category]
     if level == 1:
         return (
@@ -174,11 +176,81 @@ def _chain_up_to(chains: dict[str, dict[int, str]], row: dict) -> list[str]:
     key, level = group_key(row), int(row["level"])
     missing = [n for n in range(level + 1) if n not in chains.get(key, {})]
     if missing:
-        raise ValueError(
-            f"FollowBench group {key} has no instruction at level(s) {missing}; the judge prompt of level {level} "
-            "lists every level from 0: pass the whole *_constraints.json file"
+        raise UsageError(
+            f"FollowBench group {key} has no instruction at level(s) {missing}",
+            f"the judge prompt of level {level} lists every level from 0: pass the whole *_constraints.json file",
         )
     return [chains[key][n] for n in range(level + 1)]
+
+
+# --------------------------------------------------------------------------- checking the input
+
+
+def check_row_fields(rows: Sequence, source: str) -> None:
+    """Refuse rows (of the file `source`) that lack a field every FollowBench row has: ``instruction``, a
+    ``level`` from 0 to 5, ``example_id`` (or ``id``) and ``category`` (or ``constraint_type``)."""
+    for number, row in enumerate(rows, start=1):
+        where = f"{source}: row {number}"
+        if not isinstance(row, dict):
+            raise UsageError(f"{where} is not a JSON object", DATA_FIX)
+        missing = [name for name, alternatives in _REQUIRED_FIELDS if not any(a in row for a in alternatives)]
+        if missing:
+            raise UsageError(f"{where} has no {' / '.join(missing)} field", DATA_FIX)
+        if not isinstance(row["instruction"], str):
+            raise UsageError(f"{where} has an instruction that is not text", DATA_FIX)
+        try:
+            level = int(row["level"])
+        except (TypeError, ValueError):
+            level = None
+        if level is None or not 0 <= level <= LEVELS[-1] or isinstance(row["level"], bool):
+            raise UsageError(f"{where} has level {row['level']!r}; FollowBench levels are 0 to {LEVELS[-1]}", DATA_FIX)
+
+
+_REQUIRED_FIELDS = (
+    ("instruction", ("instruction",)),
+    ("level", ("level",)),
+    ("example_id", ("example_id", "id")),
+    ("category", ("category", "constraint_type")),
+)
+
+
+def _scored_rows(all_rows: Sequence[dict], rows: Sequence[dict]) -> tuple[list[dict], dict[str, dict[int, str]]]:
+    """`rows` with the ``constraint_type`` of their seed, and the instruction chains of `all_rows`."""
+    typed = with_constraint_types(all_rows)
+    chains = instruction_chains(typed)
+    kind_of = {_row_identity(row): row["constraint_type"] for row in typed}
+    rows = [dict(row, constraint_type=row.get("constraint_type") or kind_of.get(_row_identity(row), ""))
+            for row in rows]  # fmt: skip
+    return rows, chains
+
+
+def check_scorable(all_rows: Sequence[dict], rows: Sequence[dict]) -> None:
+    """Refuse, before any response is generated, rows to be scored (``rows``, levels >= 1) that could not be:
+    a rule-scored row without what its rule reads, a judged row whose constraint type has no judge prompt or
+    whose seed lacks an instruction of a lower level in ``all_rows``."""
+    typed, chains = _scored_rows(all_rows, rows)
+    for row in typed:
+        _check_scorable_row(row, chains)
+
+
+def _check_scorable_row(row: dict, chains: dict[str, dict[int, str]]) -> None:
+    where = f"FollowBench row {group_key(row)} (level {row['level']})"
+    if is_rule_scored(row):
+        problem = rule_input_problem(row)
+        if problem:
+            raise UsageError(f"{where} {problem}", DATA_FIX)
+        return
+    if row["constraint_type"] not in _CONSTRAINT_KIND:
+        raise UsageError(
+            f"{where} has constraint type {row['constraint_type']!r}, which FollowBench has no judge prompt for",
+            f"use one of {', '.join(_CONSTRAINT_KIND)} (the category of the seed's level-0 row), or {DATA_FIX}",
+        )
+    _chain_up_to(chains, row)
+
+
+def judged_rows(rows: Iterable[dict]) -> list[dict]:
+    """The rows the LLM judge scores (FollowBench's rules score the others)."""
+    return [row for row in rows if not is_rule_scored(row)]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -203,11 +275,9 @@ def score_responses(
     each seed (the judge prompt lists them)."""
     if len(rows) != len(responses):
         raise ValueError(f"{len(responses)} responses for {len(rows)} FollowBench rows")
-    typed = with_constraint_types(all_rows)
-    chains = instruction_chains(typed)
-    kind_of = {_row_identity(row): row["constraint_type"] for row in typed}
-    rows = [dict(row, constraint_type=row.get("constraint_type") or kind_of.get(_row_identity(row), ""))
-            for row in rows]  # fmt: skip
+    rows, chains = _scored_rows(all_rows, rows)
+    for row in rows:
+        _check_scorable_row(row, chains)
     judged_rows = [i for i, row in enumerate(rows) if not is_rule_scored(row)]
     prompts = [judge_prompt_for(rows[i]["constraint_type"], _chain_up_to(chains, rows[i]), responses[i])
                for i in judged_rows]  # fmt: skip

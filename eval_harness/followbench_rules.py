@@ -38,6 +38,27 @@ def is_rule_scored(row: dict) -> bool:
     return row.get("category") == "format" and _example_id(row) in RULE_FORMAT_EXAMPLES
 
 
+# Sources whose rule compares the response with the row's ``target`` (the others count sentences and words).
+TARGET_SOURCES = ("E2E", "text_editing", "WIKIEVENTS", "CONLL2003", "self_made_space", "BBH_logical", "BBH_time",
+                  "gsm_8k")  # fmt: skip
+
+
+def rule_input_problem(row: dict) -> str | None:
+    """What a rule-scored row lacks for its rule to be applied (None: nothing), checked before generating."""
+    if row.get("category") != "example" and row.get("source") not in TARGET_SOURCES:
+        return None
+    target = row.get("target")
+    if not isinstance(target, str) or not target:
+        rule = "the example template" if row.get("category") == "example" else f"the {row.get('source')} rule"
+        return f"has no 'target', which {rule} checks the response against"
+    if row.get("source") == "CONLL2003":
+        try:
+            ast.literal_eval(target)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return "has a 'target' that is not a Python list literal, which the CONLL2003 rule reads"
+    return None
+
+
 def rule_satisfied(row: dict, response: str) -> bool:
     """FollowBench's rule-based verdict for one response to a rule-scored row (see `is_rule_scored`)."""
     level = int(row["level"])

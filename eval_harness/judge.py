@@ -30,6 +30,10 @@ class JudgeEndpoint:
     def resolved_base_url(self) -> str | None:
         return self.base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE")
 
+    def is_configured(self) -> bool:
+        """Whether a judge is named: a server URL (flag or environment), or a key for OpenAI's own API."""
+        return bool(self.resolved_base_url() or self.api_key or os.environ.get("OPENAI_API_KEY"))
+
     def client(self):
         from openai import OpenAI
 

@@ -1,7 +1,10 @@
 """``--suite followbench``: hard/soft satisfaction rates per constraint level, judged on any OpenAI-compatible
 server (rule-checkable rows by FollowBench's rules: `eval_harness.followbench`). Rows come from
 --followbench_file (a file, or a folder of FollowBench's ``*_constraints.json``) or the data folder's
-``followbench/``; the judge prompt of a level-n row lists the instructions of levels 0..n of its seed."""
+``followbench/``; the judge prompt of a level-n row lists the instructions of levels 0..n of its seed.
+
+Everything scoring needs (the rows' fields, what each rule reads, a judge prompt and a complete instruction
+chain for each judged row, a judge to ask) is checked before the checkpoint generates anything."""
 
 from __future__ import annotations
 
@@ -24,9 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_followbench_rows(path: Path) -> list[dict]:
-    """The rows of one file, or of every ``*.json`` / ``*.jsonl`` file in a folder (in name order)."""
+    """The rows of one file, or of every ``*.json`` / ``*.jsonl`` file in a folder (in name order), each with
+    the fields of a FollowBench row."""
+    from eval_harness.followbench import check_row_fields
+
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
-    rows = [row for file in files for row in read_json_rows(file)]
+    rows = []
+    for file in files:
+        file_rows = read_json_rows(file)
+        check_row_fields(file_rows, str(file))
+        rows += file_rows
     if not rows:
         raise UsageError(f"no FollowBench rows in {path}", "give FollowBench's data/*_constraints.json files")
     return rows
@@ -45,8 +55,16 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
     rows = read_followbench_rows(path)
     constrained = followbench.constrained_rows(rows)
     constrained = constrained[: args.limit] if args.limit else constrained
-    responses = generate_for_instructions(args, [r["instruction"] for r in constrained], desc="followbench generation")
+    followbench.check_scorable(rows, constrained)
     endpoint = judge_endpoint(args)
+    judged = len(followbench.judged_rows(constrained))
+    if judged and not endpoint.is_configured():
+        raise UsageError(
+            f"{judged} of the {len(constrained)} FollowBench rows are scored by an LLM judge, and no judge is set",
+            "pass --judge_base_url (an OpenAI-compatible server, e.g. vLLM) and --judge_model, "
+            "or set OPENAI_API_KEY for OpenAI's API",
+        )
+    responses = generate_for_instructions(args, [r["instruction"] for r in constrained], desc="followbench generation")
     scores = followbench.score_responses(
         rows, constrained, responses, lambda prompts: ask_judge(endpoint, prompts, desc="followbench judging")
     )

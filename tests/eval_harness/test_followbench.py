@@ -175,3 +175,104 @@ def test_score_responses_on_real_rows_judges_only_what_rules_do_not_score(follow
     # level 2 of the 17 mixed seeds: the 9 judged ones pass; of the 8 rule-scored ones, the "one short sentence"
     # rules of xsum, samsum and arxiv pass, text_editing (x3), cnn_dailymail and gigaword fail
     assert scores.metrics["mixed/hsr/level_2"] == pytest.approx(12 / 17)
+
+
+# --------------------------------------------------------------------------- input checks, before generation
+SAMPLE_FILE = Path(__file__).resolve().parent / "fixtures" / "followbench_sample.json"
+
+
+def _sample_rows() -> list[dict]:
+    return json.loads(SAMPLE_FILE.read_text())
+
+
+def _without(rows: list[dict], index: int, field: str) -> list[dict]:
+    rows[index] = {k: v for k, v in rows[index].items() if k != field}
+    return rows
+
+
+def _with(rows: list[dict], index: int, **fields) -> list[dict]:
+    rows[index] = dict(rows[index], **fields)
+    return rows
+
+
+def _tone_seed(rows):  # seed 1 (all its levels) in a category FollowBench has no judge prompt for
+    return [dict(row, category="tone") if row["example_id"] == 1 else row for row in rows]
+
+
+def _example_row_without_target(rows):
+    return [*rows, {"example_id": 7, "category": "example", "source": "imdb", "level": 1, "instruction": "Say."}]
+
+
+BAD_DATA = {
+    "missing instruction": (lambda rows: _without(rows, 1, "instruction"), ["row 2 has no instruction field"]),
+    "missing level": (lambda rows: _without(rows, 4, "level"), ["row 5 has no level field"]),
+    "level out of range": (lambda rows: _with(rows, 2, level="two"), ["row 3 has level 'two'", "0 to 5"]),
+    "unknown constraint type": (_tone_seed, ["tone/1 (level 1) has constraint type 'tone'", "use one of content"]),
+    "seed without level 0": (lambda rows: rows[1:], ["content/1 has no instruction at level(s) [0]", "whole"]),
+    "rule row without target": (_example_row_without_target, ["example/7 (level 1) has no 'target'"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_followbench_data_is_refused_before_the_model_generates(tiny_llama_dir, tmp_path, capsys, case):
+    from milora.cli import main as milora_main
+    from tests.eval_harness.stub_judge import StubJudge
+
+    edit, named = BAD_DATA[case]
+    data = tmp_path / "followbench.json"
+    data.write_text(json.dumps(edit(_sample_rows())))
+    with StubJudge() as judge:
+        args = ["--suite", "followbench", "--model", str(tiny_llama_dir), "--followbench_file", str(data),
+                "--judge_base_url", judge.base_url, "--judge_model", "stub-judge",
+                "--output_dir", str(tmp_path / "out"), "--max_gen_toks", "2", "--device", "cpu"]  # fmt: skip
+        status = milora_main(["eval", *args])
+        assert judge.requests == []
+    assert status == 2
+    err = capsys.readouterr().err
+    # The checkpoint never loaded nor generated: no loading or generation progress before the error.
+    assert "followbench generation" not in err and "Loading weights" not in err, err
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("milora eval: error: ") and "Traceback" not in err
+    assert all(piece in line for piece in named), line
+    assert "; " in line  # the problem, then how to fix it
+
+
+def test_a_judged_run_without_a_judge_is_refused_before_the_model_generates(tiny_llama_dir, tmp_path, capsys,
+                                                                            monkeypatch):  # fmt: skip
+    from milora.cli import main as milora_main
+
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_API_BASE"):
+        monkeypatch.delenv(name, raising=False)
+    args = ["eval", "--suite", "followbench", "--model", str(tiny_llama_dir), "--followbench_file", str(SAMPLE_FILE),
+            "--output_dir", str(tmp_path / "out"), "--max_gen_toks", "2", "--device", "cpu"]  # fmt: skip
+    assert milora_main(args) == 2
+    err = capsys.readouterr().err
+    assert "followbench generation" not in err and "Loading weights" not in err, err
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert "4 of the 4 FollowBench rows are scored by an LLM judge, and no judge is set" in line
+    assert "--judge_base_url" in line and "OPENAI_API_KEY" in line
+    # Rows FollowBench scores by rules need no judge: they run.
+    rule_rows = [dict(row, category="example", target="{instruction}\n{answer}") for row in _sample_rows()]
+    data = tmp_path / "example.json"
+    data.write_text(json.dumps(rule_rows))
+    assert milora_main([*args, "--followbench_file", str(data)]) == 0
+    assert "followbench generation" in capsys.readouterr().err  # the progress these checks look for
+
+
+def test_followbench_s_own_files_pass_the_input_checks(followbench_data):
+    rows = [row for kind in sorted(followbench_data) for row in followbench_data[kind]]
+    fb.check_row_fields(rows, "FollowBench data")
+    constrained = fb.constrained_rows(rows)
+    fb.check_scorable(rows, constrained)
+    assert (len(constrained), len(fb.judged_rows(constrained))) == (820, 470)
+
+
+def test_rule_input_problems(followbench_data):
+    conll = _row(followbench_data, "content", "CONLL2003", level=1)
+    assert rules.rule_input_problem(conll) is None
+    assert "not a Python list literal" in rules.rule_input_problem(dict(conll, target="[unclosed"))
+    assert "has no 'target'" in rules.rule_input_problem({k: v for k, v in conll.items() if k != "target"})
+    xsum = _row(followbench_data, "mixed", "xsum", level=2)  # counts sentences and words: no target needed
+    assert rules.rule_input_problem(dict(xsum, target="")) is None
+    with pytest.raises(ValueError, match="has no 'target'"):
+        fb.score_responses([conll], [dict(conll, target="")], ["answer"], lambda prompts: [])
