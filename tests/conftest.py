@@ -57,4 +57,4 @@ def shared_data_dir() -> Path:
     """The public benchmark data kept beside the checkout (`../shared/data`); the test is skipped without it."""
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"shared data directory {SHARED_DATA_DIR} not present")
-    return SHARED_DATA_DIR
+    return SHARED_DATA_DIR.resolve()  # as the data-path resolver returns it, also where the folder is a link
