@@ -101,12 +101,14 @@ def random_llama(config, dtype, device):
     return model
 
 
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
 def llama2_7b_shaped(layers, dtype, device):
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
-    return random_llama(config, dtype, device)
+    return random_llama(LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers}), dtype, device)
 
 
 def end_to_end(device, layers, r, dtype):

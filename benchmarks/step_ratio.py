@@ -46,23 +46,19 @@ def padding_free_batch(rows: list[dict], device) -> dict:
 
 def build_trainee(method: str, spec: dict, device):
     """(model, optimizer) of one method, with the settings of recipes/llama2-7b_math_<method>.yaml."""
-    from throughput_variants import FAST, TARGETS, Variant, build_model, recipe_settings, resolved_settings
+    from throughput_variants import FAST, Variant, resolved_settings
+    from train_throughput import adapted_model
 
-    from milora import apply_milora
-
-    settings = resolved_settings(Variant(method, "recipe", "", **FAST), spec["batch_size"], spec["r"])
-    model = build_model(spec, settings["attention"])
-    model = apply_milora(model, TARGETS, spec["r"], mode=method,
-                         lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
-                         show_progress=False)
+    variant = Variant(method, "recipe", "", **FAST)
+    settings = resolved_settings(variant, spec["batch_size"], spec["r"])
+    model, _ = adapted_model(variant, spec, settings, cache_dir=None)
     if settings["liger"]:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model.get_base_model())
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe_settings(method)["learning_rate"],
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(trainable, lr=settings["learning_rate"], fused=device.type == "cuda")
     return model, optimizer, settings
 
 
@@ -141,7 +137,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main(argv=None):
     from throughput_batches import build_batches
-    from throughput_variants import model_config
+    from throughput_variants import benchmark_spec, model_config
     from train_throughput import environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,11 +151,7 @@ def main(argv=None):
     methods = [m for m in args.methods.split(",") if m]
     if "lora" not in methods:
         parser.error("--methods must include lora (the reference)")
-    if args.smoke:
-        spec = {"model": "tiny", "r": 8, "warmup": 1, "steps": 2, "batch_size": 4, "token_budget": 160, "seed": 0}
-    else:
-        spec = {"model": "llama2-7b", "layers": None, "r": args.r, "warmup": args.warmup, "steps": args.steps,
-                "batch_size": 16, "token_budget": 4096, "seed": 0}
+    spec = benchmark_spec(args.smoke, r=args.r, warmup=args.warmup, steps=args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_batches(spec, model_config(spec).vocab_size)
     result = interleaved(methods, spec, data, device)

@@ -79,10 +79,8 @@ def build_batches(spec: dict, vocab_size: int) -> dict:
         "fixed": fixed_groups(lengths, spec["batch_size"], count),
         "budget": budget_groups(lengths, spec["token_budget"], count),
     }
-    used = sorted({i for groups in groupings.values() for batch in groups for i in batch})
-    renumber = {old: new for new, old in enumerate(used)}
-    groupings = {name: [[renumber[i] for i in batch] for batch in groups] for name, groups in groupings.items()}
-    rows = [rows[i] for i in used]
+    # both groupings take consecutive rows from the first: keep the rows up to the last one used
+    rows = rows[:1 + max(groups[-1][-1] for groups in groupings.values())]
     return {"spec": {**spec, "vocab_size": vocab_size, "lengths": LENGTHS, "length_scale": scale},
             "rows": rows, "groupings": groupings}
 

@@ -3,27 +3,23 @@
 A variant starts from a base, plain TRL + PEFT defaults or the recipe recipes/llama2-7b_math_<method>.yaml as
 written, and changes the levers it names (gradient checkpointing, attention, Liger, batching, ...).
 `resolved_settings` is what a variant runs with on this machine; `build_model` the LLaMA-2-7B-shaped model
-(random bf16 weights, no download) or the tiny one of the smoke runs.
+(random bf16 weights, no download) or the tiny one of the smoke runs. Imported by the scripts beside it,
+which put the checkout and this folder on sys.path.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from init_speed import LLAMA2_7B, random_llama
+
+from milora.attention import VARLEN_ATTENTION
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
-from milora.attention import VARLEN_ATTENTION  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
 @dataclass(frozen=True)
@@ -80,6 +76,15 @@ def recipe_settings(method: str) -> dict:
     return yaml.safe_load((ROOT / "recipes" / f"llama2-7b_math_{method}.yaml").read_text())
 
 
+def benchmark_spec(smoke: bool, r: int = 64, warmup: int = 5, steps: int = 20, batch_size: int = 16,
+                   token_budget: int = 4096, layers: int | None = None) -> dict:
+    """The model, rank and batches a run trains on (saved with its batches; the tiny model for --smoke)."""
+    if smoke:
+        return {"model": "tiny", "r": 8, "warmup": 1, "steps": 2, "batch_size": 4, "token_budget": 160, "seed": 0}
+    return {"model": "llama2-7b", "layers": layers, "r": r, "warmup": warmup, "steps": steps,
+            "batch_size": batch_size, "token_budget": token_budget, "seed": 0}
+
+
 def model_config(spec: dict):
     from transformers import LlamaConfig
 
@@ -93,6 +98,8 @@ def model_config(spec: dict):
 
 def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
     """What the variant runs with, after its base's defaults and what this machine supports."""
+    from milora.sft.config import liger_usable
+
     on_gpu = torch.cuda.is_available()
     recipe = recipe_settings(variant.method) if variant.base == "recipe" else {}
     if variant.base == "recipe":
@@ -106,7 +113,7 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
     chosen = {key: getattr(variant, key) for key in ("gradient_checkpointing", "attention", "liger", "micro_batch",
                                                      "lora_dropout")}
     settings = {**base, **{k: v for k, v in chosen.items() if v is not None}}
-    settings["liger"] = bool(settings["liger"]) and on_gpu and importlib.util.find_spec("liger_kernel") is not None
+    settings["liger"] = bool(settings["liger"]) and liger_usable()
     if not settings["micro_batch"] or settings["micro_batch"] >= batch_size or variant.grouping == "budget":
         settings["micro_batch"] = None  # the whole batch in one forward
     return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
@@ -124,8 +131,6 @@ def micro_batches(groups: list[list[int]], micro: int | None) -> tuple[list[list
 
 
 def build_model(spec: dict, attention: str):
-    from init_speed import random_llama
-
     from milora.attention import register_varlen_attention
 
     register_varlen_attention()

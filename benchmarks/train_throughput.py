@@ -46,6 +46,7 @@ from throughput_variants import (  # noqa: E402, F401 (the variants' names are p
     TARGETS,
     VARIANTS,
     Variant,
+    benchmark_spec,
     build_model,
     micro_batches,
     model_config,
@@ -190,7 +191,7 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
     lengths = batch_lengths(data, variant.grouping)[warmup:]
     if len(step_times) != len(lengths):
         raise RuntimeError(f"{variant_name}: timed {len(step_times)} steps, expected {len(lengths)}")
-    config = model_config(spec)
+    config = model.config
     n_layers, d_attn = attention_width(config)
     flops = sum(step_flops(batch, frozen, trainable, n_layers, d_attn) for batch in lengths)
     probe = torch.empty(1, 1, 1, d_attn // config.num_attention_heads, dtype=next(model.parameters()).dtype,
@@ -235,10 +236,8 @@ def worker_main(args):
 
 
 def spec_from_args(args) -> dict:
-    if args.smoke:
-        return {"model": "tiny", "r": 8, "warmup": 1, "steps": 2, "batch_size": 4, "token_budget": 160, "seed": 0}
-    return {"model": "llama2-7b", "layers": args.layers, "r": args.r, "warmup": args.warmup, "steps": args.steps,
-            "batch_size": args.batch_size, "token_budget": args.token_budget, "seed": 0}
+    return benchmark_spec(args.smoke, r=args.r, warmup=args.warmup, steps=args.steps, batch_size=args.batch_size,
+                          token_budget=args.token_budget, layers=args.layers)
 
 
 def prepare_data(out: Path, spec: dict) -> Path:

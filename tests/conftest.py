@@ -47,14 +47,10 @@ def load_script(path: Path | str, name: str | None = None) -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def repo_root() -> Path:
-    """The repository checkout the tests run from."""
-    return REPO_ROOT
-
-
-@pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The public benchmark data kept beside the checkout (`../shared/data`); the test is skipped without it."""
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"shared data directory {SHARED_DATA_DIR} not present")
-    return SHARED_DATA_DIR.resolve()  # as the data-path resolver returns it, also where the folder is a link
+    from eval_harness.data_paths import data_root
+
+    return data_root(str(SHARED_DATA_DIR))  # resolved, as the evaluation's data paths are
