@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from milora.model import MiLoRAError
+from milora.errors import MiLoRAError
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from milora.autocast import skip_input_casts_under_autocast
 from milora.decomposition import MODES
 from milora.distributed import initialize_layers, is_zero3_partitioned, lora_layers
+from milora.errors import MiLoRAError
 
 # The method families a recipe or `apply_milora(method=...)` names, and the slice of the spectrum each one
 # initialises from (`milora.decomposition.MODES`; None = PEFT's default LoRA init, base weights untouched).
@@ -27,10 +28,6 @@ METHOD_MODES = {"milora": "minor", "pissa": "principal", "lora": None, "mid": "m
 # Every name `mode=` accepts: the spectrum slices and the family names.
 MODE_ALIASES = {**{mode: mode for mode in MODES}, **METHOD_MODES}
 _REGEX_CHARS = set("^$*+?[](){}|\\")
-
-
-class MiLoRAError(ValueError):
-    """Bad input to MiLoRA initialisation; the message names the problem and the fix."""
 
 
 def normalize_mode(mode: str) -> str | None:
