@@ -30,6 +30,8 @@ from eval_harness.data_paths import DATA_DIR_ENV
 from eval_harness.errors import UsageError
 from eval_harness.suites import SuiteResult, alpaca_eval_suite, followbench_suite, lm_eval_suite, open_ended, vqa_suite
 from milora.cli import USER_ERRORS, CommandFailed, run_reporting_errors, split_debug_flag
+from milora.commands.arguments import check_model_argument
+from milora.gguf import GGUFError
 
 PROG = "milora eval"
 SUITE_RUNNERS = {
@@ -75,15 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_model(model: str) -> None:
-    """A --model that is a path must exist (a hub id, ``owner/name``, is left to the loader)."""
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_like_path and not Path(model).expanduser().exists():
-        raise UsageError(
-            f"--model {model} does not exist", "give a checkpoint folder (e.g. `milora merge` output) or a .gguf file"
-        )
-
-
 def default_output_dir(model: str, suite: str) -> Path:
     return Path("outputs") / "eval" / Path(model.rstrip("/")).name / suite
 
@@ -114,7 +107,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from milora.loading import default_device
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    check_model(args.model)
+    try:  # the check of every command's model argument: a missing path, a file, a .gguf that is not GGUF
+        check_model_argument("--model", args.model)
+    except (OSError, GGUFError) as error:
+        raise UsageError(str(error)) from error
     args.device = args.device or default_device()
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.suite)
     output_dir.mkdir(parents=True, exist_ok=True)

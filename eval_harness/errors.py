@@ -7,9 +7,9 @@ from __future__ import annotations
 
 
 class UsageError(ValueError):
-    """Bad input from the user: what is wrong and how to fix it."""
+    """Bad input from the user: what is wrong and how to fix it (`fix` left out where `problem` says both)."""
 
-    def __init__(self, problem: str, fix: str):
-        super().__init__(f"{problem}; {fix}")
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(f"{problem}; {fix}" if fix else problem)
         self.problem = problem
         self.fix = fix

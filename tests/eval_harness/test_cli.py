@@ -226,8 +226,23 @@ def test_bad_input_is_one_line_naming_problem_and_fix(tmp_path, capsys, monkeypa
 
 def test_eval_main_leaves_error_reporting_to_the_milora_reporter(tmp_path):
     """Like every subcommand's main: bad input raises, for `milora.cli.run_reporting_errors` to report."""
-    with pytest.raises(UsageError, match="--model .*nope does not exist"):
+    with pytest.raises(UsageError, match="--model .*nope: no such directory; give a local model directory"):
         eval_cli.main(["--suite", "gsm8k", "--model", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize(
+    "name, content, named",
+    [
+        ("model.safetensors", b"weights", "is a file; give the model's directory"),
+        ("model.gguf", b"<html>", "is not a GGUF file"),
+    ],
+)
+def test_a_model_file_that_is_no_checkpoint_is_one_line_with_status_2(tmp_path, capsys, name, content, named):
+    model = tmp_path / name
+    model.write_bytes(content)
+    assert milora_main(["eval", "--suite", "gsm8k", "--model", str(model), "--device", "cpu"]) == eval_cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert str(model) in line and named in line
 
 
 def test_missing_model_and_library_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
