@@ -29,7 +29,7 @@ from typing import Any
 from eval_harness.data_paths import DATA_DIR_ENV
 from eval_harness.errors import UsageError
 from eval_harness.suites import SuiteResult, alpaca_eval_suite, followbench_suite, lm_eval_suite, open_ended, vqa_suite
-from milora.cli import USER_ERRORS, CommandFailed, run_reporting_errors, split_debug_flag
+from milora.cli import USER_ERRORS, CommandFailed
 from milora.commands.arguments import check_model_argument
 from milora.gguf import GGUFError
 
@@ -134,20 +134,18 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``milora eval`` on `argv`: the exit status. Bad input raises (ValueError, OSError; `UsageError` is a
-    ValueError) and any other failure of a suite raises `CommandFailed` naming it, for the caller
-    (`milora.cli.main`, or this module run as a script) to report as one line; with ``--debug`` every error
-    propagates as it was raised."""
+    ValueError) and any other failure of a suite raises `CommandFailed` naming it, for `milora.cli.main` (also
+    when this module runs as a script) to report as one line, or with ``--debug`` to re-raise as it was raised."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return evaluate(args)
     except USER_ERRORS:
         raise
     except Exception as error:
-        if args.debug:
-            raise
         raise CommandFailed(f"{one_line(error)}; run again with --debug for the traceback") from error
 
 
 if __name__ == "__main__":
-    _argv, _debug = split_debug_flag(sys.argv[1:])
-    sys.exit(run_reporting_errors(PROG, main, _argv, _debug))
+    import milora.cli
+
+    sys.exit(milora.cli.main(["eval", *sys.argv[1:]]))
