@@ -8,24 +8,16 @@ tqdm progress bar. Works on CPU for small models.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from eval_harness.vqa import VisualQuestion
 from milora.loading import default_device, resolve_dtype
 from milora.prompts import VICUNA_V1_SYSTEM_PROMPT
 
 PROMPT_STYLES = ("llava_v1", "chat")
-
-
-@dataclass(frozen=True)
-class VisualQuestion:
-    """One generation request: an image (path, PIL image, or None for a text-only question) and the question."""
-
-    image: object
-    question: str
 
 
 def load_llava(path: str, device: str | None = None, dtype: str = "auto"):

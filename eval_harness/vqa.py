@@ -16,19 +16,25 @@ Prompt suffixes are those of LLaVA-1.5's evaluation scripts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eval_harness import vqa_scoring
 from milora.io import read_json_rows
-
-if TYPE_CHECKING:  # the generation module imports torch; `milora eval --help` should not
-    from eval_harness.llava_generation import VisualQuestion
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 VIZWIZ_UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
 BENCHMARKS = ("vqav2", "vizwiz", "textvqa", "gqa", "scienceqa", "pope", "mmbench")
+
+
+@dataclass(frozen=True)
+class VisualQuestion:
+    """One generation request: an image (path, PIL image, or None for a text-only question) and the question."""
+
+    image: object
+    question: str
 
 
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -84,8 +90,6 @@ def image_of(record: dict, image_dir: str | Path | None):
 
 def build_requests(benchmark: str, records: Sequence[dict], image_dir=None) -> list[tuple[dict, VisualQuestion]]:
     """(scoring record, generation request) pairs; MMBench gets one pair per circular shift."""
-    from eval_harness.llava_generation import VisualQuestion
-
     pairs = []
     for record in records:
         image = image_of(record, image_dir)
