@@ -129,8 +129,11 @@ def save_outputs(trainer, recipe) -> dict:
         if needs_initial_adapter(model_args):
             info["initial_adapter"] = str(out / INIT_ADAPTER_DIR)
             if training.save_standard_lora:
-                convert_to_lora(out, out / INIT_ADAPTER_DIR, out / STANDARD_LORA_DIR)
-                set_adapter_base(out / STANDARD_LORA_DIR, info["base_model"])
+                # the standard LoRA applies to the original model, not to the residual one it was trained on
+                convert_to_lora(out, out / INIT_ADAPTER_DIR, out / STANDARD_LORA_DIR,
+                                base_model_name_or_path=info["base_model"])
+                if info["base_model"] is None:
+                    clear_adapter_base(out / STANDARD_LORA_DIR)
                 info["standard_lora_adapter"] = str(out / STANDARD_LORA_DIR)
         else:
             info["standard_lora_adapter"] = str(out)
@@ -146,9 +149,10 @@ def save_outputs(trainer, recipe) -> dict:
     return info
 
 
-def set_adapter_base(adapter_dir: Path, base_model: str | None) -> None:
-    """Point a converted adapter's config at the original model (it applies there, not to the residual)."""
+def clear_adapter_base(adapter_dir: Path) -> None:
+    """Drop a converted adapter's base model when the original model is not known: `convert_to_lora` keeps the
+    trained adapter's entry, which names the residual model (a `milora init` directory) it does not apply to."""
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
     config = read_json(config_path)
-    config["base_model_name_or_path"] = base_model
+    config["base_model_name_or_path"] = None
     write_json(config_path, dict(sorted(config.items())))
