@@ -22,20 +22,22 @@ import re
 import string
 from collections.abc import Callable
 
-RULE_SOURCES = (
-    "E2E", "WIKIEVENTS", "CONLL2003", "text_editing", "cnn_dailymail", "xsum", "samsum", "gigaword", "arxiv",
-    "BBH_logical", "BBH_time", "self_made_space", "gsm_8k",
-)  # fmt: skip
-RULE_FORMAT_EXAMPLES = (22, 30)
+
+def _rule_for(row: dict) -> Callable[[str, int], bool] | None:
+    """FollowBench's rule for this row, as (response, level) -> verdict; None for a row the judge scores."""
+    if row.get("category") == "example":
+        return lambda response, _level: matches_template(row["target"], response)
+    source = row.get("source")
+    if source in RULE_SOURCES:
+        return lambda response, level: _SOURCE_RULES[source](response, row.get("target", ""), level)
+    if row.get("category") == "format" and _example_id(row) in RULE_FORMAT_EXAMPLES:
+        return _FORMAT_RULES[_example_id(row)]
+    return None
 
 
 def is_rule_scored(row: dict) -> bool:
     """Whether FollowBench scores this row by rules (never by the judge)."""
-    if row.get("category") == "example":
-        return True
-    if row.get("source") in RULE_SOURCES:
-        return True
-    return row.get("category") == "format" and _example_id(row) in RULE_FORMAT_EXAMPLES
+    return _rule_for(row) is not None
 
 
 # Sources whose rule compares the response with the row's ``target`` (the others count sentences and words).
@@ -62,15 +64,10 @@ def rule_input_problem(row: dict) -> str | None:
 def rule_satisfied(row: dict, response: str) -> bool:
     """FollowBench's rule-based verdict for one response to a rule-scored row (see `is_rule_scored`)."""
     level = int(row["level"])
-    if row.get("category") == "example":
-        return matches_template(row["target"], response)
-    if row.get("source") in RULE_SOURCES:
-        return bool(_SOURCE_RULES[row["source"]](response, row.get("target", ""), level))
-    if row.get("category") == "format" and _example_id(row) == 22:
-        return _format_22(response, level)
-    if row.get("category") == "format" and _example_id(row) == 30:
-        return _format_30(response, level)
-    raise ValueError(f"FollowBench row {row.get('category')}/{row.get('example_id')} is scored by the judge")
+    rule = _rule_for(row)
+    if rule is None:
+        raise ValueError(f"FollowBench row {row.get('category')}/{row.get('example_id')} is scored by the judge")
+    return bool(rule(response, level))
 
 
 def _example_id(row: dict) -> int | None:
@@ -199,6 +196,7 @@ _SOURCE_RULES: dict[str, Callable[[str, str, int], bool]] = {
         lambda r: not _has_word(r, "transformer"),
     ),
 }
+RULE_SOURCES = tuple(_SOURCE_RULES)
 
 
 # --------------------------------------------------------------------------- format examples 22 and 30
@@ -236,3 +234,7 @@ def _format_30(response: str, level: int) -> bool:
         lambda: not any(word.endswith("-ly") for s in sentences for word in s.split()),
     )
     return all(check() for check in checks[:level])
+
+
+_FORMAT_RULES: dict[int, Callable[[str, int], bool]] = {22: _format_22, 30: _format_30}
+RULE_FORMAT_EXAMPLES = tuple(_FORMAT_RULES)
