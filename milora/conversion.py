@@ -92,7 +92,7 @@ def convert_to_lora(
         config["base_model_name_or_path"] = base_model_name_or_path
     with atomic_directory(out_dir) as tmp:
         save_file(converted, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / ADAPTER_CONFIG_FILE, dict(sorted(config.items())))
+        write_json(tmp / ADAPTER_CONFIG_FILE, config, sort_keys=True)
     return Path(out_dir)
 
 

@@ -52,7 +52,7 @@ def save_init_dir(peft_model, out_dir: str | Path, processing_class=None, metada
         if processing_class is not None:
             processing_class.save_pretrained(tmp)
         peft_model.save_pretrained(tmp / INIT_SUBDIR)
-        write_json(tmp / INIT_SUBDIR / METADATA_FILE, dict(sorted((metadata or {}).items())))
+        write_json(tmp / INIT_SUBDIR / METADATA_FILE, metadata or {}, sort_keys=True)
     return out_dir
 
 

@@ -94,9 +94,9 @@ def read_json_rows(path: str | os.PathLike) -> list:
     return rows
 
 
-def write_json(path: str | os.PathLike, value, indent: int | None = 2) -> Path:
-    """Write `value` as JSON, atomically (with a trailing newline)."""
-    return atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+def write_json(path: str | os.PathLike, value, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """Write `value` as JSON, atomically (with a trailing newline); `sort_keys` sorts the keys of every object."""
+    return atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False, sort_keys=sort_keys) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> Path:

@@ -155,4 +155,4 @@ def clear_adapter_base(adapter_dir: Path) -> None:
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
     config = read_json(config_path)
     config["base_model_name_or_path"] = None
-    write_json(config_path, dict(sorted(config.items())))
+    write_json(config_path, config, sort_keys=True)
