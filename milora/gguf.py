@@ -119,23 +119,29 @@ def convert_gguf(path, out_dir, dtype="float32") -> Path:
     return Path(out_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _convert_command(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m milora.gguf", description="Convert a GGUF file into a checkpoint directory (safetensors)."
+        prog="python -m milora.gguf", description="Convert a GGUF file into a checkpoint directory (safetensors).",
+        epilog="--debug shows the Python traceback of an error.",
     )
     parser.add_argument("gguf_file", help="the .gguf file")
     parser.add_argument("out_dir", help="output directory (model + tokenizer)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     args = parser.parse_args(argv)
-    try:
-        convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
-    except GGUFError as error:
-        print(f"milora.gguf: error: {error}", file=sys.stderr)
-        return 2
+    convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
     print(f"milora.gguf: {args.out_dir} written")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m milora.gguf`: bad input is reported as one line with exit status 2, as by the `milora`
+    subcommands (`--debug` shows the traceback)."""
+    from milora.cli import run_reporting_errors, split_debug_flag
+
+    argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
+    return run_reporting_errors("milora.gguf", _convert_command, argv, debug)
 
 
 if __name__ == "__main__":
