@@ -9,8 +9,11 @@ parquet too), so prompts, filters and metrics stay those of the original task. P
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import yaml
 
@@ -23,14 +26,16 @@ LM_EVAL_TASK_FILES = {"ifeval": "ifeval/ifeval.yaml"}
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def project_task_files() -> dict[str, Path]:
-    """Task name -> YAML file, for every task (not group or template) under eval_harness/tasks."""
+@functools.cache
+def project_task_files() -> Mapping[str, Path]:
+    """Task name -> YAML file, for every task (not group or template) under eval_harness/tasks (read once: the
+    folder ships with the code)."""
     found = {}
     for path in sorted(TASKS_DIR.glob("**/*.yaml")):
         config = _read_yaml_shallow(path)
         if isinstance(config.get("task"), str) and "group" not in config:
             found[config["task"]] = path
-    return found
+    return MappingProxyType(found)
 
 
 def project_task_yaml(task_name: str) -> Path:
