@@ -49,12 +49,12 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def lora_layers(peft_model) -> list[tuple[str, LoraLayer]]:
-    """`(name, layer)` for every LoRA layer of `peft_model` that carries the adapter."""
+def lora_layers(peft_model, adapter_name: str = ADAPTER_NAME) -> list[tuple[str, LoraLayer]]:
+    """`(name, layer)` for every LoRA layer of `peft_model` that carries the adapter `adapter_name`."""
     return [
         (name, module)
         for name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
     ]
 
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from milora.distributed import ADAPTER_NAME
+from milora.distributed import ADAPTER_NAME, lora_layers
 from milora.sft.config import MiloraSFTConfig, ModelArguments, RecipeError
 from milora.tiny import is_tiny
 
@@ -67,9 +67,7 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
 
 def set_lora_dropout(peft_model, p: float, adapter_name: str = ADAPTER_NAME) -> None:
     """Use the recipe's dropout on an adapter loaded from disk (`milora init` saves its adapter without one)."""
-    from peft.tuners.lora import LoraLayer
-
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_dropout:
+    for _, module in lora_layers(peft_model, adapter_name):
+        if adapter_name in module.lora_dropout:
             module.lora_dropout[adapter_name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
     peft_model.peft_config[adapter_name].lora_dropout = p
