@@ -18,25 +18,27 @@ from milora.loading import default_device, resolve_dtype
 from milora.prompts import alpaca_prompt
 
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
-__all__ = ["PROMPT_FORMATS", "GenerationConfig", "default_device", "format_prompt", "generate", "load_causal_lm",
-           "truncate_at_stop"]
+__all__ = ["PROMPT_FORMATS", "GenerationConfig", "format_prompt", "generate", "load_causal_lm", "truncate_at_stop"]
 
 
 def load_causal_lm(path: str, device: str | None = None, dtype: str = "auto"):
     """Model (eval mode, on device) and a tokenizer that left-pads and has a pad token, from a checkpoint
-    directory, a hub id or a `.gguf` file; dtype `auto` is bfloat16 on a GPU that supports it, float32 elsewhere."""
-    from transformers import AutoTokenizer
+    directory, a hub id, a `.gguf` file or `tiny:<kind>`; dtype `auto` is bfloat16 on a GPU that supports it,
+    float32 elsewhere."""
+    from transformers import ProcessorMixin
 
-    from milora.gguf import is_gguf_path, load_gguf_tokenizer
-    from milora.loading import load_model
+    from milora.loading import load_model, load_processing_class
 
     device = device or default_device()
-    tokenizer = load_gguf_tokenizer(path) if is_gguf_path(path) else AutoTokenizer.from_pretrained(path)
+    # The model first: load_model names the mistake of a folder without config.json (an adapter folder, say).
+    model = load_model(path, dtype=resolve_dtype(dtype, device))
+    model.to(device).eval()
+    tokenizer = load_processing_class(path)
+    if isinstance(tokenizer, ProcessorMixin):  # a LLaVA checkpoint: its language model's tokenizer
+        tokenizer = tokenizer.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(path, dtype=resolve_dtype(dtype, device))
-    model.to(device).eval()
     return model, tokenizer
 
 
