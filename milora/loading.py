@@ -78,6 +78,14 @@ def is_vision_language(model_or_name) -> bool:
     return model_type in VISION_LANGUAGE_MODEL_TYPES
 
 
+def model_class(model_or_name):
+    """The transformers class a model is built with: `LlavaForConditionalGeneration` for a vision-language model
+    (`is_vision_language`: a model, a config or a name/path), else `AutoModelForCausalLM`."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration if is_vision_language(model_or_name) else AutoModelForCausalLM
+
+
 def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None = None, **kwargs):
     """A causal LM (or a LLaVA model) from a hub id, a local directory, a `.gguf` file or `tiny:<kind>`."""
     dtype = resolve_dtype(dtype)
@@ -99,14 +107,10 @@ def load_model(name_or_path: str, dtype="auto", attn_implementation: str | None 
             f"{name_or_path} has no config.json: give a model directory saved with save_pretrained, "
             "a hub id, or tiny:<kind>"
         )
-    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
-
-    model_class = (
-        LlavaForConditionalGeneration if is_vision_language(name_or_path) else AutoModelForCausalLM
-    )
+    cls = model_class(name_or_path)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return model_class.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    return cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
 
 
 def load_processing_class(name_or_path: str):

@@ -100,16 +100,17 @@ def _describe_targets(targets) -> str:
 def _model_skeleton(init_dir: str, trust_remote_code: bool):
     """The init directory's model architecture on the meta device: module names and types, no weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from milora.loading import is_vision_language
+    from milora.loading import model_class
 
     try:
         config = AutoConfig.from_pretrained(init_dir, trust_remote_code=trust_remote_code)
+        cls = model_class(config)
         with torch.device("meta"):
-            if is_vision_language(config):
-                return LlavaForConditionalGeneration(config)
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            if cls is AutoModelForCausalLM:
+                return cls.from_config(config, trust_remote_code=trust_remote_code)
+            return cls(config)
     except (OSError, ValueError) as error:
         raise RecipeError(
             f"milora_init_dir {init_dir}: its model could not be built to compare lora_target_modules with its "
