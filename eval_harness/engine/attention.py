@@ -62,14 +62,15 @@ class StepPlan:
 
 
 def register_engine_attention() -> str:
-    """Make ``attn_implementation=ENGINE_ATTENTION`` available to transformers models; returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    """Make ``attn_implementation=ENGINE_ATTENTION`` available to transformers models; returns the name.
 
-    from milora.attention import varlen_attention_mask
+    No mask function is registered: transformers then builds no mask (and runs no packed-sequence check, whose
+    host synchronisation would break a CUDA graph capture); the `StepPlan` says what each token attends to.
+    The engine sets this implementation only while it generates.
+    """
+    from transformers import AttentionInterface
 
     AttentionInterface.register(ENGINE_ATTENTION, engine_attention_forward)
-    AttentionMaskInterface.register(ENGINE_ATTENTION, varlen_attention_mask)
     return ENGINE_ATTENTION
 
 

@@ -79,8 +79,6 @@ class GenerationEngine:
         )
         self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         register_engine_attention()
-        if model.config._attn_implementation != ENGINE_ATTENTION:
-            model.set_attn_implementation(ENGINE_ATTENTION)
         use_graphs = self.config.cuda_graphs
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.stats = {"decode_steps": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "tokens": 0}
@@ -92,7 +90,8 @@ class GenerationEngine:
             free, _ = torch.cuda.mem_get_info(self.device)
             hidden = self.model.config.get_text_config().hidden_size
             reserve = 2 * 2**30 + self.config.prefill_tokens * hidden * 4 * 24  # prefill activations, logits
-            per_slot = max_context * SlotCache.bytes_per_token(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
+            per_token = SlotCache.bytes_per_token(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
+            per_slot = max_context * per_token
             cap = min(cap, max(1, int((free * self.config.memory_fraction - reserve) // per_slot)))
         return max(1, min(cap, requests))
 
@@ -108,7 +107,8 @@ class GenerationEngine:
         positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
         starts = torch.tensor([slot * width for slot, _ in entries]).repeat_interleave(torch.tensor(lengths))
         cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        plan = StepPlan(cache, (starts.to(device) + positions), prefill=True, cu_seqlens=cu_seqlens, max_len=max(lengths))
+        write_index = starts.to(device) + positions
+        plan = StepPlan(cache, write_index, prefill=True, cu_seqlens=cu_seqlens, max_len=max(lengths))
         hidden = self.decoder(input_ids=tokens, position_ids=positions.unsqueeze(0), use_cache=False, milora_step=plan)
         last = cu_seqlens[1:].long() - 1
         return self._logits_argmax(hidden.last_hidden_state[0, last]).tolist()
@@ -137,7 +137,7 @@ class GenerationEngine:
         )
         buffers["out"].copy_(self._logits_argmax(hidden.last_hidden_state[0]))
 
-    def _decoder_runner(self, cache: SlotCache, buffers: dict[str, torch.Tensor], kernel: bool) -> Callable[[int], None]:
+    def _decoder_runner(self, cache: SlotCache, buffers: dict, kernel: bool) -> Callable[[int], None]:
         """A function key_len -> run one decode step: a CUDA graph replay per key length, or eager."""
         if not self.use_graphs:
             return lambda key_len: self._decode_step(cache, buffers, key_len, kernel)
@@ -163,8 +163,17 @@ class GenerationEngine:
         return run
 
     # -- the loop ----------------------------------------------------------------------------------------
+    def generate(self, *args, **kwargs) -> list[list[int]]:
+        """`generate_greedy` with the engine's attention set on the model for the call, and restored after."""
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(ENGINE_ATTENTION)
+        try:
+            return self.generate_greedy(*args, **kwargs)
+        finally:
+            self.model.set_attn_implementation(previous)
+
     @torch.inference_mode()
-    def generate(
+    def generate_greedy(
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int | Sequence[int],
@@ -216,7 +225,7 @@ class GenerationEngine:
                             break
                         chosen.append(pending.popleft())
                         used += size
-                    entries = [(slot, prompts[request]) for slot, request in zip(free, chosen)]
+                    entries = [(slot, prompts[request]) for slot, request in zip(free, chosen, strict=False)]
                     tick = time.perf_counter()
                     first = self._prefill(cache, entries)
                     self.stats["prefill_seconds"] += time.perf_counter() - tick
