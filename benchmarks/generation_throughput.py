@@ -66,11 +66,11 @@ def bound_ms(model, contexts_per_step: float, bandwidth_tbs: float) -> float:
     return (model_bytes(model) + contexts_per_step * kv_bytes_per_token(model)) / (bandwidth_tbs * 1e12) * 1e3
 
 
-def run_engine(model, prompts, new_tokens, slots, bandwidth):
+def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_kernel=None):
     from eval_harness.engine import EngineConfig, GenerationEngine
-    from eval_harness.engine.attention import paged_kernel
 
-    engine = GenerationEngine(model, eos_token_ids=(), config=EngineConfig(max_slots=slots))
+    config = EngineConfig(max_slots=slots, decode_kernel=decode_kernel)
+    engine = GenerationEngine(model, eos_token_ids=(), config=config)
     engine.generate(prompts[: max(4, len(prompts) // 16)], 8, desc="warm-up")  # graph captures, kernels
     engine.stats = dict.fromkeys(engine.stats, 0)
     torch.cuda.reset_peak_memory_stats()
@@ -86,7 +86,7 @@ def run_engine(model, prompts, new_tokens, slots, bandwidth):
     mean_context = sum(len(p) + new_tokens / 2 for p in prompts) / len(prompts)
     concurrent = tokens / steps  # new tokens per decode step ~ sequences in flight
     return {
-        "variant": f"engine ({'paged kernel' if paged_kernel() else 'sdpa'} decode, slots {slots or 'auto'})",
+        "variant": f"engine ({engine.decode_path} decode, slots {slots or 'auto'})",
         "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "step_ms": step_ms,
         "concurrent": concurrent, "bound_ms": bound_ms(model, concurrent * mean_context, bandwidth),
         "prefill_s": engine.stats["prefill_seconds"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -164,6 +164,7 @@ def main(argv=None):
     parser.add_argument("--prompt_max", type=int, default=260)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, nargs="*", default=[128, 0], help="engine slot counts (0: from memory)")
+    parser.add_argument("--sdpa_slots", type=int, nargs="*", default=[128], help="engine slots with sdpa decode")
     parser.add_argument("--hf_batches", type=int, nargs="*", default=[8, 64, 128])
     parser.add_argument("--hf_new_tokens", type=int, default=128, help="new tokens of the timed hf batch")
     parser.add_argument("--cb", action="store_true", help="also time transformers' generate_batch")
@@ -180,6 +181,9 @@ def main(argv=None):
     rows = []
     for slots in args.slots:
         rows.append(run_engine(model, prompts, args.new_tokens, slots or None, args.bandwidth))
+        print_table(rows[-1:])
+    for slots in args.sdpa_slots:
+        rows.append(run_engine(model, prompts, args.new_tokens, slots or None, args.bandwidth, decode_kernel=False))
         print_table(rows[-1:])
     for batch in args.hf_batches:
         rows.append(run_hf(model, prompts, args.hf_new_tokens, batch, args.bandwidth))

@@ -7,9 +7,9 @@ function of each layer. The function writes the new keys and values into `SlotCa
 
 - prefill: the new tokens are whole prompts packed in one row; each attends causally within its own prompt
   (torch's varlen kernel on CUDA, the block-diagonal masked `sdpa` elsewhere: `milora.attention`);
-- decode: one token per slot; each attends to the first ``length + 1`` positions of its slot, through `sdpa`
-  with a key-length bucket and a padding mask (query heads grouped per key head, so no key is repeated), or,
-  where torch's varlen kernel takes a block table, through that kernel reading only the used positions.
+- decode: one token per slot; each attends to the first ``length + 1`` positions of its slot: on CUDA through
+  torch's varlen kernel, which reads only those positions (`decode_key_boundaries`), elsewhere through `sdpa`
+  with a key-length bucket and a padding mask (query heads grouped per key head, so no key is repeated).
 
 Without a ``milora_step`` keyword the call goes to `milora.attention.varlen_attention_forward` (plain `sdpa`
 for ordinary batches), so the model stays usable by any other caller.
@@ -18,7 +18,6 @@ for ordinary batches), so the model stays usable by any other caller.
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +45,8 @@ class StepPlan:
 
     write_index: (tokens,) flat position ``slot * max_context + position`` of each new token in the cache.
     Prefill: ``cu_seqlens`` (int32, prompts back to back) and ``max_len``. Decode (one token per slot, all
-    slots): ``key_mask`` (slots, 1, 1, key_len), True where a slot's position holds a key, or for the kernel
-    path ``seqused`` (slots,) int32 and ``block_table`` (slots, 1) int32.
+    slots): for the varlen kernel ``cu_seqlens`` (queries) and ``key_cu_seqlens`` (`decode_key_boundaries`),
+    else ``key_mask`` (slots, 1, 1, key_len), True where a slot's position holds a key.
     """
 
     cache: SlotCache
@@ -57,8 +56,7 @@ class StepPlan:
     max_len: int = 0
     key_len: int = 0
     key_mask: torch.Tensor | None = None
-    seqused: torch.Tensor | None = None
-    block_table: torch.Tensor | None = None
+    key_cu_seqlens: torch.Tensor | None = None
 
 
 def register_engine_attention() -> str:
@@ -75,21 +73,43 @@ def register_engine_attention() -> str:
 
 
 @functools.cache
-def paged_kernel():
-    """torch's varlen kernel when it reads keys through a block table (torch >= 2.12), else None."""
+def _kernel_takes_grouped_heads(device: str) -> bool:
+    """Whether torch's varlen kernel accepts fewer key heads than query heads (grouped-query attention)."""
+    from milora.attention import _varlen_kernel
+
+    varlen_attn, _, _, takes_gqa = _varlen_kernel()
+    q = torch.zeros(2, 4, 64, dtype=torch.bfloat16, device=device)
+    kv = torch.zeros(2, 2, 64, dtype=torch.bfloat16, device=device)
+    cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
     try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    parameters = inspect.signature(varlen_attn).parameters
-    return varlen_attn if {"block_table", "seqused_k", "enable_gqa"} <= set(parameters) else None
+        varlen_attn(q, kv, kv, cu, cu, 2, 2, **({"enable_gqa": True} if takes_gqa else {}))
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
-def decode_kernel_usable(query: torch.Tensor, max_context: int) -> bool:
+def decode_kernel_usable(query: torch.Tensor, kv_heads: int) -> bool:
+    """Whether decode steps can run on torch's varlen kernel (CUDA, half precision, a supported head size;
+    for grouped-query models, a kernel that takes the key heads as they are)."""
     from milora.attention import kernel_available
 
-    # FlashAttention's paged path reads pages of a multiple of 256 positions
-    return paged_kernel() is not None and kernel_available(query) and max_context % 256 == 0
+    if not kernel_available(query):
+        return False
+    return query.shape[1] == kv_heads or _kernel_takes_grouped_heads(str(query.device))
+
+
+def decode_key_boundaries(slot_starts: torch.Tensor, used: torch.Tensor, end: int) -> torch.Tensor:
+    """Cumulative key boundaries for one decode step on the varlen kernel: slot i's used keys
+    ``[start_i, start_i + used_i)`` as sequence 2i and the unused rest of its region as sequence 2i + 1, which
+    has no query (`decode_query_boundaries`): every key range is contiguous, and only used keys are read."""
+    pairs = torch.stack([slot_starts, slot_starts + used], dim=1).flatten()
+    return torch.cat([pairs, pairs.new_full((1,), end)]).to(torch.int32)
+
+
+def decode_query_boundaries(slots: int, device) -> torch.Tensor:
+    """[0, 1, 1, 2, 2, ..., slots, slots]: one query for sequence 2i (slot i), none for 2i + 1."""
+    counts = torch.arange(1, slots + 1, device=device).repeat_interleave(2)
+    return torch.cat([counts.new_zeros(1), counts]).to(torch.int32)
 
 
 def _write(cache_tensor: torch.Tensor, index: torch.Tensor, states: torch.Tensor) -> None:
@@ -112,13 +132,22 @@ def _decode_sdpa(query, keys, values, plan: StepPlan, scaling) -> torch.Tensor:
 
 
 def _decode_kernel(query, keys, values, plan: StepPlan, scaling) -> torch.Tensor:
+    """query (1, heads, slots, dim) -> (1, slots, heads, dim) through torch's varlen kernel."""
+    from milora.attention import _varlen_kernel
+
+    varlen_attn, _, takes_scale, takes_gqa = _varlen_kernel()
     _, heads, slots, dim = query.shape
     q = query[0].transpose(0, 1)  # (slots, heads, dim)
-    cu_seq_q = torch.arange(slots + 1, device=q.device, dtype=torch.int32)
-    out = paged_kernel()(
-        q, keys, values, cu_seq_q, None, 1, keys.shape[1],
-        scale=scaling, enable_gqa=heads != keys.shape[2], seqused_k=plan.seqused, block_table=plan.block_table,
-    )  # fmt: skip
+    if scaling is not None and not takes_scale:
+        q = q * (scaling * dim**0.5)
+    options = {"scale": scaling} if scaling is not None and takes_scale else {}
+    if takes_gqa and heads != keys.shape[2]:
+        options["enable_gqa"] = True
+    flat_keys = keys.view(-1, keys.shape[2], dim)
+    flat_values = values.view(-1, values.shape[2], dim)
+    out = varlen_attn(
+        q, flat_keys, flat_values, plan.cu_seqlens, plan.key_cu_seqlens, 1, plan.cache.max_context, **options
+    )
     return out.reshape(1, slots, heads, dim)
 
 
@@ -149,6 +178,6 @@ def engine_attention_forward(
         if kernel_available(query):
             return varlen_kernel_attention(query, key, value, plan.cu_seqlens, plan.max_len, scaling), None
         return masked_sdpa_attention(module, query, key, value, plan.cu_seqlens, 0.0, scaling), None
-    if plan.block_table is not None:
+    if plan.key_cu_seqlens is not None:
         return _decode_kernel(query, keys, values, plan, scaling), None
     return _decode_sdpa(query, keys, values, plan, scaling), None

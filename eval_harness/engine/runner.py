@@ -27,6 +27,8 @@ from eval_harness.engine.attention import (
     SlotCache,
     StepPlan,
     decode_kernel_usable,
+    decode_key_boundaries,
+    decode_query_boundaries,
     register_engine_attention,
 )
 
@@ -38,12 +40,14 @@ KEY_BUCKET = 64  # decode graphs are captured per key length rounded up to this
 class EngineConfig:
     """max_slots: concurrent sequences (default: as many as free memory holds, at most 256; 32 on CPU).
     prefill_tokens: prompt tokens per prefill forward. cuda_graphs: replay decode steps from CUDA graphs
-    (default: on CUDA). memory_fraction: share of the free accelerator memory the cache may take."""
+    (default: on CUDA). memory_fraction: share of the free accelerator memory the cache may take.
+    decode_kernel: decode attention on torch's varlen kernel (default: where it can run), else `sdpa`."""
 
     max_slots: int | None = None
     prefill_tokens: int = 16384
     cuda_graphs: bool | None = None
     memory_fraction: float = 0.8
+    decode_kernel: bool | None = None
 
 
 def supports(model) -> bool:
@@ -81,6 +85,7 @@ class GenerationEngine:
         register_engine_attention()
         use_graphs = self.config.cuda_graphs
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.decode_path = ""
         self.stats = {"decode_steps": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "tokens": 0}
 
     # -- sizing ------------------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ class GenerationEngine:
             "input_ids": torch.zeros(1, slots, dtype=torch.long, device=device),
             "lengths": torch.zeros(slots, dtype=torch.long, device=device),
             "slot_base": torch.arange(slots, device=device) * cache.max_context,
-            "block_table": torch.arange(slots, dtype=torch.int32, device=device).unsqueeze(1),
+            "query_cu_seqlens": decode_query_boundaries(slots, device),
             "out": torch.zeros(slots, dtype=torch.long, device=device),
         }
 
@@ -128,7 +133,9 @@ class GenerationEngine:
         lengths = buffers["lengths"]
         plan = StepPlan(cache, buffers["slot_base"] + lengths, prefill=False, key_len=key_len)
         if kernel:
-            plan.seqused, plan.block_table = (lengths + 1).to(torch.int32), buffers["block_table"]
+            plan.cu_seqlens = buffers["query_cu_seqlens"]
+            end = cache.slots * cache.max_context
+            plan.key_cu_seqlens = decode_key_boundaries(buffers["slot_base"], lengths + 1, end)
         else:
             key_positions = torch.arange(key_len, device=lengths.device)
             plan.key_mask = (key_positions.unsqueeze(0) <= lengths.unsqueeze(1)).view(cache.slots, 1, 1, key_len)
@@ -191,10 +198,11 @@ class GenerationEngine:
             return outputs
         if any(not prompt for prompt in prompts):
             raise ValueError("every prompt needs at least one token")
-        kernel_probe = torch.empty(1, 1, 1, self.head_dim, dtype=self.dtype, device=self.device)
-        width = max(len(p) + n for p, n in zip(prompts, limits, strict=True))
-        kernel = decode_kernel_usable(kernel_probe, _round_up(width, 256))
-        width = _round_up(width, 256 if kernel else KEY_BUCKET)
+        heads = self.model.config.get_text_config().num_attention_heads
+        probe = torch.empty(1, heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
+        kernel = decode_kernel_usable(probe, self.kv_heads) if self.config.decode_kernel is not False else False
+        self.decode_path = "varlen kernel" if kernel else "sdpa"
+        width = _round_up(max(len(p) + n for p, n in zip(prompts, limits, strict=True)), KEY_BUCKET)
         slots = self.slot_count(count, width)
         cache = SlotCache(self.num_layers, slots, width, self.kv_heads, self.head_dim, self.dtype, self.device)
         buffers = self._decode_buffers(cache)
