@@ -66,10 +66,10 @@ def bound_ms(model, contexts_per_step: float, bandwidth_tbs: float) -> float:
     return (model_bytes(model) + contexts_per_step * kv_bytes_per_token(model)) / (bandwidth_tbs * 1e12) * 1e3
 
 
-def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_kernel=None):
+def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_attention="matmul"):
     from eval_harness.engine import EngineConfig, GenerationEngine
 
-    config = EngineConfig(max_slots=slots, decode_kernel=decode_kernel)
+    config = EngineConfig(max_slots=slots, decode_attention=decode_attention)
     engine = GenerationEngine(model, eos_token_ids=(), config=config)
     engine.generate(prompts[: max(4, len(prompts) // 16)], 8, desc="warm-up")  # graph captures, kernels
     engine.stats = dict.fromkeys(engine.stats, 0)
@@ -86,7 +86,7 @@ def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_kernel=None)
     mean_context = sum(len(p) + new_tokens / 2 for p in prompts) / len(prompts)
     concurrent = tokens / steps  # new tokens per decode step ~ sequences in flight
     return {
-        "variant": f"engine ({engine.decode_path} decode, slots {slots or 'auto'})",
+        "variant": f"engine ({decode_attention} decode, slots {slots or 'auto'})",
         "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "step_ms": step_ms,
         "concurrent": concurrent, "bound_ms": bound_ms(model, concurrent * mean_context, bandwidth),
         "prefill_s": engine.stats["prefill_seconds"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -163,8 +163,10 @@ def main(argv=None):
     parser.add_argument("--prompt_min", type=int, default=100)
     parser.add_argument("--prompt_max", type=int, default=260)
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--slots", type=int, nargs="*", default=[128, 0], help="engine slot counts (0: from memory)")
-    parser.add_argument("--sdpa_slots", type=int, nargs="*", default=[128], help="engine slots with sdpa decode")
+    parser.add_argument(
+        "--engines", nargs="*", default=["matmul:128", "matmul:0", "sdpa:128"],
+        help="engine variants as DECODE_ATTENTION:SLOTS (0 slots: as many as free memory holds)",
+    )  # fmt: skip
     parser.add_argument("--hf_batches", type=int, nargs="*", default=[8, 64, 128])
     parser.add_argument("--hf_new_tokens", type=int, default=128, help="new tokens of the timed hf batch")
     parser.add_argument("--cb", action="store_true", help="also time transformers' generate_batch")
@@ -179,11 +181,9 @@ def main(argv=None):
     model = build_model(args.layers)
     prompts = make_prompts(args.requests, args.prompt_min, args.prompt_max, model.config.vocab_size)
     rows = []
-    for slots in args.slots:
-        rows.append(run_engine(model, prompts, args.new_tokens, slots or None, args.bandwidth))
-        print_table(rows[-1:])
-    for slots in args.sdpa_slots:
-        rows.append(run_engine(model, prompts, args.new_tokens, slots or None, args.bandwidth, decode_kernel=False))
+    for variant in args.engines:
+        attention, _, slots = variant.partition(":")
+        rows.append(run_engine(model, prompts, args.new_tokens, int(slots or 0) or None, args.bandwidth, attention))
         print_table(rows[-1:])
     for batch in args.hf_batches:
         rows.append(run_hf(model, prompts, args.hf_new_tokens, batch, args.bandwidth))

@@ -17,7 +17,6 @@ for ordinary batches), so the model stays usable by any other caller.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +24,18 @@ import torch
 ENGINE_ATTENTION = "milora_engine"
 
 
+DECODE_ATTENTION = ("sdpa", "matmul")
+
+
 class SlotCache:
-    """Keys and values of every layer: (slots, max_context, kv_heads, head_dim) each, in the model's dtype."""
+    """Keys and values of every layer: (slots, kv_heads, max_context, head_dim) each, in the model's dtype.
+
+    Head-major within a slot, so that the first L positions of every (slot, head) pair form one strided batch
+    of (L, head_dim) matrices: batched matrix products read them in place, without a copy.
+    """
 
     def __init__(self, num_layers: int, slots: int, max_context: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (slots, max_context, kv_heads, head_dim)
+        shape = (slots, kv_heads, max_context, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.slots, self.max_context = slots, max_context
@@ -43,20 +49,21 @@ class SlotCache:
 class StepPlan:
     """Where one forward's tokens go and what they attend to.
 
-    write_index: (tokens,) flat position ``slot * max_context + position`` of each new token in the cache.
+    write_slot, write_position: (tokens,) where each new token's key and value go in the cache.
     Prefill: ``cu_seqlens`` (int32, prompts back to back) and ``max_len``. Decode (one token per slot, all
-    slots): for the varlen kernel ``cu_seqlens`` (queries) and ``key_cu_seqlens`` (`decode_key_boundaries`),
-    else ``key_mask`` (slots, 1, 1, key_len), True where a slot's position holds a key.
+    slots): ``key_mask`` (slots, 1, 1, key_len), True where a slot's position holds a key, and which
+    ``decode_attention`` reads the keys ("sdpa" or "matmul", `DECODE_ATTENTION`).
     """
 
     cache: SlotCache
-    write_index: torch.Tensor
+    write_slot: torch.Tensor
+    write_position: torch.Tensor
     prefill: bool
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
     key_len: int = 0
     key_mask: torch.Tensor | None = None
-    key_cu_seqlens: torch.Tensor | None = None
+    decode_attention: str = "sdpa"
 
 
 def register_engine_attention() -> str:
@@ -72,82 +79,34 @@ def register_engine_attention() -> str:
     return ENGINE_ATTENTION
 
 
-@functools.cache
-def _kernel_takes_grouped_heads(device: str) -> bool:
-    """Whether torch's varlen kernel accepts fewer key heads than query heads (grouped-query attention)."""
-    from milora.attention import _varlen_kernel
-
-    varlen_attn, _, _, takes_gqa = _varlen_kernel()
-    q = torch.zeros(2, 4, 64, dtype=torch.bfloat16, device=device)
-    kv = torch.zeros(2, 2, 64, dtype=torch.bfloat16, device=device)
-    cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
-    try:
-        varlen_attn(q, kv, kv, cu, cu, 2, 2, **({"enable_gqa": True} if takes_gqa else {}))
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
-def decode_kernel_usable(query: torch.Tensor, kv_heads: int) -> bool:
-    """Whether decode steps can run on torch's varlen kernel (CUDA, half precision, a supported head size;
-    for grouped-query models, a kernel that takes the key heads as they are)."""
-    from milora.attention import kernel_available
-
-    if not kernel_available(query):
-        return False
-    return query.shape[1] == kv_heads or _kernel_takes_grouped_heads(str(query.device))
-
-
-def decode_key_boundaries(slot_starts: torch.Tensor, used: torch.Tensor, end: int) -> torch.Tensor:
-    """Cumulative key boundaries for one decode step on the varlen kernel: slot i's used keys
-    ``[start_i, start_i + used_i)`` as sequence 2i and the unused rest of its region as sequence 2i + 1, which
-    has no query (`decode_query_boundaries`): every key range is contiguous, and only used keys are read."""
-    pairs = torch.stack([slot_starts, slot_starts + used], dim=1).flatten()
-    return torch.cat([pairs, pairs.new_full((1,), end)]).to(torch.int32)
-
-
-def decode_query_boundaries(slots: int, device) -> torch.Tensor:
-    """[0, 1, 1, 2, 2, ..., slots, slots]: one query for sequence 2i (slot i), none for 2i + 1."""
-    counts = torch.arange(1, slots + 1, device=device).repeat_interleave(2)
-    return torch.cat([counts.new_zeros(1), counts]).to(torch.int32)
-
-
-def _write(cache_tensor: torch.Tensor, index: torch.Tensor, states: torch.Tensor) -> None:
-    """states (1, kv_heads, tokens, dim) into the flat (slots * max_context, kv_heads, dim) view at index."""
-    flat = cache_tensor.view(-1, cache_tensor.shape[2], cache_tensor.shape[3])
-    flat.index_copy_(0, index, states[0].transpose(0, 1).to(flat.dtype))
+def _write(cache_tensor: torch.Tensor, plan: StepPlan, states: torch.Tensor) -> None:
+    """states (1, kv_heads, tokens, dim) to their (slot, position) in the cache."""
+    by_position = cache_tensor.transpose(1, 2)  # (slots, max_context, kv_heads, dim), a view
+    by_position.index_put_((plan.write_slot, plan.write_position), states[0].transpose(0, 1).to(cache_tensor.dtype))
 
 
 def _decode_sdpa(query, keys, values, plan: StepPlan, scaling) -> torch.Tensor:
     """query (1, heads, slots, dim) -> (1, slots, heads, dim): each slot's token against its own keys."""
     _, heads, slots, dim = query.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys.shape[1]
     group = heads // kv_heads
     # (slots, kv_heads, group, dim): the query heads that share a key head act as `group` queries of one position
     q = query[0].transpose(0, 1).reshape(slots, kv_heads, group, dim)
-    k = keys[:, : plan.key_len].transpose(1, 2)
-    v = values[:, : plan.key_len].transpose(1, 2)
+    k, v = keys[:, :, : plan.key_len], values[:, :, : plan.key_len]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=plan.key_mask, scale=scaling)
     return out.reshape(1, slots, heads, dim)
 
 
-def _decode_kernel(query, keys, values, plan: StepPlan, scaling) -> torch.Tensor:
-    """query (1, heads, slots, dim) -> (1, slots, heads, dim) through torch's varlen kernel."""
-    from milora.attention import _varlen_kernel
-
-    varlen_attn, _, takes_scale, takes_gqa = _varlen_kernel()
+def _decode_matmul(query, keys, values, plan: StepPlan, scaling) -> torch.Tensor:
+    """As `_decode_sdpa`, by two batched matrix products and a float32 softmax (transformers' eager
+    attention): for one query per slot these read the keys and values once, at the memory's speed."""
     _, heads, slots, dim = query.shape
-    q = query[0].transpose(0, 1)  # (slots, heads, dim)
-    if scaling is not None and not takes_scale:
-        q = q * (scaling * dim**0.5)
-    options = {"scale": scaling} if scaling is not None and takes_scale else {}
-    if takes_gqa and heads != keys.shape[2]:
-        options["enable_gqa"] = True
-    flat_keys = keys.view(-1, keys.shape[2], dim)
-    flat_values = values.view(-1, values.shape[2], dim)
-    out = varlen_attn(
-        q, flat_keys, flat_values, plan.cu_seqlens, plan.key_cu_seqlens, 1, plan.cache.max_context, **options
-    )
+    kv_heads = keys.shape[1]
+    q = query[0].transpose(0, 1).reshape(slots, kv_heads, heads // kv_heads, dim)
+    k, v = keys[:, :, : plan.key_len], values[:, :, : plan.key_len]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
+    scores = scores.masked_fill(~plan.key_mask, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
     return out.reshape(1, slots, heads, dim)
 
 
@@ -170,14 +129,13 @@ def engine_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     keys, values = plan.cache.keys[module.layer_idx], plan.cache.values[module.layer_idx]
-    _write(keys, plan.write_index, key)
-    _write(values, plan.write_index, value)
+    _write(keys, plan, key)
+    _write(values, plan, value)
     if plan.prefill:
         from milora.attention import kernel_available, masked_sdpa_attention, varlen_kernel_attention
 
         if kernel_available(query):
             return varlen_kernel_attention(query, key, value, plan.cu_seqlens, plan.max_len, scaling), None
         return masked_sdpa_attention(module, query, key, value, plan.cu_seqlens, 0.0, scaling), None
-    if plan.key_cu_seqlens is not None:
-        return _decode_kernel(query, keys, values, plan, scaling), None
-    return _decode_sdpa(query, keys, values, plan, scaling), None
+    decode = _decode_matmul if plan.decode_attention == "matmul" else _decode_sdpa
+    return decode(query, keys, values, plan, scaling), None

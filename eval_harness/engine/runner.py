@@ -26,9 +26,6 @@ from eval_harness.engine.attention import (
     ENGINE_ATTENTION,
     SlotCache,
     StepPlan,
-    decode_kernel_usable,
-    decode_key_boundaries,
-    decode_query_boundaries,
     register_engine_attention,
 )
 
@@ -41,13 +38,13 @@ class EngineConfig:
     """max_slots: concurrent sequences (default: as many as free memory holds, at most 256; 32 on CPU).
     prefill_tokens: prompt tokens per prefill forward. cuda_graphs: replay decode steps from CUDA graphs
     (default: on CUDA). memory_fraction: share of the free accelerator memory the cache may take.
-    decode_kernel: decode attention on torch's varlen kernel (default: where it can run), else `sdpa`."""
+    decode_attention: how a decode step reads the cache, "matmul" (batched products) or "sdpa"."""
 
     max_slots: int | None = None
     prefill_tokens: int = 16384
     cuda_graphs: bool | None = None
     memory_fraction: float = 0.8
-    decode_kernel: bool | None = None
+    decode_attention: str = "matmul"
 
 
 def supports(model) -> bool:
@@ -85,7 +82,6 @@ class GenerationEngine:
         register_engine_attention()
         use_graphs = self.config.cuda_graphs
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.decode_path = ""
         self.stats = {"decode_steps": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "tokens": 0}
 
     # -- sizing ------------------------------------------------------------------------------------------
@@ -106,14 +102,13 @@ class GenerationEngine:
 
     def _prefill(self, cache: SlotCache, entries: list[tuple[int, Sequence[int]]]) -> list[int]:
         """Prompts into their slots; the first new token of each."""
-        device, width = self.device, cache.max_context
+        device = self.device
         lengths = [len(prompt) for _, prompt in entries]
         tokens = torch.tensor([t for _, prompt in entries for t in prompt], device=device).unsqueeze(0)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-        starts = torch.tensor([slot * width for slot, _ in entries]).repeat_interleave(torch.tensor(lengths))
         cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        write_index = starts.to(device) + positions
-        plan = StepPlan(cache, write_index, prefill=True, cu_seqlens=cu_seqlens, max_len=max(lengths))
+        slots = torch.tensor([slot for slot, _ in entries]).repeat_interleave(torch.tensor(lengths)).to(device)
+        plan = StepPlan(cache, slots, positions, prefill=True, cu_seqlens=cu_seqlens, max_len=max(lengths))
         hidden = self.decoder(input_ids=tokens, position_ids=positions.unsqueeze(0), use_cache=False, milora_step=plan)
         last = cu_seqlens[1:].long() - 1
         return self._logits_argmax(hidden.last_hidden_state[0, last]).tolist()
@@ -123,47 +118,43 @@ class GenerationEngine:
         return {
             "input_ids": torch.zeros(1, slots, dtype=torch.long, device=device),
             "lengths": torch.zeros(slots, dtype=torch.long, device=device),
-            "slot_base": torch.arange(slots, device=device) * cache.max_context,
-            "query_cu_seqlens": decode_query_boundaries(slots, device),
+            "slot_ids": torch.arange(slots, device=device),
             "out": torch.zeros(slots, dtype=torch.long, device=device),
         }
 
-    def _decode_step(self, cache: SlotCache, buffers: dict[str, torch.Tensor], key_len: int, kernel: bool) -> None:
+    def _decode_step(self, cache: SlotCache, buffers: dict[str, torch.Tensor], key_len: int) -> None:
         """One token for every slot, read from and written to `buffers` only (so it can be captured)."""
         lengths = buffers["lengths"]
-        plan = StepPlan(cache, buffers["slot_base"] + lengths, prefill=False, key_len=key_len)
-        if kernel:
-            plan.cu_seqlens = buffers["query_cu_seqlens"]
-            end = cache.slots * cache.max_context
-            plan.key_cu_seqlens = decode_key_boundaries(buffers["slot_base"], lengths + 1, end)
-        else:
-            key_positions = torch.arange(key_len, device=lengths.device)
-            plan.key_mask = (key_positions.unsqueeze(0) <= lengths.unsqueeze(1)).view(cache.slots, 1, 1, key_len)
+        plan = StepPlan(
+            cache, buffers["slot_ids"], lengths, prefill=False, key_len=key_len,
+            decode_attention=self.config.decode_attention,
+        )  # fmt: skip
+        key_positions = torch.arange(key_len, device=lengths.device)
+        plan.key_mask = (key_positions.unsqueeze(0) <= lengths.unsqueeze(1)).view(cache.slots, 1, 1, key_len)
         hidden = self.decoder(
             input_ids=buffers["input_ids"], position_ids=lengths.unsqueeze(0), use_cache=False, milora_step=plan
         )
         buffers["out"].copy_(self._logits_argmax(hidden.last_hidden_state[0]))
 
-    def _decoder_runner(self, cache: SlotCache, buffers: dict, kernel: bool) -> Callable[[int], None]:
+    def _decoder_runner(self, cache: SlotCache, buffers: dict) -> Callable[[int], None]:
         """A function key_len -> run one decode step: a CUDA graph replay per key length, or eager."""
         if not self.use_graphs:
-            return lambda key_len: self._decode_step(cache, buffers, key_len, kernel)
+            return lambda key_len: self._decode_step(cache, buffers, key_len)
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
 
         def run(key_len: int) -> None:
-            key_len = cache.max_context if kernel else key_len  # the kernel reads only used positions
             graph = graphs.get(key_len)
             if graph is None:
                 stream = torch.cuda.Stream(device=self.device)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
                     for _ in range(2):
-                        self._decode_step(cache, buffers, key_len, kernel)
+                        self._decode_step(cache, buffers, key_len)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._decode_step(cache, buffers, key_len, kernel)
+                    self._decode_step(cache, buffers, key_len)
                 graphs[key_len] = graph
             graph.replay()
 
@@ -198,15 +189,11 @@ class GenerationEngine:
             return outputs
         if any(not prompt for prompt in prompts):
             raise ValueError("every prompt needs at least one token")
-        heads = self.model.config.get_text_config().num_attention_heads
-        probe = torch.empty(1, heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
-        kernel = decode_kernel_usable(probe, self.kv_heads) if self.config.decode_kernel is not False else False
-        self.decode_path = "varlen kernel" if kernel else "sdpa"
         width = _round_up(max(len(p) + n for p, n in zip(prompts, limits, strict=True)), KEY_BUCKET)
         slots = self.slot_count(count, width)
         cache = SlotCache(self.num_layers, slots, width, self.kv_heads, self.head_dim, self.dtype, self.device)
         buffers = self._decode_buffers(cache)
-        decode = self._decoder_runner(cache, buffers, kernel)
+        decode = self._decoder_runner(cache, buffers)
         pending = deque(sorted(range(count), key=lambda i: len(prompts[i]), reverse=True))
         owner: list[int | None] = [None] * slots
         lengths, next_tokens = [0] * slots, [0] * slots
