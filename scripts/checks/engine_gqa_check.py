@@ -25,4 +25,5 @@ reference = [
 for attention in ("matmul", "sdpa"):
     engine = GenerationEngine(model, (), EngineConfig(max_slots=16, decode_attention=attention))
     got = engine.generate(prompts, 40)
-    print(f"{attention}: {sum(a == b for a, b in zip(got, reference))} of {len(prompts)} equal to model.generate")
+    equal = sum(a == b for a, b in zip(got, reference, strict=True))
+    print(f"{attention}: {equal} of {len(prompts)} equal to model.generate")
