@@ -82,7 +82,8 @@ class GenerationEngine:
         register_engine_attention()
         use_graphs = self.config.cuda_graphs
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.stats = {"decode_steps": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "tokens": 0}
+        stats = ("decode_steps", "decode_seconds", "prefill_seconds", "capture_seconds", "tokens")
+        self.stats = dict.fromkeys(stats, 0)
 
     # -- sizing ------------------------------------------------------------------------------------------
     def slot_count(self, requests: int, max_context: int) -> int:
@@ -148,14 +149,16 @@ class GenerationEngine:
             if graph is None:
                 stream = torch.cuda.Stream(device=self.device)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-                    for _ in range(2):
-                        self._decode_step(cache, buffers, key_len)
+                tick = time.perf_counter()
+                with torch.cuda.stream(stream):  # a warm-up step on a side stream, as capture requires
+                    self._decode_step(cache, buffers, key_len)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._decode_step(cache, buffers, key_len)
                 graphs[key_len] = graph
+                torch.cuda.synchronize(self.device)
+                self.stats["capture_seconds"] += time.perf_counter() - tick
             graph.replay()
 
         return run
