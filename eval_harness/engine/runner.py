@@ -38,13 +38,14 @@ class EngineConfig:
     """max_slots: concurrent sequences (default: as many as free memory holds, at most 256; 32 on CPU).
     prefill_tokens: prompt tokens per prefill forward. cuda_graphs: replay decode steps from CUDA graphs
     (default: on CUDA). memory_fraction: share of the free accelerator memory the cache may take.
-    decode_attention: how a decode step reads the cache, "matmul" (batched products) or "sdpa"."""
+    decode_attention: how a decode step reads the cache: "sdpa" (closest to `model.generate` in half
+    precision) or "matmul"."""
 
     max_slots: int | None = None
     prefill_tokens: int = 16384
     cuda_graphs: bool | None = None
     memory_fraction: float = 0.8
-    decode_attention: str = "matmul"
+    decode_attention: str = "sdpa"
 
 
 def supports(model) -> bool:
