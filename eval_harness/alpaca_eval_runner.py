@@ -4,8 +4,9 @@
   ``{instruction, output, generator, dataset}``.
 - `write_annotator_config` derives an annotator from one of alpaca_eval's shipped configs (by default
   ``weighted_alpaca_eval_gpt4_turbo``, the AlpacaEval 2 judge) with the judge's model name, a client config
-  pointing at the endpoint's base URL and key, chat-format requests and zero price; the shipped prompt
-  template is kept.
+  pointing at the endpoint's base URL, chat-format requests and zero price; the shipped prompt template is
+  kept. The client config holds no key: the OpenAI client alpaca_eval builds from it reads the key from this
+  process's environment, where `run_alpaca_eval` puts it (`eval_harness.judge.judging`) while it runs.
 - `run_alpaca_eval` calls ``alpaca_eval.main.evaluate`` with those outputs and the reference outputs and
   returns its leaderboard row: win rate, standard error, discrete win rate and, where alpaca_eval can fetch
   its length-control data (the hub), the length-controlled win rate.
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from eval_harness._compat import import_alpaca_eval
-from eval_harness.judge import JudgeEndpoint
+from eval_harness.judge import JudgeEndpoint, judging
 from milora.io import atomic_write_text, read_json_rows
 
 DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -71,7 +72,7 @@ def write_annotator_config(out_dir: str | Path, judge: JudgeEndpoint, base_annot
     ((name, config),) = source.items()
     target_dir = Path(out_dir) / f"{base_annotator}_endpoint"
 
-    client_config = {"default": [{"api_key": judge.resolved_api_key(), "base_url": judge.resolved_base_url()}]}
+    client_config = {"default": [{"base_url": judge.resolved_base_url()}]}  # the key: see `judging`
     client_config_path = target_dir / "client_config.yaml"
     atomic_write_text(client_config_path, yaml.safe_dump(client_config))
 
@@ -111,26 +112,29 @@ def run_alpaca_eval(
     reference_outputs: Sequence[dict],
     annotator_config: str | Path,
     output_dir: str | Path,
+    judge: JudgeEndpoint,
     max_instances: int | None = None,
 ) -> dict[str, Any]:
-    """Judge the model outputs against the reference outputs with alpaca_eval; returns the model's row."""
+    """Judge the model outputs against the reference outputs with alpaca_eval, asking `judge` (the endpoint
+    `annotator_config` was written for, which brings the key); returns the model's row."""
     import pandas as pd
 
     import_alpaca_eval()
     from alpaca_eval.main import evaluate
 
-    leaderboard, _annotations = evaluate(
-        model_outputs=pd.DataFrame(list(model_outputs)),
-        reference_outputs=pd.DataFrame(list(reference_outputs)),
-        annotators_config=str(annotator_config),
-        output_path=str(output_dir),
-        precomputed_leaderboard=None,
-        is_return_instead_of_print=True,
-        is_cache_leaderboard=False,
-        fn_metric=winrate_with_length_control,
-        sort_by="win_rate",
-        max_instances=max_instances,
-    )
+    with judging(judge):
+        leaderboard, _annotations = evaluate(
+            model_outputs=pd.DataFrame(list(model_outputs)),
+            reference_outputs=pd.DataFrame(list(reference_outputs)),
+            annotators_config=str(annotator_config),
+            output_path=str(output_dir),
+            precomputed_leaderboard=None,
+            is_return_instead_of_print=True,
+            is_cache_leaderboard=False,
+            fn_metric=winrate_with_length_control,
+            sort_by="win_rate",
+            max_instances=max_instances,
+        )
     generator = model_outputs[0]["generator"]
     row = leaderboard.loc[generator].to_dict()
     return {key: value for key, value in row.items() if key != "mode"}

@@ -43,8 +43,7 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
         instructions, outputs, generator, [r.get("dataset", "alpaca_eval") for r in reference]
     )
     write_json(output_dir / "model_outputs.json", model_outputs)
-    annotator = alpaca_eval_runner.write_annotator_config(
-        output_dir / "annotator", judge_endpoint(args), args.judge_annotator
-    )
-    row = alpaca_eval_runner.run_alpaca_eval(model_outputs, reference, annotator, output_dir / "alpaca_eval")
+    judge = judge_endpoint(args)
+    annotator = alpaca_eval_runner.write_annotator_config(output_dir / "annotator", judge, args.judge_annotator)
+    row = alpaca_eval_runner.run_alpaca_eval(model_outputs, reference, annotator, output_dir / "alpaca_eval", judge)
     return SuiteResult(metrics={"alpaca_eval": row}, data_sources={"alpaca_eval": source})

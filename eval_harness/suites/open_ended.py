@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     judge = parser.add_argument_group("judge: any OpenAI-compatible chat-completions server")
     judge.add_argument("--judge_base_url", help="e.g. http://127.0.0.1:8000/v1 (default: OPENAI_BASE_URL or OpenAI)")
-    judge.add_argument("--judge_api_key", help="default: OPENAI_API_KEY, else 'EMPTY'")
+    judge.add_argument("--judge_api_key", help="default: OPENAI_API_KEY (safer on a shared machine), else 'EMPTY'")
     judge.add_argument("--judge_model", default="gpt-4-1106-preview")
     judge.add_argument(
         "--judge_annotator",

@@ -8,6 +8,9 @@ the OS) and records every request. Its rules:
   AlpacaEval 2 annotator expects (winner at probability 0.99).
 - FollowBench prompt: one ``'YES'`` per constraint if the response contains ``SATISFIED``; otherwise ``'YES'``
   for the first constraint only.
+
+``StubJudge(refuse_key=True)`` answers every request with HTTP 401 and an error that quotes the key it was sent,
+as careless servers do.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def chat_completion(body: dict) -> dict:
 class StubJudge:
     """Context manager: ``with StubJudge() as judge: judge.base_url`` -> ``http://127.0.0.1:<port>/v1``."""
 
-    def __init__(self):
+    def __init__(self, refuse_key: bool = False):
         self.requests: list[dict] = []
         stub = self
 
@@ -95,8 +98,14 @@ class StubJudge:
                 if not self.path.endswith("/chat/completions"):
                     self.send_error(404)
                     return
-                payload = json.dumps(chat_completion(body)).encode()
-                self.send_response(200)
+                if refuse_key:
+                    key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    answer = {"error": {"message": f"Incorrect API key provided: {key}", "code": "invalid_api_key"}}
+                    status = 401
+                else:
+                    answer, status = chat_completion(body), 200
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()

@@ -24,16 +24,17 @@ def test_model_outputs_have_the_alpaca_eval_format():
         model_output_records(["a", "b"], ["x"], "g")
 
 
-def test_annotator_config_points_at_the_endpoint(tmp_path):
-    judge = JudgeEndpoint(base_url="http://127.0.0.1:9/v1", api_key="secret", model="my-local-judge")
+def test_annotator_config_points_at_the_endpoint_without_the_key(tmp_path):
+    judge = JudgeEndpoint(base_url="http://127.0.0.1:9/v1", api_key="secret-judge-key", model="my-local-judge")
     config_path = write_annotator_config(tmp_path, judge)
     ((name, config),) = yaml.safe_load(config_path.read_text()).items()
     assert name == "weighted_alpaca_eval_gpt4_turbo"
     assert config["completions_kwargs"]["model_name"] == "my-local-judge"
     assert config["completions_kwargs"]["requires_chatml"] is True
     client = yaml.safe_load(open(config["completions_kwargs"]["client_config_path"]).read())
-    assert client == {"default": [{"api_key": "secret", "base_url": "http://127.0.0.1:9/v1"}]}
+    assert client == {"default": [{"base_url": "http://127.0.0.1:9/v1"}]}
     assert open(config["prompt_template"]).read().startswith("<|im_start|>system")
+    assert not [path for path in tmp_path.rglob("*") if path.is_file() and b"secret-judge-key" in path.read_bytes()]
 
 
 def test_alpaca_eval_scores_against_a_local_judge(tmp_path, fixtures_dir):
@@ -45,7 +46,7 @@ def test_alpaca_eval_scores_against_a_local_judge(tmp_path, fixtures_dir):
     with StubJudge() as judge:
         endpoint = JudgeEndpoint(base_url=judge.base_url, api_key="local-key", model="stub-judge")
         annotator = write_annotator_config(tmp_path / "annotator", endpoint)
-        row = run_alpaca_eval(model_outputs, reference, annotator, tmp_path / "alpaca_eval")
+        row = run_alpaca_eval(model_outputs, reference, annotator, tmp_path / "alpaca_eval", endpoint)
     # weighted annotator: each preference is 1 + P(model wins); the stub gives the winner p = 0.99
     assert row["win_rate"] == pytest.approx(100 * (0.99 + 0.99 + 0.01) / 3)
     assert row["discrete_win_rate"] == pytest.approx(100 * 2 / 3)
@@ -77,6 +78,6 @@ def test_real_alpaca_eval_set_loads_and_scores_exactly(tmp_path, shared_data_dir
     with StubJudge() as judge:
         endpoint = JudgeEndpoint(base_url=judge.base_url, model="stub-judge")
         annotator = write_annotator_config(tmp_path / "annotator", endpoint)
-        row = run_alpaca_eval(model_outputs, reference, annotator, tmp_path / "alpaca_eval")
+        row = run_alpaca_eval(model_outputs, reference, annotator, tmp_path / "alpaca_eval", endpoint)
     assert row["win_rate"] == pytest.approx(100 * (0.99 + 0.01 + 0.99) / 3)
     assert row["discrete_win_rate"] == pytest.approx(100 * 2 / 3) and row["n_total"] == 3
