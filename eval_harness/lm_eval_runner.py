@@ -1,8 +1,9 @@
 """Running lm-eval tasks on a merged checkpoint and reading their metrics back.
 
-One `HFLM` (lm-eval's Hugging Face model wrapper: batched, left-padded generation) is built per run and shared
-by every task; each task (or group) is evaluated by its own ``simple_evaluate`` call, so a task whose data
-cannot be loaded is reported as skipped instead of stopping the others.
+One lm-eval model is built per run and shared by every task: `eval_harness.lm_eval_model.MiloraLM` (lm-eval's
+HFLM, greedy generations from milora's engine, or HFLM's path with ``engine="hf"``) or lm-eval's vLLM model;
+each task (or group) is evaluated by its own ``simple_evaluate`` call, so a task whose data cannot be loaded is
+reported as skipped instead of stopping the others.
 
 Generation settings: ``gen_kwargs`` of `run_tasks` replace the tasks' own (lm-eval applies them to every task
 of the call, as ``lm_eval --gen_kwargs`` does); ``max_gen_toks_cap`` of `build_lm` only lowers each request's
@@ -12,7 +13,6 @@ that sets none), which is how a short-context model keeps room for its prompts.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -47,26 +47,6 @@ def capped_generation_kwargs(gen_kwargs: Mapping[str, Any], cap: int, default: i
     return {**kept, "max_gen_toks": min(own, cap)}
 
 
-@functools.cache
-def _capped_hflm_class():
-    """HFLM whose ``generate_until`` first lowers each request's new-token limit to ``max_gen_toks_cap``."""
-    from lm_eval.models.huggingface import HFLM
-
-    class CappedHFLM(HFLM):
-        def __init__(self, *args, max_gen_toks_cap: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.max_gen_toks_cap = max_gen_toks_cap
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            for request in requests:  # the Instance objects lm-eval logs: samples show the limit that was used
-                context, gen_kwargs, *rest = request.args
-                capped = capped_generation_kwargs(gen_kwargs, self.max_gen_toks_cap, default=self.max_gen_toks)
-                request.arguments = (context, capped, *rest)
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
-
-    return CappedHFLM
-
-
 def build_lm(
     model_path: str,
     device: str = "cpu",
@@ -74,8 +54,15 @@ def build_lm(
     dtype: str = "auto",
     max_length: int | None = None,
     max_gen_toks_cap: int | None = None,
+    engine: str = "milora",
+    generations_dir: str | os.PathLike | None = None,
 ):
-    """lm-eval's HFLM for a merged checkpoint directory, a hub id or a `.gguf` file.
+    """lm-eval's model for a merged checkpoint directory, a hub id or a `.gguf` file.
+
+    ``engine="milora"`` (default) and ``"hf"``: `eval_harness.lm_eval_model.MiloraLM`, lm-eval's HFLM whose
+    greedy generations come from milora's engine (``"hf"``: HFLM's own path throughout); ``"vllm"``: lm-eval's
+    vLLM model (`vllm_lm`). With `generations_dir`, finished generations are stored there as they come and
+    reused by a rerun (`eval_harness.generation_store`).
 
     A GGUF file is loaded by milora's own loader (the float model `milora init` and training see, errors that
     name the file) and handed to HFLM with its tokenizer, rather than through HFLM's `gguf_file=`, which would
@@ -83,9 +70,11 @@ def build_lm(
     With `max_gen_toks_cap`, every generation makes at most that many new tokens, and never more than its
     task asks for (`capped_generation_kwargs`).
     """
-    from lm_eval.models.huggingface import HFLM
-
     from milora.gguf import is_gguf_path
+
+    if engine == "vllm":
+        return vllm_lm(model_path, device=device, dtype=dtype, max_length=max_length)
+    from eval_harness.lm_eval_model import MiloraLM
 
     kwargs: dict[str, Any] = {"pretrained": model_path, "device": device, "batch_size": batch_size, "dtype": dtype}
     if is_gguf_path(model_path):
@@ -95,9 +84,24 @@ def build_lm(
         kwargs = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
     if max_length:
         kwargs["max_length"] = max_length
-    if max_gen_toks_cap is not None:
-        return _capped_hflm_class()(**kwargs, max_gen_toks_cap=max_gen_toks_cap)
-    return HFLM(**kwargs)
+    extra = {"generations_dir": str(generations_dir)} if generations_dir else {}
+    return MiloraLM(**kwargs, engine=engine, max_gen_toks_cap=max_gen_toks_cap, **extra)
+
+
+def vllm_lm(model_path: str, device: str = "cuda", dtype: str = "auto", max_length: int | None = None):
+    """lm-eval's vLLM model (continuous batching, its own memory sizing) where the vllm package is installed."""
+    import importlib.util
+
+    from eval_harness.errors import UsageError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("--engine vllm needs the vllm package, which is not installed", "pip install vllm")
+    from lm_eval.models.vllm_causallms import VLLM
+
+    kwargs: dict[str, Any] = {"pretrained": model_path, "dtype": dtype, "batch_size": "auto", "device": device}
+    if max_length:
+        kwargs["max_length"] = max_length
+    return VLLM(**kwargs)
 
 
 def metrics_of(results: dict) -> dict[str, dict[str, Any]]:

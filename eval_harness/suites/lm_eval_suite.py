@@ -2,7 +2,9 @@
 
 Each task reads its data file when one is found (`eval_harness.data_paths`), else its hub copy: a local file
 becomes a task variant (`eval_harness.local_tasks`) that keeps the task's prompts and metrics. One lm-eval
-`HFLM` serves every task; a task whose data cannot be loaded is reported as skipped.
+model (`lm_eval_runner.build_lm`, ``--engine``) serves every task; a task whose data cannot be loaded is
+reported as skipped. Finished generations stream to ``samples/<task>.generations.jsonl`` and a rerun into the
+same output folder reuses them (`eval_harness.generation_store`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ TASK_DATA = {
     "milora_math": ("math", "math_file"),
     "ifeval": ("ifeval", "ifeval_file"),
 }
+ENGINES = ("milora", "hf", "vllm")
 SHORT_CONTEXT = 1024  # tokens; the tasks generate up to 2048, which does not fit such a model with its prompt
 
 
@@ -52,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--include_path", action="append", default=[], help="lm_eval suite: extra task folder")
     group.add_argument("--max_length", type=int, help="model context length for lm-eval (default: from the config)")
     group.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the chat template")
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="milora",
+        help="generation: milora (greedy requests on milora's engine, concurrency from free memory; beam search "
+        "and --batch_size stay HF's), hf (lm-eval's HF model throughout), vllm (lm-eval's vLLM model)",
+    )
 
 
 def suite_tasks(args: argparse.Namespace) -> list[str]:
@@ -145,6 +155,8 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
         dtype=args.dtype,
         max_length=args.max_length,
         max_gen_toks_cap=short_context_cap(args),
+        engine=args.engine,
+        generations_dir=output_dir / "samples",  # <task>.generations.jsonl, reused by a rerun
     )
 
     gen_kwargs = generation_overrides(args)

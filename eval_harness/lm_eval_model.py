@@ -1,0 +1,205 @@
+"""lm-eval's Hugging Face model with milora's generation engine: the lm-eval model ``milora``.
+
+`MiloraLM` is lm-eval's `HFLM` (loading, tokenisation, loglikelihood, the split of requests across processes
+under ``accelerate launch``: all HFLM's) whose ``generate_until`` sends greedy requests (``do_sample`` false,
+one beam) to `eval_harness.engine.GenerationEngine`, grouped by identical generation settings, and every other
+request (beam search, sampling, settings the engine does not implement) to HFLM's own ``generate_until``.
+A greedy answer is made as HFLM makes it: the context left-truncated to ``max_length - max_gen_toks`` tokens,
+generation ended by an end-of-sequence token, ``max_gen_toks`` or a stop string (``until`` plus the EOS text),
+the new tokens decoded and cut at the first stop string, and reported to ``cache_hook.add_partial``.
+
+Options (``--model_args`` of lm-eval, keywords here): ``engine`` ("milora", or "hf" for HFLM's path
+throughout), ``max_slots`` (concurrent sequences; default from free memory), ``max_gen_toks_cap`` (lower every
+request's new-token limit to at most this), ``generations_dir`` (stream finished generations there and reuse
+them on a rerun: `eval_harness.generation_store`).
+
+lm-eval 0.4 finds models only in its own registry, which this module fills when imported: run lm-eval through
+``python -m eval_harness.lm_eval_cli`` (lm-eval's command line, with ``milora`` registered).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from eval_harness.engine import EngineConfig, GenerationEngine, supports
+from eval_harness.generation_store import GenerationStore, StoringCacheHook
+from eval_harness.lm_eval_runner import capped_generation_kwargs
+
+LOGGER = logging.getLogger(__name__)
+ENGINES = ("milora", "hf")
+# Settings a greedy request may carry: HF's greedy search ignores the sampling ones.
+ENGINE_SETTINGS = frozenset(
+    {"do_sample", "temperature", "top_p", "top_k", "min_p", "num_beams", "until", "max_gen_toks"}
+)
+# Requests per engine call while generations are stored: each call's answers are stored when it returns.
+STORE_CHUNK = 1024
+
+
+def greedy_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
+    """lm-eval's normalised settings of a request the engine can answer (greedy, one beam, nothing else that
+    changes the tokens), else None."""
+    settings = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks)
+    if settings.get("do_sample") or int(settings.get("num_beams") or 1) != 1 or set(settings) - ENGINE_SETTINGS:
+        return None
+    return dict(settings)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end `model.generate`: the generation config's EOS ids, else the tokenizer's."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+@register_model("milora")
+class MiloraLM(HFLM):
+    """HFLM whose greedy generations come from milora's engine (see the module docstring)."""
+
+    def __init__(
+        self,
+        *args,
+        engine: str = "milora",
+        max_slots: int | None = None,
+        max_gen_toks_cap: int | None = None,
+        generations_dir: str | None = None,
+        **kwargs,
+    ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
+        super().__init__(*args, **kwargs)
+        self._adopt_process_group()
+        self.engine = engine
+        self._engine = None
+        self.engine_config = EngineConfig(max_slots=int(max_slots) if max_slots else None)
+        self.max_gen_toks_cap = int(max_gen_toks_cap) if max_gen_toks_cap is not None else None
+        if engine == "milora" and not self._engine_usable():
+            self.engine = "hf"
+        self.store = None
+        if generations_dir:
+            self.store = GenerationStore(Path(generations_dir), self._run_identity(), self.rank, self.world_size)
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _adopt_process_group(self) -> None:
+        """Data-parallel ranks under ``accelerate launch`` on any device: HFLM takes them only with 2+ GPUs."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+
+    def _engine_usable(self) -> bool:
+        reason = None
+        if self.backend != "causal":
+            reason = "it is not a decoder-only model"
+        elif not supports(self.model):
+            reason = f"it cannot drive {type(self.model).__name__}"
+        elif getattr(self, "mixed_precision_dtype", None) is not None:
+            reason = "it does not run under autocast (mixed_precision_dtype)"
+        if reason:
+            LOGGER.warning("milora's generation engine is not used (%s): generating with HFLM's path", reason)
+        return reason is None
+
+    def _run_identity(self) -> dict[str, Any]:
+        """What besides the request decides a generation: the model, its dtype, the engine, the context limit."""
+        name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+        return {
+            "model": str(name),
+            "weights": _weights_fingerprint(name),
+            "dtype": str(self.model.dtype),
+            "engine": self.engine,
+            "max_length": self.max_length,
+        }
+
+    # -- generate_until ----------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.max_gen_toks_cap is not None:
+            for request in requests:  # the Instance objects lm-eval logs: samples show the limit that was used
+                context, gen_kwargs, *rest = request.args
+                capped = capped_generation_kwargs(gen_kwargs, self.max_gen_toks_cap, default=self.max_gen_toks)
+                request.arguments = (context, capped, *rest)
+        results: list[str | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        hook = self.cache_hook
+        if self.store is not None:
+            todo = self.store.fill(requests, results)
+            self.cache_hook = StoringCacheHook(hook, self.store, [requests[i] for i in todo])
+        try:
+            engine_groups: dict[str, list[int]] = {}
+            hf_requests: list[int] = []
+            for i in todo:
+                context, gen_kwargs = requests[i].args[:2]
+                settings = greedy_settings(gen_kwargs, self.max_gen_toks) if self.engine == "milora" else None
+                if settings is None:
+                    hf_requests.append(i)
+                else:
+                    engine_groups.setdefault(json.dumps(settings, sort_keys=True, default=str), []).append(i)
+            if hf_requests:
+                answers = super().generate_until([requests[i] for i in hf_requests], disable_tqdm=disable_tqdm)
+                for i, answer in zip(hf_requests, answers, strict=True):
+                    results[i] = answer
+            for group in engine_groups.values():
+                settings = greedy_settings(requests[group[0]].args[1], self.max_gen_toks)
+                contexts = [requests[i].args[0] for i in group]
+                step = STORE_CHUNK if self.store is not None else len(group)
+                for start in range(0, len(group), step):
+                    chunk = group[start : start + step]
+                    answers = self._engine_generate(contexts[start : start + step], settings)
+                    for i, answer in zip(chunk, answers, strict=True):
+                        results[i] = answer
+                        self.cache_hook.add_partial("generate_until", requests[i].args[:2], answer)
+        finally:
+            self.cache_hook = hook
+        return results
+
+    def _engine_generate(self, contexts: Sequence[str], settings: dict[str, Any]) -> list[str]:
+        """Greedy answers to `contexts` under one request's normalised `settings`, as HFLM makes them."""
+        eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        until = handle_stop_sequences(list(settings["until"]), eos=eos_text)
+        max_gen_toks = int(settings["max_gen_toks"])
+        max_context = self.max_length - max_gen_toks
+        if max_context <= 0:
+            raise ValueError(
+                f"requested max tokens to generate ({max_gen_toks}) must be less than the model's maximum "
+                f"sequence length ({self.max_length})"
+            )
+        prompts = [self._encode_context(context, max_context) for context in contexts]
+        stops = [s for s in until if s]
+
+        def stop(_: int, tokens: list[int]) -> bool:  # HF's stop-sequence check decodes special tokens too
+            text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            return any(s in text for s in stops)
+
+        if self._engine is None:  # sets its attention on the model only while it generates
+            self._engine = GenerationEngine(self.model, eos_token_ids(self.model, self.tokenizer), self.engine_config)
+        new_tokens = self._engine.generate(prompts, max_gen_toks, stop=stop if stops else None, desc="generate_until")
+        return [self._continuation_text(tokens, until) for tokens in new_tokens]
+
+    def _encode_context(self, context: str, max_context: int) -> list[int]:
+        """One context's tokens as HFLM's batch encoding gives them (special tokens, left truncation)."""
+        encoded, mask = self.tok_batch_encode([context], left_truncate_len=max_context, truncation=self.truncation)
+        return encoded[0][mask[0].bool()].tolist()
+
+    def _continuation_text(self, tokens: list[int], until: list[str]) -> str:
+        """HFLM's decoding of new tokens: thinking stripped, special tokens dropped, cut at the first stop."""
+        think_end = self.think_end_token
+        if isinstance(think_end, int):
+            found = [i for i, token in enumerate(tokens) if token == think_end]
+            tokens = tokens[found[-1] + 1 :] if found else tokens
+        text = self.tok_decode(tokens)
+        if isinstance(think_end, int):
+            text = text.lstrip()
+        return postprocess_generated_text(text, until, think_end if isinstance(think_end, str) else None)
+
+
+def _weights_fingerprint(name: str) -> list:
+    """(file, size, modification time) of a local checkpoint's weight files: a retrained model in the same
+    folder must not reuse the old one's stored generations."""
+    path = Path(name)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]

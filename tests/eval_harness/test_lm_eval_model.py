@@ -1,0 +1,174 @@
+"""`milora eval --engine milora` (lm-eval's HFLM with milora's generation engine) against `--engine hf`.
+
+The checkpoints are the tiny llama and qwen2 with their weights scaled up, so that greedy answers differ from
+prompt to prompt, some end with EOS and some run into the stop strings; the engine's calls are recorded, so a
+test knows which requests it answered. On CPU in float32 every greedy answer must be the HF path's, to the byte.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_harness import lm_eval_runner
+from eval_harness.engine import GenerationEngine
+from eval_harness.local_tasks import project_task_yaml, write_local_task_yaml
+from milora.cli import main as milora_main
+from milora.io import read_jsonl, write_jsonl
+from milora.tiny import tiny_model, tiny_tokenizer
+
+STOPS = ["9", "K", ";", "j", "z"]
+QUESTIONS = ["What is 2+3?", "Janet has ducks.", "Hello there", "A long question about trains and stations", "Zz"]
+
+
+def save_varied_checkpoint(kind: str, path: Path) -> Path:
+    """The tiny model with embeddings and output layer scaled (answers that depend on the prompt) and the EOS
+    row of the output layer raised (some answers end early)."""
+    model = tiny_model(kind)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4)
+        head = model.get_output_embeddings().weight
+        head.mul_(8)
+        head[model.config.eos_token_id].add_(1.2 * head.std())
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def varied_dir(request, tmp_path_factory) -> Path:
+    return save_varied_checkpoint(request.param, tmp_path_factory.mktemp(f"varied_{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def stop_task_dir(tmp_path_factory) -> Path:
+    """A generation task whose stop strings are characters the tiny models write."""
+    folder = tmp_path_factory.mktemp("stop_task")
+    rows = write_jsonl(folder / "rows.jsonl", [{"question": q, "answer": "5"} for q in QUESTIONS])
+    (folder / "stop_chars.yaml").write_text(
+        f"task: stop_chars\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {rows}\n"
+        'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        f"generation_kwargs:\n  until: {json.dumps(STOPS)}\n  max_gen_toks: 40\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gsm8k_rows(tmp_path_factory) -> Path:
+    """GSM8K-format rows (question, worked answer ending in ``#### <number>``)."""
+    rows = [{"question": q, "answer": f"Add them.\n#### {n}"} for n, q in enumerate(QUESTIONS)]
+    return write_jsonl(tmp_path_factory.mktemp("gsm8k") / "gsm8k.jsonl", rows)
+
+
+@pytest.fixture
+def engine_calls(monkeypatch) -> list[tuple[list, list]]:
+    """(prompts, new tokens) of every call of the engine."""
+    calls: list[tuple[list, list]] = []
+    original = GenerationEngine.generate
+
+    def recording(self, prompts, *args, **kwargs):
+        outputs = original(self, prompts, *args, **kwargs)
+        calls.append(([list(p) for p in prompts], outputs))
+        return outputs
+
+    monkeypatch.setattr(GenerationEngine, "generate", recording)
+    return calls
+
+
+def run_eval(model: Path, out: Path, engine: str, *args: str) -> tuple[dict, dict[str, list]]:
+    """`milora eval` with `engine`: (metrics, {task: sample rows}) it wrote."""
+    status = milora_main(["eval", "--model", str(model), "--output_dir", str(out), "--engine", engine,
+                          "--device", "cpu", *args])  # fmt: skip
+    assert status == 0
+    report = json.loads((out / "results.json").read_text())
+    samples = {
+        path.name[: -len(".jsonl")]: read_jsonl(path)
+        for path in (out / "samples").glob("*.jsonl")
+        if not path.name.endswith(".generations.jsonl")
+    }
+    return report["metrics"], samples
+
+
+def responses(samples: dict[str, list]) -> dict[str, list]:
+    return {task: [(row["doc_id"], row["prompt"], row["response"]) for row in rows] for task, rows in samples.items()}
+
+
+def test_greedy_generations_and_scores_equal_the_hf_path(varied_dir, tmp_path, stop_task_dir, gsm8k_rows, engine_calls):
+    args = ["--suite", "lm_eval", "--tasks", "milora_gsm8k,stop_chars", "--include_path", str(stop_task_dir),
+            "--gsm8k_file", str(gsm8k_rows), "--max_gen_toks", "40"]  # fmt: skip
+    engine_metrics, engine_samples = run_eval(varied_dir, tmp_path / "milora", "milora", *args)
+    assert sum(len(prompts) for prompts, _ in engine_calls) == 2 * len(QUESTIONS)  # every request, once
+    calls = len(engine_calls)
+    hf_metrics, hf_samples = run_eval(varied_dir, tmp_path / "hf", "hf", *args)
+    assert len(engine_calls) == calls  # --engine hf never reaches the engine
+    assert responses(engine_samples) == responses(hf_samples)
+    assert engine_metrics == hf_metrics
+    # Not vacuous: some answers ended with EOS, and some were cut at a stop string the engine generated past.
+    tokenizer = tiny_tokenizer()
+    new_tokens = [tokens for _, outputs in engine_calls for tokens in outputs]
+    assert any(tokenizer.eos_token_id in tokens for tokens in new_tokens)
+    raw = {
+        tokenizer.decode(prompt, skip_special_tokens=True): tokenizer.decode(tokens, skip_special_tokens=True)
+        for prompts, outputs in engine_calls
+        for prompt, tokens in zip(prompts, outputs, strict=True)
+    }
+    cut = {row["prompt"]: row["response"][0] for row in engine_samples["stop_chars"]}
+    assert any(raw[prompt] != answer and any(s in raw[prompt] for s in STOPS) for prompt, answer in cut.items())
+    assert len(set(cut.values())) > 1
+
+
+def test_commonsense_greedy_goes_to_the_engine_and_beam_search_to_hf(varied_dir, tmp_path, fixtures_dir, engine_calls):
+    common = ["--suite", "commonsense", "--commonsense_dir", str(fixtures_dir / "commonsense"), "--limit", "1",
+              "--max_length", "256"]  # fmt: skip
+    greedy = [*common, "--num_beams", "1"]
+    engine_greedy = run_eval(varied_dir, tmp_path / "greedy_milora", "milora", *greedy)
+    assert sum(len(prompts) for prompts, _ in engine_calls) == 8  # one item of each of the 8 sets
+    assert run_eval(varied_dir, tmp_path / "greedy_hf", "hf", *greedy) == engine_greedy
+    calls = len(engine_calls)
+    engine_beams = run_eval(varied_dir, tmp_path / "beams_milora", "milora", *common)  # the tasks' 4 beams
+    assert len(engine_calls) == calls
+    assert run_eval(varied_dir, tmp_path / "beams_hf", "hf", *common) == engine_beams
+    assert {row["generation_kwargs"]["num_beams"] for rows in engine_beams[1].values() for row in rows} == {4}
+
+
+def test_vllm_engine_without_the_package_is_a_one_line_error(tiny_llama_dir, tmp_path, capsys):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    out = str(tmp_path / "out")
+    status = milora_main(["eval", "--suite", "gsm8k", "--model", str(tiny_llama_dir), "--output_dir", out,
+                          "--engine", "vllm", "--device", "cpu", "--gsm8k_file", "hub"])  # fmt: skip
+    assert status == 2
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line == "milora eval: error: --engine vllm needs the vllm package, which is not installed; pip install vllm"
+
+
+def test_lm_eval_command_line_runs_the_milora_model(tmp_path, fixtures_dir):
+    """`python -m eval_harness.lm_eval_cli run --model milora ...` from a foreign folder: lm-eval's own command
+    line, the model registered; its answers are HFLM's."""
+    model = save_varied_checkpoint("llama", tmp_path / "model")
+    variant_dir = tmp_path / "tasks"
+    write_local_task_yaml(project_task_yaml("milora_math"), fixtures_dir / "math_test.jsonl", variant_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "eval_harness.lm_eval_cli", "run", "--model", "milora", "--model_args",
+               f"pretrained={model},max_length=256,max_slots=2", "--tasks", "milora_math",
+               "--include_path", str(variant_dir), "--device", "cpu", "--limit", "3", "--gen_kwargs",
+               "max_gen_toks=24", "--output_path", str(tmp_path / "out"), "--log_samples"]  # fmt: skip
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (samples_file,) = (tmp_path / "out").rglob("samples_milora_math_*.jsonl")
+    answers = [sample["filtered_resps"][0] for sample in sorted(read_jsonl(samples_file), key=lambda s: s["doc_id"])]
+    manager = lm_eval_runner.task_manager([variant_dir])
+    hf = lm_eval_runner.build_lm(str(model), device="cpu", batch_size=3, max_length=256, engine="hf")
+    run = lm_eval_runner.run_tasks(hf, ["milora_math"], manager, limit=3, gen_kwargs={"max_gen_toks": 24})
+    assert answers == [row["response"][0] for row in sorted(run.samples["milora_math"], key=lambda r: r["doc_id"])]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(results_file.read_text())["config"]["model"] == "milora"
