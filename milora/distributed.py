@@ -10,7 +10,8 @@
   single-process init bit for bit.
 - Cache: with `cache_dir`, the factors are stored under a key made of a fingerprint of the target
   weights, the targets, r, alpha, mode, seed and solver; a later run with the same key loads them and
-  only recomputes the cheap residual `W - s B A`.
+  only recomputes the cheap residual `W - s B A`. Rank 0 writes it; with several processes it is used only
+  when every rank finds it (a cache on one node's local disk only: every rank computes, rank 0 rewrites it).
 
 Setting up processes, building models under ZeRO-3 and merging after it: `milora.processes`.
 """
@@ -128,6 +129,13 @@ def _broadcast_factors(factors: dict[int, tuple[torch.Tensor, torch.Tensor]], la
         factors[index] = (B, A)
 
 
+def _every_rank_has(found: bool) -> bool:
+    """Whether `found` holds on every rank; all ranks must call it."""
+    flag = torch.tensor([int(found)], device=_broadcast_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _load_cache(path: Path, count: int):
     file = path / "factors.safetensors"
     if not file.is_file():
@@ -216,6 +224,8 @@ def initialize_layers(
         key = cache_key(layers, first.r[ADAPTER_NAME], first.scaling[ADAPTER_NAME], mode, seed, solver, fingerprints)
         cache_path = Path(cache_dir) / key
         factors = _load_cache(cache_path, len(layers))
+        if world_size > 1 and not _every_rank_has(factors is not None):
+            factors = None  # found on some nodes' local disks only: all ranks compute, else the broadcast hangs
     computed = factors is None
     if computed:
         owned = [i for i in range(len(layers)) if i % world_size == rank]

@@ -121,3 +121,39 @@ def test_zero3_gathered_init_on_two_ranks_equals_single_process(tmp_path, monkey
             assert sorted(state) == sorted(single)
             for name, tensor in single.items():
                 assert torch.equal(state[name], tensor), (partition_lora, name)
+
+
+def _cache_on_one_node_worker(rank, world_size, init_file, out_dir):
+    """Rank 0 sees a filled cache directory, rank 1 an empty one: as nodes that each have a local disk."""
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    # a short timeout: ranks that disagreed about the cache would wait in a broadcast until it expires
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    calls = []
+    original = distributed.singular_components
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    distributed.singular_components = counting
+    cache_dir = f"{out_dir}/cache_node{rank}"
+    peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, cache_dir=cache_dir, show_progress=False)
+    torch.save({"state": adapter_and_residual_state(peft_model), "calls": len(calls)}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_cache_found_on_one_node_only_is_computed_by_every_rank(tmp_path):
+    torch.set_num_threads(1)
+    single = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, cache_dir=tmp_path / "cache_node0",
+                          show_progress=False)
+    mp.spawn(_cache_on_one_node_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    layers = 2 * len(LLAMA_TARGETS)
+    assert [r["calls"] for r in results] == [layers // 2, layers // 2]  # the split ran despite rank 0's cache
+    for name, tensor in adapter_and_residual_state(single).items():
+        for result in results:
+            torch.testing.assert_close(result["state"][name], tensor, atol=1e-6, rtol=1e-5)
