@@ -66,17 +66,27 @@ def _launcher(name: str, tmp_dir: Path) -> list[str]:
     return args
 
 
-def launch(launcher: str, recipe: str, out_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`accelerate launch LAUNCHER --num_processes 2 recipes/sft.py RECIPE ...`, from the repository root."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *_launcher(launcher, out_dir.parent),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
+def launch_command(launcher: str, processes: list[str], recipe: str, out_dir: Path, *overrides: str) -> list[str]:
+    """`accelerate launch LAUNCHER PROCESSES recipes/sft.py RECIPE ...`, to run from the repository root."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", *_launcher(launcher, out_dir.parent), *processes,
         "recipes/sft.py", recipe, "--output_dir", str(out_dir), "--logging_steps", "1", "--report_to", "none",
         *overrides,
     ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def launch_environment() -> dict[str, str]:
+    """DeepSpeed's CPU accelerator, one thread per process (the same float32 arithmetic in every process), offline."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch(launcher: str, recipe: str, out_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`accelerate launch LAUNCHER --num_processes 2 recipes/sft.py RECIPE ...`, from the repository root."""
+    processes = ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    command = launch_command(launcher, processes, recipe, out_dir, *overrides)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=launch_environment(), capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return result
 
