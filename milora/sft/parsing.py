@@ -90,10 +90,15 @@ def option_names(strings: list[str]) -> list[str]:
 
 
 def with_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
-    """The recipe path and the arguments as TrlParser reads them: a leading recipe path becomes `--config PATH`."""
+    """The recipe path and the arguments as TrlParser reads them: a leading recipe path becomes `--config PATH`.
+    The `deepspeed` launcher's `--local_rank=N`, which it puts before the script's own arguments, moves after them."""
     args = list(argv)
+    launcher_args = []
+    while args and args[0].startswith("--local_rank="):
+        launcher_args.append(args.pop(0))
     if args and not args[0].startswith("-"):
         args.insert(0, "--config")
+    args += launcher_args
     positions = [i for i, arg in enumerate(args) if arg == "--config"]
     if any(i + 1 >= len(args) for i in positions):
         raise RecipeError("--config needs a recipe path")

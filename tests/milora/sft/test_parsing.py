@@ -31,6 +31,11 @@ def test_positional_recipe_and_config_flag_agree():
     assert a.model.method == "milora" and a.model.lora_r == 8 and a.training.learning_rate == 1e-2
 
 
+def test_the_deepspeed_launchers_local_rank_may_precede_the_recipe():
+    recipe = parse_recipe(["--local_rank=1", TINY, "--lora_r", "4"])
+    assert recipe.training.local_rank == 1 and recipe.model.lora_r == 4 and recipe.path == TINY
+
+
 def test_command_line_overrides_any_key():
     recipe = parse_recipe([TINY, "--learning_rate", "1e-4", "--lora_r", "4", "--method", "PiSSA",
                            "--lora_target_modules", "q_proj", "v_proj", "--num_train_epochs=5"])
