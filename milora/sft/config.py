@@ -334,7 +334,20 @@ def resolve_resume_checkpoint(value, output_dir: str | None) -> str | None:
             raise RecipeError(
                 f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N directory to resume from"
             )
-        return last
+        return check_deepspeed_checkpoint_complete(last)
     if not os.path.isdir(text):
         raise RecipeError(f"resume_from_checkpoint {text}: no such checkpoint directory")
-    return text
+    return check_deepspeed_checkpoint_complete(text)
+
+
+def check_deepspeed_checkpoint_complete(checkpoint: str) -> str:
+    """A DeepSpeed checkpoint (`global_step*/` shards) must hold the `latest` file global rank 0 writes, or DeepSpeed
+    cannot load it: on node-local disks the other nodes' copies hold only their own ranks' shards."""
+    has_shards = any(name.startswith("global_step") for name in os.listdir(checkpoint))
+    if has_shards and not os.path.isfile(os.path.join(checkpoint, "latest")):
+        raise RecipeError(
+            f"resume_from_checkpoint {checkpoint}: DeepSpeed shards without the 'latest' file the first node writes; "
+            "with node-local disks copy every node's checkpoint-N/ into the same path on every node (see "
+            "deepspeed_configs/README.md, several machines)"
+        )
+    return checkpoint

@@ -11,13 +11,16 @@ What a run across nodes must get right:
   that reloads (adapter, `lora_adapter/`, `merged/`);
 - the same training as one process. One process (`python recipes/sft.py`) accumulates two micro-batches of 8
   rows per step; the nodes take one each, and accelerate hands rank k the k-th micro-batch of every step of the
-  same sampler, so both runs see the same 16 rows per step in the same order (dropout 0, float32, one thread).
+  same sampler, so both runs see the same 16 rows per step in the same order (dropout 0, float32, one thread);
+- resuming from node-local disks: refused with the fix named while a node holds only its own shards, and the same
+  loss curve once every node has the union of the nodes' `checkpoint-N/` files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from milora.sft.config import RecipeError, resolve_resume_checkpoint
 from milora.tiny import tiny_model
 from tests.recipes.test_multiprocess import (
     LLAMA_TARGETS,
@@ -78,14 +82,15 @@ def _wait_all(processes: list[subprocess.Popen]) -> list[int | None]:
     return [p.returncode for p in processes]
 
 
-def launch_two_nodes(launcher: str, tmp_dir: Path) -> list[Path]:
-    """Both nodes of a two-node run of the tiny recipe; their output directories, node 0's first."""
+def launch_two_nodes(launcher: str, tmp_dir: Path, *overrides: str) -> list[Path]:
+    """Both nodes of a two-node run of the tiny recipe; their output directories (TMP_DIR/nodeK/out), node 0's
+    first."""
     port = _free_port()
     out_dirs, logs, processes = [], [], []
     for rank in range(2):
         out_dirs.append(tmp_dir / f"node{rank}" / "out")
         logs.append(tmp_dir / f"node{rank}.log")
-        command = launch_command(launcher, _node(rank, port), RECIPE, out_dirs[-1], *OVERRIDES)
+        command = launch_command(launcher, _node(rank, port), RECIPE, out_dirs[-1], *OVERRIDES, *overrides)
         with logs[-1].open("w") as log:
             processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=launch_environment(), stdout=log,
                                               stderr=subprocess.STDOUT, start_new_session=True))
@@ -165,3 +170,32 @@ def test_training_equals_a_single_process_run(two_nodes, single_process_run):
         assert sorted(trained) == sorted(single_trained)
         for key, tensor in single_trained.items():
             assert relative_error(trained[key], tensor) <= ADAPTER_RTOL[launcher], (name, key)
+
+
+@pytest.mark.parametrize("two_nodes", ["zero2"], indirect=True)
+def test_resume_from_node_local_disks_after_copying_the_checkpoint_to_every_node(two_nodes, tmp_path):
+    _, (node0, node1) = two_nodes
+    with pytest.raises(RecipeError, match="copy every node's checkpoint-N/"):  # node 1's copy alone
+        resolve_resume_checkpoint(True, str(node1))
+    checkpoint = f"checkpoint-{SAVE_STEPS}"
+    resumed = [tmp_path / f"node{rank}" / "out" for rank in range(2)]
+    for out_dir in resumed:  # the union of both nodes' files, on every node
+        for node in (node0, node1):
+            shutil.copytree(node / checkpoint, out_dir / checkpoint, dirs_exist_ok=True)
+    shutil.copytree(node0 / "milora_init_adapter", resumed[0] / "milora_init_adapter")
+    # mark the checkpoint's log: a run that ignored the checkpoint would log steps 1-2 afresh, unmarked
+    for out_dir in resumed:
+        state_file = out_dir / checkpoint / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        for entry in state["log_history"]:
+            entry["from_checkpoint"] = True
+        state_file.write_text(json.dumps(state))
+
+    launch_two_nodes("zero2", tmp_path, "--resume_from_checkpoint", "true")
+    log = json.loads((resumed[0] / "trainer_state.json").read_text())["log_history"]
+    assert {e["step"] for e in log if e.get("from_checkpoint")} == set(range(1, SAVE_STEPS + 1))
+    continued = {e["step"]: e["loss"] for e in log if "loss" in e and not e.get("from_checkpoint")}
+    assert sorted(continued) == list(range(SAVE_STEPS + 1, STEPS + 1))
+    uninterrupted = logged_losses(node0)
+    for step, loss in continued.items():  # same weights, optimizer shards, schedule and data order
+        assert abs(loss - uninterrupted[step]) <= LOSS_RTOL * abs(uninterrupted[step]), (step, loss)

@@ -130,6 +130,17 @@ def test_resume_values(tmp_path):
         resolve_resume_checkpoint(True, str(tmp_path / "empty"))
 
 
+def test_resume_refuses_deepspeed_shards_without_latest(tmp_path):
+    """What a node other than the first holds on a node-local disk: its ranks' shards, no `latest`."""
+    shards = tmp_path / "checkpoint-4" / "global_step4"
+    shards.mkdir(parents=True)
+    (shards / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(RecipeError, match="copy every node's checkpoint-N/"):
+        resolve_resume_checkpoint(True, str(tmp_path))
+    (tmp_path / "checkpoint-4" / "latest").write_text("global_step4")
+    assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-4")
+
+
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
     from milora import apply_milora, save_init_dir
