@@ -116,6 +116,8 @@ def evaluate(args: argparse.Namespace) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     result = SUITE_RUNNERS[args.suite].run(args, output_dir)
+    if result is None:  # a process of a data-parallel run other than rank 0, which writes the report
+        return EXIT_OK
     json_path, md_path = write_report(output_dir, build_report(args, result))
     write_samples(output_dir, result.records)
 

@@ -39,8 +39,9 @@ ENGINES = ("milora", "hf")
 ENGINE_SETTINGS = frozenset(
     {"do_sample", "temperature", "top_p", "top_k", "min_p", "num_beams", "until", "max_gen_toks"}
 )
-# Requests per engine call while generations are stored: each call's answers are stored when it returns.
+# Requests per engine call (at most) while generations are stored: a call's answers are stored when it returns.
 STORE_CHUNK = 1024
+STOP_EVERY = 8  # new tokens between two checks for stop strings
 
 
 def greedy_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
@@ -146,7 +147,8 @@ class MiloraLM(HFLM):
             for group in engine_groups.values():
                 settings = greedy_settings(requests[group[0]].args[1], self.max_gen_toks)
                 contexts = [requests[i].args[0] for i in group]
-                step = STORE_CHUNK if self.store is not None else len(group)
+                calls = -(-len(group) // STORE_CHUNK) if self.store is not None else 1
+                step = -(-len(group) // calls)  # even calls: each ends with a drain of the engine's slots
                 for start in range(0, len(group), step):
                     chunk = group[start : start + step]
                     answers = self._engine_generate(contexts[start : start + step], settings)
@@ -170,14 +172,19 @@ class MiloraLM(HFLM):
             )
         prompts = [self._encode_context(context, max_context) for context in contexts]
         stops = [s for s in until if s]
+        # The tokens since the last check and enough before them to hold a stop string that ends in them (HF's
+        # stop criterion also decodes a window). Only an early end: the answer is cut on the full text below.
+        window = STOP_EVERY + 4 * max((len(s) for s in stops), default=0) + 4
 
         def stop(_: int, tokens: list[int]) -> bool:  # HF's stop-sequence check decodes special tokens too
-            text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            text = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
             return any(s in text for s in stops)
 
         if self._engine is None:  # sets its attention on the model only while it generates
             self._engine = GenerationEngine(self.model, eos_token_ids(self.model, self.tokenizer), self.engine_config)
-        new_tokens = self._engine.generate(prompts, max_gen_toks, stop=stop if stops else None, desc="generate_until")
+        new_tokens = self._engine.generate(
+            prompts, max_gen_toks, stop=stop if stops else None, desc="generate_until", stop_every=STOP_EVERY
+        )
         return [self._continuation_text(tokens, until) for tokens in new_tokens]
 
     def _encode_context(self, context: str, max_context: int) -> list[int]:

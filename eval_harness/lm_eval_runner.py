@@ -190,7 +190,9 @@ def run_tasks(
             LOGGER.warning("task %s skipped: %s", task, error)
             run.skipped[task] = f"{type(error).__name__}: {error}"[:500]
             continue
+        if results is None:  # another process of a data-parallel run: lm-eval gathers the results on rank 0
+            continue
         run.metrics.update(metrics_of(results))
-        for name, samples in (results.get("samples") or {}).items():
-            run.samples[name] = sample_rows(samples)
+        for name, samples in (results.get("samples") or {}).items():  # in document order, however many processes
+            run.samples[name] = sample_rows(sorted(samples, key=lambda sample: sample.get("doc_id") or 0))
     return run

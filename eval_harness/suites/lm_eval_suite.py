@@ -3,13 +3,15 @@
 Each task reads its data file when one is found (`eval_harness.data_paths`), else its hub copy: a local file
 becomes a task variant (`eval_harness.local_tasks`) that keeps the task's prompts and metrics. One lm-eval
 model (`lm_eval_runner.build_lm`, ``--engine``) serves every task; a task whose data cannot be loaded is
-reported as skipped. Finished generations stream to ``samples/<task>.generations.jsonl`` and a rerun into the
-same output folder reuses them (`eval_harness.generation_store`).
+reported as skipped. Under ``accelerate launch`` each process evaluates its share of every task and rank 0
+reports (lm-eval gathers the results). Finished generations stream to ``samples/<task>.generations.jsonl``
+and a rerun into the same output folder reuses them (`eval_harness.generation_store`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,12 +143,20 @@ def task_include_paths(files: dict[str, Path], tasks: Sequence[str], variant_dir
     return paths + [lm_eval_task_yaml(t).parent for t in tasks if t in LM_EVAL_TASK_FILES and t not in files]
 
 
-def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
+def process_rank() -> int:
+    """This process's rank under ``accelerate launch`` (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult | None:
+    """The suite's result; None in the processes of a data-parallel run other than rank 0 (which reports)."""
     from eval_harness import lm_eval_runner
 
     tasks = suite_tasks(args)
     files = local_data_files(args, tasks, data_root(args.data_dir))
-    include = task_include_paths(files, tasks, output_dir / "local_tasks") + list(args.include_path)
+    rank = process_rank()  # each process writes its own task variants: one must not delete another's
+    variant_dir = output_dir / ("local_tasks" if rank == 0 else f"local_tasks.rank{rank}")
+    include = task_include_paths(files, tasks, variant_dir) + list(args.include_path)
     manager = lm_eval_runner.task_manager(include, include_defaults=args.suite == "lm_eval")
     lm = lm_eval_runner.build_lm(
         args.model,
@@ -177,6 +187,8 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
         outcome = outcome if not outcome.skipped else evaluate(tasks)
     else:
         outcome = evaluate(tasks)
+    if getattr(lm, "rank", 0) != 0:
+        return None
     result = SuiteResult(
         metrics=outcome.metrics,
         skipped=outcome.skipped,

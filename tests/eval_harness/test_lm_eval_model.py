@@ -15,31 +15,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from eval_harness import lm_eval_runner
 from eval_harness.engine import GenerationEngine
 from eval_harness.local_tasks import project_task_yaml, write_local_task_yaml
 from milora.cli import main as milora_main
 from milora.io import read_jsonl, write_jsonl
-from milora.tiny import tiny_model, tiny_tokenizer
+from milora.tiny import tiny_tokenizer
+from tests.eval_harness.varied_checkpoints import QUESTIONS, run_eval, save_varied_checkpoint
 
 STOPS = ["9", "K", ";", "j", "z"]
-QUESTIONS = ["What is 2+3?", "Janet has ducks.", "Hello there", "A long question about trains and stations", "Zz"]
-
-
-def save_varied_checkpoint(kind: str, path: Path) -> Path:
-    """The tiny model with embeddings and output layer scaled (answers that depend on the prompt) and the EOS
-    row of the output layer raised (some answers end early)."""
-    model = tiny_model(kind)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(4)
-        head = model.get_output_embeddings().weight
-        head.mul_(8)
-        head[model.config.eos_token_id].add_(0.8 * head.std())
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -81,20 +66,6 @@ def engine_calls(monkeypatch) -> list[tuple[list, list]]:
 
     monkeypatch.setattr(GenerationEngine, "generate", recording)
     return calls
-
-
-def run_eval(model: Path, out: Path, engine: str, *args: str) -> tuple[dict, dict[str, list]]:
-    """`milora eval` with `engine`: (metrics, {task: (doc_id, prompt, response) of each sample}) it wrote."""
-    status = milora_main(["eval", "--model", str(model), "--output_dir", str(out), "--engine", engine,
-                          "--device", "cpu", *args])  # fmt: skip
-    assert status == 0
-    report = json.loads((out / "results.json").read_text())
-    samples = {
-        path.name[: -len(".jsonl")]: [(row["doc_id"], row["prompt"], row["response"]) for row in read_jsonl(path)]
-        for path in (out / "samples").glob("*.jsonl")
-        if not path.name.endswith(".generations.jsonl")
-    }
-    return report["metrics"], samples
 
 
 def run_both(model: Path, tasks: list[str], manager, **options) -> dict[str, tuple[dict, dict]]:
@@ -139,6 +110,8 @@ def test_stop_strings_and_eos_end_answers_as_in_hf(varied_dir, stop_task_dir, en
     assert set(answers) == set(raw)
     assert any(raw[p][1] != answer and any(s in raw[p][1] for s in STOPS) for p, answer in answers.items())
     assert len(set(answers.values())) > 1
+    stopped_early = [t for t, _ in raw.values() if len(t) < 40 and tokenizer.eos_token_id not in t]
+    assert stopped_early  # by the stop-string check, not by EOS or the token limit
     if "qwen2" in varied_dir.name:  # the llama meets a stop string first every time
         assert any(tokenizer.eos_token_id in tokens for tokens, _ in raw.values())
 
@@ -185,3 +158,38 @@ def test_lm_eval_command_line_runs_the_milora_model(tmp_path, fixtures_dir):
     assert answers == [row["response"][0] for row in sorted(run.samples["milora_math"], key=lambda r: r["doc_id"])]
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     assert json.loads(results_file.read_text())["config"]["model"] == "milora"
+
+
+def test_an_interrupted_run_resumes_without_regenerating(tmp_path, gsm8k_rows, engine_calls, monkeypatch):
+    """Stopped after the first engine call (2 of 5 answers stored), a rerun generates only the other 3 and
+    reports what an uninterrupted run reports; changed weights generate everything again."""
+    from eval_harness import lm_eval_model
+
+    model = save_varied_checkpoint("qwen2", tmp_path / "model")
+    monkeypatch.setattr(lm_eval_model, "STORE_CHUNK", 2)  # engine calls of 2, 2 and 1 requests
+    args = ["--suite", "gsm8k", "--gsm8k_file", str(gsm8k_rows), "--max_gen_toks", "40"]
+    out = tmp_path / "interrupted"
+    recording = GenerationEngine.generate
+
+    def interrupt_second_call(self, prompts, *rest, **kwargs):
+        if len(engine_calls) == 1:
+            raise KeyboardInterrupt
+        return recording(self, prompts, *rest, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GenerationEngine, "generate", interrupt_second_call)
+        with pytest.raises(KeyboardInterrupt):
+            run_eval(model, out, "milora", *args)
+    stored = read_jsonl(out / "samples" / "milora_gsm8k.generations.jsonl")
+    assert len(stored) == 2 and not (out / "results.json").exists()
+    resumed = run_eval(model, out, "milora", *args)
+    assert [len(prompts) for prompts, _ in engine_calls] == [2, 2, 1]  # 2 before the stop, 3 after it
+    assert len(read_jsonl(out / "samples" / "milora_gsm8k.generations.jsonl")) == len(QUESTIONS)
+    assert run_eval(model, tmp_path / "whole", "milora", *args) == resumed
+    assert [len(prompts) for prompts, _ in engine_calls][3:] == [2, 2, 1]
+    assert run_eval(model, out, "milora", *args) == resumed  # a finished run reruns from its samples alone
+    assert len(engine_calls) == 6
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert run_eval(model, out, "milora", *args) == resumed
+    assert sum(len(prompts) for prompts, _ in engine_calls[6:]) == len(QUESTIONS)  # a retrained model: afresh
