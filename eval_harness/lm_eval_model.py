@@ -40,7 +40,7 @@ ENGINE_SETTINGS = frozenset(
     {"do_sample", "temperature", "top_p", "top_k", "min_p", "num_beams", "until", "max_gen_toks"}
 )
 # Requests per engine call (at most) while generations are stored: a call's answers are stored when it returns.
-STORE_CHUNK = 1024
+STORE_CHUNK = 4096
 STOP_EVERY = 8  # new tokens between two checks for stop strings
 
 
