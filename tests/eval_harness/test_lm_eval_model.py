@@ -193,3 +193,17 @@ def test_an_interrupted_run_resumes_without_regenerating(tmp_path, gsm8k_rows, e
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert run_eval(model, out, "milora", *args) == resumed
     assert sum(len(prompts) for prompts, _ in engine_calls[6:]) == len(QUESTIONS)  # a retrained model: afresh
+
+
+def test_a_model_the_engine_cannot_drive_falls_back_to_hf_with_one_warning(
+    varied_dir, stop_task_dir, engine_calls, monkeypatch, caplog
+):
+    from eval_harness import lm_eval_model
+
+    monkeypatch.setattr(lm_eval_model, "supports", lambda model: False)
+    with caplog.at_level("WARNING", logger=lm_eval_model.__name__):
+        lm = lm_eval_runner.build_lm(str(varied_dir), device="cpu", batch_size=4, max_length=320)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == lm_eval_model.__name__]
+    assert "generation engine is not used (it cannot drive" in warning and lm.engine == "hf"
+    run = lm_eval_runner.run_tasks(lm, ["stop_chars"], lm_eval_runner.task_manager([stop_task_dir]))
+    assert engine_calls == [] and run.metrics["stop_chars"]["n"] == len(QUESTIONS)
