@@ -73,7 +73,7 @@ def build_lm(
     from milora.gguf import is_gguf_path
 
     if engine == "vllm":
-        return vllm_lm(model_path, device=device, dtype=dtype, max_length=max_length)
+        return vllm_lm(model_path, dtype=dtype, max_length=max_length)
     from eval_harness.lm_eval_model import MiloraLM
 
     kwargs: dict[str, Any] = {"pretrained": model_path, "device": device, "batch_size": batch_size, "dtype": dtype}
@@ -88,8 +88,9 @@ def build_lm(
     return MiloraLM(**kwargs, engine=engine, max_gen_toks_cap=max_gen_toks_cap, **extra)
 
 
-def vllm_lm(model_path: str, device: str = "cuda", dtype: str = "auto", max_length: int | None = None):
-    """lm-eval's vLLM model (continuous batching, its own memory sizing) where the vllm package is installed."""
+def vllm_lm(model_path: str, dtype: str = "auto", max_length: int | None = None):
+    """lm-eval's vLLM model (continuous batching, its own memory sizing, the first GPU) where the vllm package
+    is installed. It neither streams generations for a rerun nor applies `build_lm`'s ``max_gen_toks_cap``."""
     import importlib.util
 
     from eval_harness.errors import UsageError
@@ -98,7 +99,7 @@ def vllm_lm(model_path: str, device: str = "cuda", dtype: str = "auto", max_leng
         raise UsageError("--engine vllm needs the vllm package, which is not installed", "pip install vllm")
     from lm_eval.models.vllm_causallms import VLLM
 
-    kwargs: dict[str, Any] = {"pretrained": model_path, "dtype": dtype, "batch_size": "auto", "device": device}
+    kwargs: dict[str, Any] = {"pretrained": model_path, "dtype": dtype, "batch_size": "auto"}
     if max_length:
         kwargs["max_length"] = max_length
     return VLLM(**kwargs)
