@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,6 @@ ENGINES = ("milora", "hf")
 ENGINE_SETTINGS = frozenset(
     {"do_sample", "temperature", "top_p", "top_k", "min_p", "num_beams", "until", "max_gen_toks"}
 )
-# Requests per engine call (at most) while generations are stored: a call's answers are stored when it returns.
-STORE_CHUNK = 4096
 STOP_EVERY = 8  # new tokens between two checks for stop strings
 
 
@@ -146,21 +144,22 @@ class MiloraLM(HFLM):
                     results[i] = answer
             for group in engine_groups.values():
                 settings = greedy_settings(requests[group[0]].args[1], self.max_gen_toks)
-                contexts = [requests[i].args[0] for i in group]
-                calls = -(-len(group) // STORE_CHUNK) if self.store is not None else 1
-                step = -(-len(group) // calls)  # even calls: each ends with a drain of the engine's slots
-                for start in range(0, len(group), step):
-                    chunk = group[start : start + step]
-                    answers = self._engine_generate(contexts[start : start + step], settings)
-                    for i, answer in zip(chunk, answers, strict=True):
-                        results[i] = answer
-                        self.cache_hook.add_partial("generate_until", requests[i].args[:2], answer)
+
+                def answered(position: int, answer: str, group=group) -> None:  # stored as soon as it is made
+                    i = group[position]
+                    results[i] = answer
+                    self.cache_hook.add_partial("generate_until", requests[i].args[:2], answer)
+
+                self._engine_generate([requests[i].args[0] for i in group], settings, answered)
         finally:
             self.cache_hook = hook
         return results
 
-    def _engine_generate(self, contexts: Sequence[str], settings: dict[str, Any]) -> list[str]:
-        """Greedy answers to `contexts` under one request's normalised `settings`, as HFLM makes them."""
+    def _engine_generate(
+        self, contexts: Sequence[str], settings: dict[str, Any], answered: Callable[[int, str], None]
+    ) -> None:
+        """Greedy answers to `contexts` under one request's normalised `settings`, as HFLM makes them, each
+        handed to `answered(position in contexts, answer)` as soon as it is generated."""
         eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(list(settings["until"]), eos=eos_text)
         max_gen_toks = int(settings["max_gen_toks"])
@@ -182,10 +181,10 @@ class MiloraLM(HFLM):
 
         if self._engine is None:  # sets its attention on the model only while it generates
             self._engine = GenerationEngine(self.model, eos_token_ids(self.model, self.tokenizer), self.engine_config)
-        new_tokens = self._engine.generate(
-            prompts, max_gen_toks, stop=stop if stops else None, desc="generate_until", stop_every=STOP_EVERY
-        )
-        return [self._continuation_text(tokens, until) for tokens in new_tokens]
+        self._engine.generate(
+            prompts, max_gen_toks, stop=stop if stops else None, desc="generate_until", stop_every=STOP_EVERY,
+            on_finish=lambda position, tokens: answered(position, self._continuation_text(tokens, until)),
+        )  # fmt: skip
 
     def _encode_context(self, context: str, max_context: int) -> list[int]:
         """One context's tokens as HFLM's batch encoding gives them (special tokens, left truncation)."""

@@ -182,10 +182,12 @@ class GenerationEngine:
         stop: Callable[[int, list[int]], bool] | None = None,
         desc: str = "generating",
         stop_every: int = 8,
+        on_finish: Callable[[int, list[int]], None] | None = None,
     ) -> list[list[int]]:
         """New tokens for each prompt (token ids), greedy. `stop(i, tokens)` is asked every `stop_every` tokens
         whether request i may end (e.g. a stop string appeared); generation past that point is cut short only
-        to save time: callers still cut the text at their stop strings."""
+        to save time: callers still cut the text at their stop strings. `on_finish(i, tokens)` is called as
+        soon as request i is done (to store it, say), before the call returns."""
         count = len(prompts)
         limits = [max_new_tokens] * count if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
         outputs: list[list[int]] = [[] for _ in range(count)]
@@ -211,6 +213,8 @@ class GenerationEngine:
             if done:
                 owner[slot], lengths[slot], next_tokens[slot] = None, 0, 0
                 progress.update(1)
+                if on_finish is not None:
+                    on_finish(request, generated)
 
         started = time.perf_counter()
         with tqdm(total=count, desc=desc, unit="seq") as progress:

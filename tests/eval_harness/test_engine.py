@@ -90,3 +90,13 @@ def test_unsupported_models_and_empty_prompts_are_refused():
     assert engine.generate([], 5) == []
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[]], 5)
+
+
+def test_each_request_is_handed_over_as_soon_as_it_finishes():
+    model = tiny_model("llama").eval()
+    prompts, limits = random_requests(7, seed=4)
+    finished: list[tuple[int, list[int]]] = []
+    outputs = GenerationEngine(model, config=EngineConfig(max_slots=2)).generate(
+        prompts, limits, on_finish=lambda request, tokens: finished.append((request, list(tokens)))
+    )
+    assert sorted(finished) == [(i, out) for i, out in enumerate(outputs)]  # once each, with its tokens

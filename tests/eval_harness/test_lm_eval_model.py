@@ -161,38 +161,41 @@ def test_lm_eval_command_line_runs_the_milora_model(tmp_path, fixtures_dir):
 
 
 def test_an_interrupted_run_resumes_without_regenerating(tmp_path, gsm8k_rows, engine_calls, monkeypatch):
-    """Stopped after the first engine call (2 of 5 answers stored), a rerun generates only the other 3 and
-    reports what an uninterrupted run reports; changed weights generate everything again."""
-    from eval_harness import lm_eval_model
-
+    """Stopped inside the engine after 2 of 5 answers (each stored as it finishes), a rerun generates only the
+    other 3 and reports what an uninterrupted run reports; changed weights generate everything again."""
     model = save_varied_checkpoint("qwen2", tmp_path / "model")
-    monkeypatch.setattr(lm_eval_model, "STORE_CHUNK", 2)  # engine calls of 2, 2 and 1 requests
     args = ["--suite", "gsm8k", "--gsm8k_file", str(gsm8k_rows), "--max_gen_toks", "40"]
     out = tmp_path / "interrupted"
     recording = GenerationEngine.generate
 
-    def interrupt_second_call(self, prompts, *rest, **kwargs):
-        if len(engine_calls) == 1:
-            raise KeyboardInterrupt
-        return recording(self, prompts, *rest, **kwargs)
+    def interrupt_after_two_answers(self, prompts, *rest, on_finish=None, **kwargs):
+        finished = []
+
+        def finish(request, tokens):
+            on_finish(request, tokens)
+            finished.append(request)
+            if len(finished) == 2:
+                raise KeyboardInterrupt
+
+        return recording(self, prompts, *rest, on_finish=finish, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(GenerationEngine, "generate", interrupt_second_call)
+        patch.setattr(GenerationEngine, "generate", interrupt_after_two_answers)
         with pytest.raises(KeyboardInterrupt):
             run_eval(model, out, "milora", *args)
     stored = read_jsonl(out / "samples" / "milora_gsm8k.generations.jsonl")
-    assert len(stored) == 2 and not (out / "results.json").exists()
+    assert len(stored) == 2 and not (out / "results.json").exists() and engine_calls == []
     resumed = run_eval(model, out, "milora", *args)
-    assert [len(prompts) for prompts, _ in engine_calls] == [2, 2, 1]  # 2 before the stop, 3 after it
+    assert [len(prompts) for prompts, _ in engine_calls] == [3]  # only what the stop left undone
     assert len(read_jsonl(out / "samples" / "milora_gsm8k.generations.jsonl")) == len(QUESTIONS)
     assert run_eval(model, tmp_path / "whole", "milora", *args) == resumed
-    assert [len(prompts) for prompts, _ in engine_calls][3:] == [2, 2, 1]
+    assert [len(prompts) for prompts, _ in engine_calls] == [3, len(QUESTIONS)]
     assert run_eval(model, out, "milora", *args) == resumed  # a finished run reruns from its samples alone
-    assert len(engine_calls) == 6
+    assert len(engine_calls) == 2
     weights = next(model.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert run_eval(model, out, "milora", *args) == resumed
-    assert sum(len(prompts) for prompts, _ in engine_calls[6:]) == len(QUESTIONS)  # a retrained model: afresh
+    assert sum(len(prompts) for prompts, _ in engine_calls[2:]) == len(QUESTIONS)  # a retrained model: afresh
 
 
 def test_a_model_the_engine_cannot_drive_falls_back_to_hf_with_one_warning(
