@@ -83,51 +83,71 @@ def singular_components(
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
-    w = weight.to(torch.float64)
-    indices = component_indices(min(w.shape), r, mode, generator)
+    indices = component_indices(min(weight.shape), r, mode, generator)
     if solver == "auto":
-        small_rank = SUBSPACE_BLOCK * r <= min(w.shape) // 4
-        solver = "subspace" if mode == "minor" and w.is_cuda and small_rank else "gram"
+        small_rank = SUBSPACE_BLOCK * r <= min(weight.shape) // 4
+        solver = "subspace" if mode == "minor" and weight.is_cuda and small_rank else "gram"
+    if solver == "svd":
+        U, S, Vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+        idx = indices.to(weight.device)
+        return SingularComponents(U[:, idx], S[idx], Vh[idx], indices)
+    gram, wide = smaller_gram(weight)
     if solver == "subspace":
         if mode != "minor":
             raise ValueError("the subspace solver computes minor components only; use solver='gram'")
-        found = _minor_components_by_subspace_iteration(w, r)
+        found = _minor_components_by_subspace_iteration(weight, gram, wide, r)
         if found is not None:
             return found
-        solver = "gram"
-    if solver == "svd":
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        idx = indices.to(w.device)
-        return SingularComponents(U[:, idx], S[idx], Vh[idx], indices)
-    return _gram_components(w, indices)
+    return _gram_components(weight, gram, wide, indices)
 
 
-def _smaller_gram(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    wide = w.shape[0] < w.shape[1]
-    return (w @ w.T if wide else w.T @ w), wide
+# Work on at most this many elements of a weight in float64 at a time (256 MB): a 70B model's MLP weight in
+# float64 would be 1.9 GB, held once per decomposition in flight.
+CHUNK_ELEMENTS = 1 << 25
 
 
-def _gram_components(w: torch.Tensor, indices: torch.Tensor) -> SingularComponents:
-    gram, wide = _smaller_gram(w)
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def smaller_gram(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The smaller Gram matrix of `weight` in float64 (`W W^T` if the weight is wide, else `W^T W`) and
+    whether it is wide; summed over row chunks, so that no float64 copy of the whole weight exists."""
+    wide = weight.shape[0] < weight.shape[1]
+    tall = weight.T if wide else weight  # the Gram is tall^T tall
+    gram = None
+    for rows in _row_chunks(*tall.shape):
+        chunk = tall[rows].to(torch.float64)
+        gram = chunk.T @ chunk if gram is None else gram.addmm_(chunk.T, chunk)
+    return gram, wide
+
+
+def _gram_components(weight, gram, wide, indices: torch.Tensor) -> SingularComponents:
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
     rank = gram.shape[0]
     # singular position i (descending) is eigen position rank-1-i (ascending)
-    eig_idx = (rank - 1 - indices).to(w.device)
-    return _components_from_gram_eigenpairs(w, wide, eigenvalues[eig_idx], eigenvectors[:, eig_idx], indices)
+    eig_idx = (rank - 1 - indices).to(weight.device)
+    return _components_from_gram_eigenpairs(weight, wide, eigenvalues[eig_idx], eigenvectors[:, eig_idx], indices)
 
 
-def _components_from_gram_eigenpairs(w, wide, eigenvalues, vectors, indices) -> SingularComponents:
+def _times_weight(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight @ vectors` (weight tall, vectors in x k) in float64, over row chunks of the weight."""
+    return torch.cat([weight[rows].to(torch.float64) @ vectors for rows in _row_chunks(*weight.shape)])
+
+
+def _components_from_gram_eigenpairs(weight, wide, eigenvalues, vectors, indices) -> SingularComponents:
     """Singular triplets from eigenpairs of the smaller Gram matrix; the partner vectors by one GEMM."""
     sigma = eigenvalues.clamp_min(0).sqrt()
     # Guard exact zeros: the partner vector is then arbitrary and contributes nothing (sigma = 0).
     safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
     if wide:
         U = vectors
-        Vh = (U.T @ w) / safe_sigma[:, None]
+        Vh = _times_weight(U, weight.T).T / safe_sigma[:, None]  # U^T W
         Vh = torch.where(sigma[:, None] > 0, Vh, torch.zeros_like(Vh))
     else:
         Vh = vectors.T
-        U = (w @ vectors) / safe_sigma[None, :]
+        U = _times_weight(vectors, weight) / safe_sigma[None, :]
         U = torch.where(sigma[None, :] > 0, U, torch.zeros_like(U))
     return SingularComponents(U, sigma, Vh, indices)
 
@@ -165,9 +185,11 @@ def _shifted_cholesky(gram: torch.Tensor, shift: float) -> tuple[torch.Tensor | 
 
     A factorisation succeeds exactly when the shift is below the smallest eigenvalue, so failures just
     lower the shift; shift 0 is the plain Gram matrix."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(gram - shift * eye)
+        shifted = gram.clone()
+        shifted.diagonal().sub_(shift)
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
             return factor, shift
         shift *= 0.8
@@ -175,20 +197,20 @@ def _shifted_cholesky(gram: torch.Tensor, shift: float) -> tuple[torch.Tensor | 
     return (factor, 0.0) if int(info) == 0 else (None, 0.0)
 
 
-def _minor_components_by_subspace_iteration(w: torch.Tensor, r: int) -> SingularComponents | None:
-    """The last `r` singular triplets by shifted block inverse iteration on the smaller Gram matrix.
+def _minor_components_by_subspace_iteration(w, gram, wide, r: int) -> SingularComponents | None:
+    """The last `r` singular triplets of `w` by shifted block inverse iteration on its smaller Gram matrix
+    (`gram`, `wide` as `smaller_gram` returns them).
 
     Returns None (caller falls back to `eigh`) when the Gram matrix is singular or the Ritz residuals do
     not reach the tolerance within the iteration budget.
     """
-    gram, wide = _smaller_gram(w)
     n = gram.shape[0]
     block = min(n, SUBSPACE_BLOCK * r)
     factor, _ = _shifted_cholesky(gram, 0.0)
     if factor is None:
         return None
     generator = torch.Generator(device=w.device).manual_seed(0)
-    basis = _orthonormal(torch.randn(n, block, dtype=w.dtype, device=w.device, generator=generator))
+    basis = _orthonormal(torch.randn(n, block, dtype=gram.dtype, device=w.device, generator=generator))
     mean_eigenvalue = float(torch.diagonal(gram).mean())
     for iteration in range(1, SUBSPACE_MAX_ITERATIONS + 1):
         basis = _orthonormal(torch.cholesky_solve(basis, factor))
@@ -227,6 +249,16 @@ def lora_factors(components: SingularComponents, scaling: float = 1.0) -> tuple[
 def residual_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
     """The frozen base that remains once the adapter holds `scaling * B A`: `W - scaling * B A` (float64)."""
     return weight.to(torch.float64) - scaling * (B.to(torch.float64) @ A.to(torch.float64))
+
+
+@torch.no_grad()
+def subtract_low_rank_(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Overwrite `weight` with `residual_weight(weight, B, A, scaling)` rounded to its dtype, over row chunks
+    (no float64 copy of the whole weight). Returns `weight`."""
+    B, A = B.to(weight.device, torch.float64), A.to(weight.device, torch.float64)
+    for rows in _row_chunks(*weight.shape):
+        weight[rows] = weight[rows].to(torch.float64) - scaling * (B[rows] @ A)
+    return weight
 
 
 def subspace_overlap(basis_a: torch.Tensor, basis_b: torch.Tensor) -> float:

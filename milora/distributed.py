@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,8 +31,8 @@ from peft.utils.other import transpose
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from milora.decomposition import lora_factors, residual_weight, singular_components
 from milora.io import atomic_directory
+from milora.streaming import Matrix, TransferStats, decompose_matrices
 
 ADAPTER_NAME = "default"
 
@@ -82,28 +80,38 @@ def _layer_weight(layer) -> torch.Tensor:
     return transpose(layer.get_base_layer().weight.data, layer.fan_in_fan_out)
 
 
-def _compute_factors(layer, mode, device, solver, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = _layer_weight(layer)
-    work_device = torch.device(device) if device is not None else weight.device
-    components = singular_components(
-        weight.to(work_device), layer.r[ADAPTER_NAME], mode, solver=solver, generator=generator
-    )
-    return lora_factors(components, layer.scaling[ADAPTER_NAME])
+def _matrix(name: str, layer, index: int, seed: int, factors=None) -> Matrix:
+    # one generator per layer: the `random` mode does not depend on which layers came before
+    return Matrix(name, _layer_weight(layer), layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME],
+                  torch.Generator().manual_seed(seed + index), factors)
 
 
 @torch.no_grad()
-def _write_layer(layer, B: torch.Tensor, A: torch.Tensor, device) -> None:
-    """Set the LoRA factors and replace the base weight by the residual `W - s B A`."""
-    base = layer.get_base_layer().weight
-    weight = _layer_weight(layer)
-    work_device = torch.device(device) if device is not None else weight.device
-    scaling = layer.scaling[ADAPTER_NAME]
-    B64, A64 = B.to(work_device, torch.float64), A.to(work_device, torch.float64)
-    residual = residual_weight(weight.to(work_device), B64, A64, scaling)
+def _set_factors(layer, B: torch.Tensor, A: torch.Tensor) -> None:
     lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-    lora_A.data.copy_(A64.to(device=lora_A.device, dtype=lora_A.dtype))
-    lora_B.data.copy_(B64.to(device=lora_B.device, dtype=lora_B.dtype))
-    base.data.copy_(transpose(residual, layer.fan_in_fan_out).to(device=base.device, dtype=base.dtype))
+    lora_A.data.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
+    lora_B.data.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
+
+
+def _initialize(layers, indices, mode, device, solver, seed, workers, progress=None, factors=None, stats=None,
+                check_values=False, keep=True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Residuals and LoRA factors of `layers[i]` for i in `indices` (decomposed, or from `factors[i]`); returns
+    the float64 factors by index if `keep`."""
+    matrices = [_matrix(layers[i][0], layers[i][1], i, seed, None if factors is None else factors[i])
+                for i in indices]
+    found = {}
+
+    def done(position, B, A):
+        index = indices[position]
+        _set_factors(layers[index][1], B, A)
+        if keep:
+            found[index] = (B, A)
+        if progress is not None:
+            progress.update()
+
+    decompose_matrices(matrices, mode, device=device, solver=solver, workers=workers, on_done=done, stats=stats,
+                       check_values=check_values)
+    return found
 
 
 def _broadcast_device() -> torch.device:
@@ -154,48 +162,6 @@ def _save_cache(path: Path, factors, metadata: dict) -> None:
         (tmp / "key.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
 
-def _compute_owned(layers, owned, mode, device, solver, seed, workers, progress):
-    """Factors of the `owned` layers; on a GPU, `workers` threads each run their own CUDA stream, since
-    one decomposition is a chain of small, latency-bound kernels that leaves most of the GPU idle."""
-
-    def compute(i):
-        # one generator per layer: the `random` mode does not depend on which layers came before
-        return _compute_factors(layers[i][1], mode, device, solver, torch.Generator().manual_seed(seed + i))
-
-    work_device = torch.device(device) if device is not None else _layer_weight(layers[0][1]).device
-    if workers is None:
-        workers = 4 if work_device.type == "cuda" else 1
-    if workers <= 1 or work_device.type != "cuda" or len(owned) <= 1:
-        factors = {}
-        for i in owned:
-            factors[i] = compute(i)
-            progress.update()
-        return factors
-
-    local = threading.local()
-
-    def on_own_stream(i):
-        if not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream(work_device)
-        with torch.cuda.stream(local.stream):
-            B, A = compute(i)
-        local.stream.synchronize()
-        return B, A
-
-    # the first layer on this thread: CUDA libraries initialise lazily, and only once, safely, from one thread
-    factors = {owned[0]: compute(owned[0])}
-    progress.update()
-    consumer = torch.cuda.current_stream(work_device)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, (B, A) in zip(owned[1:], pool.map(on_own_stream, owned[1:]), strict=True):
-            # the tensors were allocated on a worker's stream: tell the allocator they are used on ours
-            B.record_stream(consumer)
-            A.record_stream(consumer)
-            factors[i] = (B, A)
-            progress.update()
-    return factors
-
-
 def initialize_layers(
     layers,
     mode: str,
@@ -207,8 +173,14 @@ def initialize_layers(
     cache_dir: str | Path | None = None,
     description: str = "MiLoRA init",
     workers: int | None = None,
+    stats: TransferStats | None = None,
+    check_values: bool = False,
 ) -> None:
-    """Initialise every `(name, LoraLayer)` in `layers` from its `mode` singular components."""
+    """Initialise every `(name, LoraLayer)` in `layers` from its `mode` singular components.
+
+    The decomposition and the residual run on `device` (default: each weight's own), weights elsewhere
+    streamed there and back (`milora.streaming`); `stats` collects the bytes moved; `check_values` refuses
+    NaN/inf weights on the decomposition device (for weights not checked before)."""
     rank, world_size = world()
     if any(is_zero3_partitioned(layer.get_base_layer().weight) for _, layer in layers):
         if cache_dir is not None and rank == 0:
@@ -226,16 +198,21 @@ def initialize_layers(
         factors = _load_cache(cache_path, len(layers))
         if world_size > 1 and not _every_rank_has(factors is not None):
             factors = None  # found on some nodes' local disks only: all ranks compute, else the broadcast hangs
+    settings = dict(mode=mode, device=device, solver=solver, seed=seed, workers=workers, stats=stats,
+                    check_values=check_values)
     computed = factors is None
     if computed:
         owned = [i for i in range(len(layers)) if i % world_size == rank]
         progress = tqdm(total=len(owned), desc=description, disable=not show_progress or rank != 0, unit="layer")
-        factors = _compute_owned(layers, owned, mode, device, solver, seed, workers, progress)
+        keep = cache_path is not None or world_size > 1  # 8 bytes a factor value: only when they are needed
+        factors = _initialize(layers, owned, progress=progress, keep=keep, **settings)
         progress.close()
         if world_size > 1:
             _broadcast_factors(factors, layers, rank, world_size)
-    for i, (_, layer) in enumerate(layers):
-        _write_layer(layer, *factors[i], device)
+            _initialize(layers, [i for i in range(len(layers)) if i % world_size != rank], factors=factors,
+                        keep=False, **settings)
+    else:
+        _initialize(layers, list(range(len(layers))), factors=factors, keep=False, **settings)
     if computed and cache_path is not None and rank == 0:
         _save_cache(cache_path, factors, {"layers": len(layers), "mode": mode, "seed": seed, "solver": solver})
 
@@ -258,11 +235,8 @@ def _initialize_zero3(layers, mode, device, solver, seed, show_progress, descrip
                 params = _layer_params(layers[index][1])
                 stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=position))
             if rank < len(group):
-                index = group[rank]
-                layer = layers[index][1]
                 # the same generator as the single-process path: the `random` mode picks the same triplets
-                B, A = _compute_factors(layer, mode, device, solver, torch.Generator().manual_seed(seed + index))
-                _write_layer(layer, B, A, device)
+                _initialize(layers, [group[rank]], mode, device, solver, seed, workers=1)
         if world_size > 1:
             _broadcast_unpartitioned(group, layers)
 

@@ -148,8 +148,9 @@ def _peft_target_modules(model, targets, names: list[str]):
     return names
 
 
-def check_weight(name: str, weight: torch.Tensor, r: int) -> None:
-    """Refuse weights MiLoRA cannot decompose, with a message that says what to do."""
+def check_weight(name: str, weight: torch.Tensor, r: int, values: bool = True) -> None:
+    """Refuse weights MiLoRA cannot decompose, with a message that says what to do. `values=False` leaves
+    the NaN/inf check to the decomposition device (`milora.streaming.check_finite`)."""
     if not torch.is_floating_point(weight) or weight.dtype not in (
         torch.float32, torch.float16, torch.bfloat16, torch.float64
     ):
@@ -167,7 +168,7 @@ def check_weight(name: str, weight: torch.Tensor, r: int) -> None:
             f"{name}: rank r={r} is larger than the layer's smaller dimension {smaller} "
             f"(weight shape {shape}); choose r <= {smaller} or leave this layer out of the targets."
         )
-    if not is_zero3_partitioned(weight) and not torch.isfinite(weight).all():
+    if values and not is_zero3_partitioned(weight) and not torch.isfinite(weight).all():
         raise MiLoRAError(f"{name}: the weight holds NaN or inf values; fix the checkpoint before initialising.")
 
 
@@ -186,6 +187,7 @@ def apply_milora(
     show_progress: bool = True,
     cache_dir: str | None = None,
     workers: int | None = None,
+    transfer_stats=None,
     **lora_kwargs,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA model (adapter `default`) initialised by `mode`.
@@ -208,6 +210,9 @@ def apply_milora(
         seed: seeds the `random` mode.
         cache_dir: reuse (or store) the computed factors there, keyed by weights, targets, r, mode, seed.
         workers: decompositions in flight at once on a GPU, each on its own CUDA stream (default 4; 1 on CPU).
+            Weights that live off `device` (a model in CPU memory, `device="cuda"`) are streamed there and back
+            through pinned buffers, so the GPU holds about `workers` matrices at a time (`milora.streaming`).
+        transfer_stats: a `milora.streaming.TransferStats` that collects the bytes copied and their device time.
         **lora_kwargs: passed to `peft.LoraConfig` (`modules_to_save`, `use_rslora`, `task_type`, ...).
 
     Under torch.distributed the layers are split across ranks and broadcast; under DeepSpeed ZeRO-3
@@ -220,9 +225,13 @@ def apply_milora(
     if not isinstance(r, int) or r < 1:
         raise MiLoRAError(f"rank r must be a positive integer, got {r!r}")
     names = resolve_target_modules(model, targets)
+    unchecked = False
     for name in names:
         module = model.get_submodule(name)
-        check_weight(name, transpose(module.weight, isinstance(module, Conv1D)), r)
+        # weights streamed to a GPU are checked for NaN/inf there, where it costs nothing
+        streamed = device is not None and torch.device(device).type != module.weight.device.type
+        check_weight(name, transpose(module.weight, isinstance(module, Conv1D)), r, values=not streamed)
+        unchecked = unchecked or streamed
 
     if lora_alpha is None:
         lora_alpha = r if component_mode is not None else 2 * r
@@ -245,7 +254,7 @@ def apply_milora(
     initialize_layers(
         lora_layers(peft_model), component_mode, device=device, solver=solver, seed=seed,
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
-        workers=workers,
+        workers=workers, stats=transfer_stats, check_values=unchecked,
     )
     if torch.cuda.is_available():
         # the float64 workspaces stay cached for the decomposition's side streams, where training cannot reuse

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from milora import apply_milora, distributed
+from milora import apply_milora, distributed, streaming
 from milora.tiny import tiny_model
 
 from .conftest import LLAMA_TARGETS
@@ -25,13 +25,13 @@ def adapter_and_residual_state(peft_model):
 def _worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     calls = []
-    original = distributed.singular_components
+    original = streaming.singular_components
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    distributed.singular_components = counting
+    streaming.singular_components = counting
     peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, show_progress=False)
     torch.save({"state": adapter_and_residual_state(peft_model), "calls": len(calls)}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -56,7 +56,7 @@ def test_cache_reuses_factors_and_keys_on_inputs(tmp_path, monkeypatch, input_id
     def must_not_run(*args, **kwargs):
         raise AssertionError("decomposition ran despite a cache hit")
 
-    monkeypatch.setattr(distributed, "singular_components", must_not_run)
+    monkeypatch.setattr(streaming, "singular_components", must_not_run)
     second = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, cache_dir=tmp_path, show_progress=False)
     with torch.no_grad():
         torch.testing.assert_close(second(input_ids).logits, first(input_ids).logits)
