@@ -87,7 +87,8 @@ def _matrix(name: str, layer, index: int, seed: int, factors=None) -> Matrix:
 
 
 @torch.no_grad()
-def _set_factors(layer, B: torch.Tensor, A: torch.Tensor) -> None:
+def set_factors(layer, B: torch.Tensor, A: torch.Tensor) -> None:
+    """Copy the factors (any dtype and device) into the layer's LoRA weights."""
     lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
     lora_A.data.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
     lora_B.data.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
@@ -103,7 +104,7 @@ def _initialize(layers, indices, mode, device, solver, seed, workers, progress=N
 
     def done(position, B, A):
         index = indices[position]
-        _set_factors(layers[index][1], B, A)
+        set_factors(layers[index][1], B, A)
         if keep:
             found[index] = (B, A)
         if progress is not None:

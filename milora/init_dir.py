@@ -42,13 +42,20 @@ def is_init_dir(path: str | Path) -> bool:
     return (Path(path) / INIT_SUBDIR / ADAPTER_CONFIG_FILE).is_file()
 
 
-def save_init_dir(peft_model, out_dir: str | Path, processing_class=None, metadata: dict | None = None) -> Path:
-    """Write the residual base model, its tokenizer/processor and the initial adapter to `out_dir`."""
+def save_init_dir(peft_model, out_dir: str | Path, processing_class=None, metadata: dict | None = None,
+                  write_base=None) -> Path:
+    """Write the residual base model, its tokenizer/processor and the initial adapter to `out_dir`.
+
+    `write_base(directory)`, if given, writes the residual base model instead of `save_pretrained` (the
+    file-by-file init of `milora.sharded_init`, whose model holds no weights)."""
     out_dir = Path(out_dir)
     peft_model.peft_config["default"].base_model_name_or_path = str(out_dir.resolve())
     with atomic_directory(out_dir) as tmp:
         base = peft_model.get_base_model()
-        base.save_pretrained(tmp, state_dict=residual_state_dict(peft_model))
+        if write_base is not None:
+            write_base(tmp)
+        else:
+            base.save_pretrained(tmp, state_dict=residual_state_dict(peft_model))
         if processing_class is not None:
             processing_class.save_pretrained(tmp)
         peft_model.save_pretrained(tmp / INIT_SUBDIR)

@@ -172,6 +172,56 @@ def check_weight(name: str, weight: torch.Tensor, r: int, values: bool = True) -
         raise MiLoRAError(f"{name}: the weight holds NaN or inf values; fix the checkpoint before initialising.")
 
 
+def _check_values_on_host(weight: torch.Tensor, device) -> bool:
+    """Whether to look for NaN/inf where the weight lives: not for weights streamed to another device for the
+    decomposition (checked there, where it costs nothing) nor for weights on the meta device."""
+    streamed = device is not None and torch.device(device).type != weight.device.type
+    return not streamed and weight.device.type != "meta"
+
+
+def wrap_model(
+    model: torch.nn.Module,
+    targets: str | Iterable[str],
+    r: int,
+    *,
+    mode: str | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    device: torch.device | str | None = None,
+    **lora_kwargs,
+) -> PeftModel:
+    """`model` checked and wrapped in PEFT LoRA layers as `apply_milora` configures them, not yet initialised
+    (PEFT's default LoRA init, base weights untouched). The weights may be on the meta device (their values are
+    then not checked): `milora.sharded_init` builds the adapter that way. Arguments as in `apply_milora`."""
+    _, component_mode = _resolve_mode(mode, None)
+    if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise MiLoRAError("the model already carries LoRA layers; pass the plain base model to apply_milora")
+    if not isinstance(r, int) or r < 1:
+        raise MiLoRAError(f"rank r must be a positive integer, got {r!r}")
+    names = resolve_target_modules(model, targets)
+    for name in names:
+        module = model.get_submodule(name)
+        weight = transpose(module.weight, isinstance(module, Conv1D))
+        check_weight(name, weight, r, values=_check_values_on_host(module.weight, device))
+
+    if lora_alpha is None:
+        lora_alpha = r if component_mode is not None else 2 * r
+    task_type = lora_kwargs.pop("task_type", _default_task_type(model))
+    uses_conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=_peft_target_modules(model, targets, names),
+        fan_in_fan_out=lora_kwargs.pop("fan_in_fan_out", uses_conv1d),
+        task_type=task_type,
+        **lora_kwargs,
+    )
+    peft_model = get_peft_model(model, config)
+    skip_input_casts_under_autocast(peft_model)
+    return peft_model
+
+
 def apply_milora(
     model: torch.nn.Module,
     targets: str | Iterable[str],
@@ -220,37 +270,13 @@ def apply_milora(
     Under autocast the LoRA layers skip PEFT's float32 copy of their input (`milora.autocast`).
     """
     mode, component_mode = _resolve_mode(mode, method)
-    if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
-        raise MiLoRAError("the model already carries LoRA layers; pass the plain base model to apply_milora")
-    if not isinstance(r, int) or r < 1:
-        raise MiLoRAError(f"rank r must be a positive integer, got {r!r}")
-    names = resolve_target_modules(model, targets)
-    unchecked = False
-    for name in names:
-        module = model.get_submodule(name)
-        # weights streamed to a GPU are checked for NaN/inf there, where it costs nothing
-        streamed = device is not None and torch.device(device).type != module.weight.device.type
-        check_weight(name, transpose(module.weight, isinstance(module, Conv1D)), r, values=not streamed)
-        unchecked = unchecked or streamed
-
-    if lora_alpha is None:
-        lora_alpha = r if component_mode is not None else 2 * r
-    task_type = lora_kwargs.pop("task_type", _default_task_type(model))
-    uses_conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=_peft_target_modules(model, targets, names),
-        fan_in_fan_out=lora_kwargs.pop("fan_in_fan_out", uses_conv1d),
-        task_type=task_type,
-        **lora_kwargs,
-    )
-    peft_model = get_peft_model(model, config)
-    skip_input_casts_under_autocast(peft_model)
+    peft_model = wrap_model(model, targets, r, mode=mode, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            device=device, **lora_kwargs)
     if component_mode is None:
         return peft_model
 
+    unchecked = any(not _check_values_on_host(layer.get_base_layer().weight, device)
+                    for _, layer in lora_layers(peft_model))
     initialize_layers(
         lora_layers(peft_model), component_mode, device=device, solver=solver, seed=seed,
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
@@ -282,4 +308,5 @@ __all__ = [
     "method_of_mode",
     "normalize_mode",
     "resolve_target_modules",
+    "wrap_model",
 ]

@@ -37,14 +37,28 @@ DEFAULT_GPU_WORKERS = 4
 @dataclass
 class Matrix:
     """One weight to initialise: `weight` (out x in; a view of the layer's weight) is overwritten with the
-    residual. With `factors` given (B, A), only the residual is formed."""
+    residual. With `factors` given (B, A), only the residual is formed.
+
+    `weight` may also be a function that loads it (in host memory, `nbytes` long) when its turn comes, and
+    `write` a function that stores the residual; then only the matrices in flight are in memory."""
 
     name: str
-    weight: torch.Tensor
+    weight: torch.Tensor | Callable[[], torch.Tensor]
     r: int
     scaling: float
     generator: torch.Generator | None = None
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    write: Callable[[torch.Tensor], None] | None = None
+    nbytes: int | None = None
+
+    @property
+    def home(self) -> torch.device:
+        """Where the weight lives (host memory for a loaded one)."""
+        return torch.device("cpu") if callable(self.weight) else self.weight.device
+
+    @property
+    def size_bytes(self) -> int:
+        return self.nbytes if callable(self.weight) else self.weight.numel() * self.weight.element_size()
 
 
 @dataclass
@@ -134,7 +148,7 @@ class _Staging:
 def _process(matrix: Matrix, mode: str, solver: str, device: torch.device, staging: _Staging | None,
              check_values: bool):
     """Factors of one matrix, on the device its weight lives on; its weight is then the residual."""
-    host = matrix.weight
+    host = matrix.weight() if callable(matrix.weight) else matrix.weight
     stream = torch.cuda.stream(staging.stream) if staging is not None and staging.cuda else contextlib.nullcontext()
     with stream:
         work = staging.upload(host) if staging is not None else host.to(device)
@@ -149,6 +163,8 @@ def _process(matrix: Matrix, mode: str, solver: str, device: torch.device, stagi
         B, A = B.to(host.device), A.to(host.device)
         if staging is not None and staging.cuda:
             staging.stream.synchronize()
+    if matrix.write is not None:
+        matrix.write(host)
     return B, A
 
 
@@ -164,22 +180,23 @@ def decompose_matrices(
     on_done: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     stats: TransferStats | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Initialise every matrix (see `Matrix`) and return its float64 factors `(B, A)`, on its weight's device.
+    """Initialise every matrix (see `Matrix`) and return its float64 factors `(B, A)`, on its weight's device;
+    with `on_done(index, B, A)` given, hand each matrix's factors to it instead, in order, as matrices finish.
 
     `device`: where to decompose (default: each weight's own device). `staged`: copy through the staging
     buffer (default: when weights live off `device`). `workers`: matrices in flight at once on a GPU (default
     4; always 1 on the CPU). `check_values`: refuse NaN/inf weights on the decomposition device (for weights
-    the caller has not checked on the host). `on_done(index, B, A)` is called in order, as matrices finish.
+    the caller has not checked on the host).
     """
     if not matrices:
         return []
     stats = stats if stats is not None else TransferStats()
-    work_device = torch.device(device) if device is not None else matrices[0].weight.device
+    work_device = torch.device(device) if device is not None else matrices[0].home
     if work_device.type == "cuda" and work_device.index is None:
         work_device = torch.device("cuda", torch.cuda.current_device())
     if staged is None:
-        staged = any(m.weight.device != work_device for m in matrices)
-    capacity = max(m.weight.numel() * m.weight.element_size() for m in matrices) if staged else 0
+        staged = any(m.home != work_device for m in matrices)
+    capacity = max(m.size_bytes for m in matrices) if staged else 0
     on_gpu = work_device.type == "cuda"
     workers = (DEFAULT_GPU_WORKERS if workers is None else workers) if on_gpu else 1
     local = threading.local()
@@ -203,9 +220,10 @@ def decompose_matrices(
             consumer = torch.cuda.current_stream(B.device)
             B.record_stream(consumer)
             A.record_stream(consumer)
-        results.append(factors)
         if on_done is not None:
             on_done(index, B, A)
+        else:
+            results.append(factors)
 
     # the first matrix on this thread: CUDA libraries initialise lazily, and only once, safely, from one thread
     finish(0, run(0))

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--solver", "--decomposition", dest="solver", default="gram", choices=SOLVERS,
                         help="the SVD algorithm: gram (fast, exact), svd, subspace or auto (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mode")
+    parser.add_argument("--in_memory", action="store_true",
+                        help="load the whole model in memory; by default a local safetensors checkpoint (with "
+                             "--dtype auto) is processed file by file, one matrix at a time")
     return parser
 
 
@@ -41,21 +44,43 @@ def main(argv: list[str] | None = None) -> int:
     if normalize_mode(args.mode) is None:
         raise ValueError("plain LoRA needs no precomputed init; use --mode minor, principal, mid or random")
     check_model_argument("--model", args.model)
-    model = load_model(args.model, dtype=args.dtype)
     try:
         processing_class = load_processing_class(args.model)
     except (OSError, ValueError) as error:
         print(f"milora init: no tokenizer/processor saved ({error})")
         processing_class = None
+    metadata = {
+        "source_model": args.model, "mode": normalize_mode(args.mode), "r": args.r, "targets": args.targets,
+        "solver": args.solver, "seed": args.seed,
+    }
+    if not args.in_memory and args.dtype == "auto" and _init_by_shards(args, processing_class, metadata):
+        print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
+        return 0
+    model = load_model(args.model, dtype=args.dtype)
     peft_model = apply_milora(
         model, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
         device=args.device, solver=args.solver, seed=args.seed,
     )
-    metadata = {
-        "source_model": args.model, "mode": normalize_mode(args.mode), "r": args.r,
-        "lora_alpha": peft_model.peft_config["default"].lora_alpha, "targets": args.targets,
-        "solver": args.solver, "seed": args.seed,
-    }
+    metadata["lora_alpha"] = peft_model.peft_config["default"].lora_alpha
     save_init_dir(peft_model, args.out, processing_class, metadata)
     print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
     return 0
+
+
+def _init_by_shards(args, processing_class, metadata: dict) -> bool:
+    """Write the init directory file by file (`milora.sharded_init`) when the checkpoint allows it; False (and
+    nothing written) when it does not."""
+    from milora.sharded_init import NotShardable, init_by_shards, shardable_reason
+
+    if shardable_reason(args.model) is not None:
+        return False
+    try:
+        init_by_shards(
+            args.model, args.out, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
+            device=args.device, solver=args.solver, seed=args.seed, processing_class=processing_class,
+            metadata=metadata,
+        )
+    except NotShardable as error:
+        print(f"milora init: loading the model in memory ({error})")
+        return False
+    return True
