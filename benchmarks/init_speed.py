@@ -13,6 +13,9 @@ Random weights are fine: the cost depends on the shapes only. Prints one table:
 
     python benchmarks/init_speed.py                  # the recorded configuration
     python benchmarks/init_speed.py --layers 2       # quick look
+    python benchmarks/init_speed.py --preset 70b --out OUT   # LLaMA-2-70B shapes, weights in CPU and in GPU
+                                                             # memory, 4 layers projected to 80 (init_placements.py)
+    python benchmarks/init_speed.py --preset 70b --device cpu   # the same code on small shapes, on the CPU
 
 milora must be importable (installed, or the repository root on PYTHONPATH).
 """
@@ -26,7 +29,12 @@ from functools import partial
 
 import torch
 
-from milora.decomposition import _minor_components_by_subspace_iteration, singular_components, subspace_overlap
+from milora.decomposition import (
+    _minor_components_by_subspace_iteration,
+    singular_components,
+    smaller_gram,
+    subspace_overlap,
+)
 from milora.io import write_json
 
 # (name, out_features, in_features) of LLaMA-2-7B's targeted projections
@@ -68,7 +76,7 @@ def per_shape_rows(device, r, repeats, dtype):
         t_gram = timed(partial(singular_components, weight, r, "minor", solver="gram"), device, repeats)
         t_ours = timed(partial(singular_components, weight, r, "minor"), device, repeats)
         ours = singular_components(weight, r, "minor")
-        converged = _minor_components_by_subspace_iteration(weight.double(), r) is not None
+        converged = _minor_components_by_subspace_iteration(weight, *smaller_gram(weight), r) is not None
         reference = singular_components(weight, r, "minor", solver="svd")  # float64 full SVD
         official_U = official_full_svd(weight, r)[0]
         rows.append({
@@ -128,12 +136,24 @@ def end_to_end(device, layers, r, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--preset", default="7b", choices=["7b", "70b"],
+                        help="7b: the per-shape table and 160 matrices; 70b: see init_placements.py")
+    parser.add_argument("--layers", type=int, default=None, help="default: 32 (7b), 4 (70b)")
+    parser.add_argument("--out", default=None, help="70b: write init_70b.json here")
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
+    if args.preset == "70b":
+        import init_placements
+
+        args.layers = args.layers or 4
+        record = init_placements.run(args)
+        if args.out:
+            write_json(f"{args.out}/init_70b.json", record)
+        return
+    args.layers = args.layers or 32
     dtype = getattr(torch, args.dtype)
 
     rows = per_shape_rows(args.device, args.r, args.repeats, dtype)

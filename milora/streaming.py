@@ -199,6 +199,8 @@ def decompose_matrices(
     capacity = max(m.size_bytes for m in matrices) if staged else 0
     on_gpu = work_device.type == "cuda"
     workers = (DEFAULT_GPU_WORKERS if workers is None else workers) if on_gpu else 1
+    if on_gpu:
+        torch.cuda.current_stream(work_device).synchronize()  # weights written on the caller's stream are ready
     local = threading.local()
 
     def run(index: int):
