@@ -132,13 +132,13 @@ def _cache_on_one_node_worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     calls = []
-    original = distributed.singular_components
+    original = streaming.singular_components
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    distributed.singular_components = counting
+    streaming.singular_components = counting
     cache_dir = f"{out_dir}/cache_node{rank}"
     peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, cache_dir=cache_dir, show_progress=False)
     torch.save({"state": adapter_and_residual_state(peft_model), "calls": len(calls)}, f"{out_dir}/rank{rank}.pt")
