@@ -151,6 +151,26 @@ def phase_profile(shapes, r, device):
     return rows
 
 
+def kernel_profile(shapes, r, device) -> str:
+    """torch.profiler's table of the kernels of one up_proj decomposition (the largest shape), top 15."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator(device=device).manual_seed(1)
+    weight = (torch.randn(shapes["intermediate_size"], shapes["hidden_size"], generator=generator, device=device)
+              * 0.02).to(torch.bfloat16)
+    singular_components(weight, r, "minor")
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        singular_components(weight, r, "minor")
+        sync(device)
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return "\nkernels of one up_proj decomposition:\n" + prof.key_averages().table(sort_by=key, row_limit=15)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return ""
+
+
 def print_report(rows, profile, device_name, r, layers, total_layers):
     scale = total_layers / layers
     print(f"\nLLaMA-2-70B shapes, {layers} layers timed, projected to {total_layers}; r={r}, bf16, "
@@ -187,10 +207,13 @@ def run(args):
     gpu = args.device
     device_name = torch.cuda.get_device_name() if torch.device(gpu).type == "cuda" else "cpu"
     references = {}
-    run_placement(shapes, 1, args.r, "cpu", gpu, {})  # warm-up: CUDA context, cuBLAS/cuSOLVER handles
+    # warm-up (CUDA context, cuBLAS/cuSOLVER handles); layer 0 is drawn first, so its references carry over
+    run_placement(shapes, 1, args.r, "cpu", gpu, references)
     placements = ["cpu"] if smoke else ["cpu", "gpu"]
     rows = [run_placement(shapes, args.layers, args.r, placement, gpu, references) for placement in placements]
     profile = phase_profile(shapes, args.r, gpu)
     print_report(rows, profile, device_name, args.r, args.layers, shapes["num_hidden_layers"])
+    kernels = kernel_profile(shapes, args.r, gpu) if torch.device(gpu).type == "cuda" else ""
+    print(kernels)
     return {"device": device_name, "shapes": shapes, "r": args.r, "rows": rows, "profile": profile,
-            "projected_layers": shapes["num_hidden_layers"]}
+            "projected_layers": shapes["num_hidden_layers"], "kernel_profile": kernels}
