@@ -96,3 +96,17 @@ def test_rank_out_of_range_is_refused():
         singular_components(random_weight(24, 16), 17, "minor")
     with pytest.raises(ValueError, match="unknown mode"):
         singular_components(random_weight(24, 16), 2, "smallest")
+
+
+def test_orthonormal_basis_falls_back_to_qr_when_cholesky_qr_fails():
+    from milora.decomposition import _orthonormal
+
+    x = torch.randn(50, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q = _orthonormal(x)
+    torch.testing.assert_close(q.T @ q, torch.eye(6, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-12, rtol=0)  # the same column space
+    x[:, 5] = x[:, 4]  # rank deficient: the Cholesky factorisation of x^T x fails
+    assert int(torch.linalg.cholesky_ex(x.T @ x)[1]) != 0
+    q = _orthonormal(x)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-12, rtol=0)
