@@ -105,8 +105,8 @@ def test_orthonormal_basis_falls_back_to_qr_when_cholesky_qr_fails():
     q = _orthonormal(x)
     torch.testing.assert_close(q.T @ q, torch.eye(6, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-12, rtol=0)  # the same column space
-    x[:, 5] = x[:, 4]  # rank deficient: the Cholesky factorisation of x^T x fails
-    assert int(torch.linalg.cholesky_ex(x.T @ x)[1]) != 0
+    x[:, 5] = 0  # rank deficient: the Cholesky factorisation of x^T x fails (a zero pivot)
+    assert int(torch.linalg.cholesky_ex(x.T @ x, upper=True)[1]) != 0
     q = _orthonormal(x)
     assert torch.isfinite(q).all()
     torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-12, rtol=0)
