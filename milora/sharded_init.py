@@ -163,7 +163,7 @@ def init_by_shards(
     mode: str = "minor",
     lora_alpha: float | None = None,
     device: torch.device | str | None = None,
-    solver: str = "gram",
+    solver: str = "auto",
     seed: int = 0,
     workers: int | None = None,
     processing_class=None,

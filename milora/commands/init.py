@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
     parser.add_argument("--device", default=None, help="where to decompose, e.g. cuda (default: the weights' device)")
-    parser.add_argument("--solver", "--decomposition", dest="solver", default="gram", choices=SOLVERS,
-                        help="the SVD algorithm: gram (fast, exact), svd, subspace or auto (default: %(default)s)")
+    parser.add_argument("--solver", "--decomposition", dest="solver", default="auto", choices=SOLVERS,
+                        help="the SVD algorithm: auto (subspace iteration for the minor mode on a GPU, else gram), "
+                             "gram, svd or subspace; all exact in float64 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mode")
     parser.add_argument("--in_memory", action="store_true",
                         help="load the whole model in memory; by default a local safetensors checkpoint (with "
