@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU-machine checks recorded in docs/benchmarks.md, in one call (from the repository root, $OUT set):
-#   bash benchmarks/gpu_checks.sh [init_speed] [varlen] [throughput] [step_ratio] [llava] [zero]
+#   bash benchmarks/gpu_checks.sh [init_speed] [init_70b] [varlen] [throughput] [step_ratio] [llava] [zero]
 # Each step's full log goes to $OUT/<step>.log; this prints each return code, time and the lines that matter.
 set -uo pipefail
 source scripts/gpu_env.sh || exit 1
@@ -23,6 +23,10 @@ for s in $steps; do case $s in
 init_speed)
     step init_speed python3 benchmarks/init_speed.py --json "$OUT/init_speed.json"
     sed -n '/^device/,$p' "$OUT/init_speed.log" ;;
+init_70b)
+    # LLaMA-2-70B shapes, weights in CPU and in GPU memory, 4 layers projected to 80
+    step init_70b python3 benchmarks/init_speed.py --preset 70b --out "$OUT"
+    sed -n '/^LLaMA-2-70B/,$p' "$OUT/init_70b.log" ;;
 throughput)
     # one process per variant, alternating repeats, same saved batches; rerunning this step resumes in
     # $THROUGHPUT_OUT (runs already there are skipped), so a long run can span several calls
