@@ -126,7 +126,18 @@ def evaluate(args: argparse.Namespace) -> int:
     for task, reason in result.skipped.items():
         print(f"skipped {task}: {reason}", file=sys.stderr)
     print(f"wrote {json_path} and {md_path}")
+    card = append_to_model_card(args.model, args.suite, markdown_table(result.metrics)) if result.metrics else None
+    if card is not None:
+        print(f"added the table to the model card {card}")
     return exit_status(result)
+
+
+def append_to_model_card(model: str, suite: str, table: str):
+    """The table goes into the card of the milora training run `model` belongs to (RUN or RUN/merged); any other
+    model folder is left untouched. Returns the card's path or None."""
+    from milora.model_card import append_evaluation
+
+    return append_evaluation(model, suite, table)
 
 
 def one_line(error: BaseException) -> str:

@@ -12,15 +12,16 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from milora.io import atomic_directory, read_json, write_json
-from milora.layout import ADAPTER_CONFIG_FILE
+from milora.fingerprint import check_same_residual, read_record, write_record
+from milora.io import DamagedFileError, atomic_directory, read_json, read_safetensors, write_json, write_safetensors
+from milora.layout import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS = ADAPTER_WEIGHTS_FILE
 
 
-def _read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter config, tensors) of a saved PEFT adapter; a missing or damaged file is one clear error."""
     adapter_dir = Path(adapter_dir)
     for needed in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS):
         if not (adapter_dir / needed).is_file():
@@ -28,8 +29,19 @@ def _read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor
                 f"{adapter_dir} has no {needed}: give a directory written by PeftModel.save_pretrained "
                 "(safetensors format)"
             )
-    config = read_json(adapter_dir / ADAPTER_CONFIG_FILE)
-    return config, load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    try:
+        config = read_json(adapter_dir / ADAPTER_CONFIG_FILE)
+    except ValueError as error:
+        raise DamagedFileError(f"{adapter_dir / ADAPTER_CONFIG_FILE} is damaged ({error}); write it again") from None
+    return config, read_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+
+
+def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter's weights, then its config, each atomically, into an existing directory."""
+    directory = Path(directory)
+    write_safetensors(directory / ADAPTER_WEIGHTS, tensors)
+    write_json(directory / ADAPTER_CONFIG_FILE, config, sort_keys=True)
+    return directory
 
 
 def _doubled_alpha(alpha: float, use_rslora: bool) -> float:
@@ -43,21 +55,11 @@ def lora_delta_factors(
     return torch.cat([B, B0], dim=1), torch.cat([A, -A0], dim=0)
 
 
-def convert_to_lora(
-    adapter_dir: str | Path,
-    initial_adapter_dir: str | Path,
-    out_dir: str | Path,
-    base_model_name_or_path: str | None = None,
-) -> Path:
-    """Write a standard LoRA adapter to `out_dir` that applies to the original (pre-MiLoRA) base model.
-
-    `adapter_dir` is the trained adapter, `initial_adapter_dir` the adapter as `apply_milora` initialised it
-    (recipes save it as `milora_init_adapter/`; `milora init` as `DIR/milora_init/`).
-    `base_model_name_or_path` is recorded in the new adapter's config (the original model's id or path);
-    by default the trained adapter's entry is kept.
-    """
-    config, trained = _read_adapter(adapter_dir)
-    init_config, initial = _read_adapter(initial_adapter_dir)
+def standard_lora(adapter_dir: str | Path, initial_adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The (config, tensors) of the rank-2r standard LoRA for the original base: `[B, B0] [A; -A0]`."""
+    check_same_residual(adapter_dir, initial_adapter_dir)
+    config, trained = read_adapter(adapter_dir)
+    init_config, initial = read_adapter(initial_adapter_dir)
     def comparable(value):
         # PEFT writes target_modules from a set: the order depends on the process's hash seed
         return sorted(value) if isinstance(value, list) else value
@@ -88,11 +90,33 @@ def convert_to_lora(
     config["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
     config["alpha_pattern"] = {k: _doubled_alpha(v, use_rslora) for k, v in (config.get("alpha_pattern") or {}).items()}
     config["init_lora_weights"] = True
-    if base_model_name_or_path is not None:
-        config["base_model_name_or_path"] = base_model_name_or_path
+    return config, converted
+
+
+def convert_to_lora(
+    adapter_dir: str | Path,
+    initial_adapter_dir: str | Path,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write a standard LoRA adapter to `out_dir` that applies to the original (pre-MiLoRA) base model.
+
+    `adapter_dir` is the trained adapter, `initial_adapter_dir` the adapter as `apply_milora` initialised it
+    (recipes save them as `residual_adapter/` and `milora_init_adapter/`; `milora init` as `DIR/milora_init/`).
+    `base_model_name_or_path` is recorded in the new adapter's config (the original model's id or path); by
+    default the original model named in the trained adapter's base record, else the trained adapter's entry.
+    The base record written beside it carries the original model's fingerprint when the trained adapter's has it.
+    """
+    config, converted = standard_lora(adapter_dir, initial_adapter_dir)
+    record = read_record(adapter_dir) or {}
+    base = base_model_name_or_path or record.get("original_model")
+    if base is not None:
+        config["base_model_name_or_path"] = base
     with atomic_directory(out_dir) as tmp:
-        save_file(converted, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / ADAPTER_CONFIG_FILE, config, sort_keys=True)
+        write_adapter_files(tmp, config, converted)
+        write_record(tmp, applies_to="original", base_model=config.get("base_model_name_or_path"),
+                     fingerprint=record.get("original_fingerprint"), method=record.get("method", "unknown"),
+                     r=config["r"], lora_alpha=config["lora_alpha"], original_model=base)
     return Path(out_dir)
 
 
@@ -117,9 +141,11 @@ def merge_checkpoint(base: str, adapter_dir: str | Path, out_dir: str | Path, dt
     """
     from peft import PeftModel
 
+    from milora.fingerprint import check_base
     from milora.loading import load_model, load_processing_class
 
     model = load_model(base, dtype=dtype)
+    print(f"milora: {check_base(model, adapter_dir, base)}")
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     try:
         processing_class = load_processing_class(base)

@@ -1,5 +1,5 @@
-"""File I/O in one place: atomic writes (an output directory or file appears whole or not at all) and
-JSON / JSON Lines reading and writing."""
+"""File I/O in one place: atomic writes (an output directory or file appears whole or not at all),
+JSON / JSON Lines reading and writing, and safetensors files read with a one-line error when damaged."""
 
 from __future__ import annotations
 
@@ -102,6 +102,50 @@ def write_json(path: str | os.PathLike, value, indent: int | None = 2, sort_keys
 def write_jsonl(path: str | os.PathLike, rows) -> Path:
     """Write rows as JSON Lines, atomically."""
     return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+class DamagedFileError(OSError):
+    """A file that exists but cannot be read whole (truncated, partly written); the message names it and the fix."""
+
+
+def _damaged(path, error: Exception) -> DamagedFileError:
+    reason = " ".join(str(error).split())
+    return DamagedFileError(
+        f"{path} is damaged ({reason}): it was truncated or only partly written; write it again (for a training "
+        "run's outputs: rerun with resume_from_checkpoint: true)"
+    )
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file, reading only its header."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors raises its own SafetensorError (not an OSError) for a bad header
+        raise _damaged(path, error) from error
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """All tensors of a safetensors file (on CPU); a truncated or garbled file raises `DamagedFileError`."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise _damaged(path, error) from error
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict) -> Path:
+    """Write tensors as a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
 def _umask() -> int:

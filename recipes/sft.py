@@ -4,14 +4,17 @@
     accelerate launch recipes/sft.py recipes/llama2-7b_math_milora.yaml  # any recipe key can follow as --key value
     accelerate launch --config_file deepspeed_configs/accelerate_zero2.yaml recipes/sft.py RECIPE.yaml
 
-Outputs in `output_dir`:
-    adapter_model.safetensors, adapter_config.json, tokenizer   the trained adapter; for pissa/milora/mid/random
-                                                              it applies to the residual base (W - B0 A0)
+Outputs in `output_dir` (every adapter folder names its base and holds `milora_adapter.json`, the base's
+fingerprint, which `milora merge` and `milora convert` check):
+    adapter_model.safetensors, adapter_config.json, tokenizer   the adapter for the ORIGINAL base model: for
+                           pissa/milora/mid/random the rank-2r standard LoRA, for lora the trained adapter
+    README.md              the model card: what was trained, which folder loads on which base, with code
+    residual_adapter/      the adapter as trained (rank r), for the residual base W - B0 A0 (SVD methods)
     milora_init_adapter/   the adapter as initialised, before training (SVD methods)
-    lora_adapter/          the standard-LoRA conversion (rank 2r) for the ORIGINAL base model (SVD methods)
+    residual_base/         the residual base model (`save_residual_base: true`)
     merged/                the merged full checkpoint with its tokenizer, for lm_eval (`merge: true`)
     checkpoint-N/, runs/   Trainer checkpoints (`resume_from_checkpoint: true`) and TensorBoard logs
-    milora_run.json        what was trained and where each output is
+    milora_run.json        what was trained, the step-0 check, where each output is; written last
 
 Keys and their defaults: `milora/sft/config.py`; each step below is one module of `milora/sft/`.
 """
@@ -28,11 +31,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from milora import MiLoRAError
 from milora.data import DataError
+from milora.io import DamagedFileError
 from milora.sft.config import RecipeError
 from milora.sft.data import load_training_data
 from milora.sft.model import build_peft_model, load_tokenizer
 from milora.sft.outputs import prepare_initial_adapter, save_outputs
 from milora.sft.parsing import parse_recipe
+from milora.sft.step0 import run_step0_check
 
 
 def train(argv: list[str] | None = None):
@@ -50,15 +55,17 @@ def train(argv: list[str] | None = None):
     for key, value in data.trainer_overrides.items():
         setattr(training_args, key, value)
 
-    model = build_peft_model(model_args, training_args)
+    model, original_fingerprint = build_peft_model(model_args, training_args)
     prepare_initial_adapter(model, model_args, training_args)
 
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
         processing_class=tokenizer, data_collator=data.data_collator,
     )
+    # The initialised model must still be the base model: one forward pass of the first batch through both.
+    step0 = run_step0_check(trainer, model_args, training_args).as_dict() if training_args.step0_check else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_outputs(trainer, recipe)
+    save_outputs(trainer, recipe, original_fingerprint, step0)
     trainer.accelerator.print(f"sft.py: done, outputs in {training_args.output_dir}")
     if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group
         trainer.end()
@@ -68,7 +75,7 @@ def train(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     try:
         train(argv)
-    except (RecipeError, DataError, MiLoRAError) as error:  # bad recipe input: one line, no traceback
+    except (RecipeError, DataError, MiLoRAError, DamagedFileError) as error:  # bad input: one line, no traceback
         print(f"sft.py: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ repeated runs, under any launcher.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from milora.commands.arguments import check_model_argument
 from milora.decomposition import SOLVERS
@@ -38,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from milora.distributed import lora_layers
+    from milora.fingerprint import model_fingerprint, write_record
     from milora.init_dir import INIT_SUBDIR, save_init_dir
     from milora.loading import load_model, load_processing_class
-    from milora.model import apply_milora, normalize_mode
+    from milora.model import apply_milora, method_of_mode, normalize_mode, resolve_target_modules
 
     if normalize_mode(args.mode) is None:
         raise ValueError("plain LoRA needs no precomputed init; use --mode minor, principal, mid or random")
@@ -55,15 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         "solver": args.solver, "seed": args.seed,
     }
     if not args.in_memory and args.dtype == "auto" and _init_by_shards(args, processing_class, metadata):
+        # written file by file: no base record (milora_adapter.json), so runs from it check no fingerprint
         print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
         return 0
     model = load_model(args.model, dtype=args.dtype)
+    original = model_fingerprint(model, resolve_target_modules(model, args.targets))
     peft_model = apply_milora(
         model, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
         device=args.device, solver=args.solver, seed=args.seed,
     )
     metadata["lora_alpha"] = peft_model.peft_config["default"].lora_alpha
     save_init_dir(peft_model, args.out, processing_class, metadata)
+    names = [name.removeprefix("base_model.model.") for name, _ in lora_layers(peft_model)]
+    write_record(Path(args.out) / INIT_SUBDIR, applies_to="residual", base_model=str(Path(args.out).resolve()),
+                 fingerprint=model_fingerprint(peft_model, names), method=method_of_mode(args.mode), r=args.r,
+                 lora_alpha=metadata["lora_alpha"], original_model=args.model, original_fingerprint=original)
     print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
     return 0
 

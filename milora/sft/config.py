@@ -5,7 +5,7 @@ A recipe is one flat YAML file whose keys are the fields of these dataclasses, n
 - `DataArguments`: which dataset and how to read it (TRL `ScriptArguments` names plus `dataset_format`, ...).
 - `ModelArguments`: the base model and the adapter (TRL `ModelConfig` names plus `method`, `milora_init_dir`).
 - `MiloraSFTConfig`: TRL's `SFTConfig` (so every `transformers.TrainingArguments` key) plus the outputs
-  (`merge`, `save_standard_lora`) and `effective_batch_size`.
+  (`merge`, `save_residual_base`), the step-0 check and `effective_batch_size`.
 
 What a default depends on is resolved where the field is declared: `lora_alpha` from `method` and `lora_r`,
 method/rank/alpha/targets from a `milora_init_dir`, `gradient_accumulation_steps` from `effective_batch_size`
@@ -228,10 +228,20 @@ class MiloraSFTConfig(SFTConfig):
                   "per_device_train_batch_size at effective_batch_size / number of processes."},
     )
     merge: bool = field(default=False, metadata={"help": "Also save the merged full checkpoint to OUTPUT_DIR/merged."})
-    save_standard_lora: bool = field(
+    save_residual_base: bool = field(
+        default=False,
+        metadata={"help": "For SVD methods without a milora_init_dir, also save the residual base model W - B0 A0 "
+                  "(a full checkpoint) to OUTPUT_DIR/residual_base, the base residual_adapter/ applies to."},
+    )
+    step0_check: bool = field(
         default=True,
-        metadata={"help": "For SVD methods, save the standard-LoRA conversion (for the original base model) to "
-                  "OUTPUT_DIR/lora_adapter."},
+        metadata={"help": "Before the first step, compare the initialised model's logits on the first batch with "
+                  "the base model's; stop above step0_max_error."},
+    )
+    step0_max_error: float | None = field(
+        default=None,
+        metadata={"help": "Relative logit error the step-0 check accepts. Default by the weights' dtype: 1e-4 "
+                  "(float32), 5e-2 (bfloat16, float16)."},
     )
 
     def __post_init__(self):
@@ -321,18 +331,19 @@ def liger_usable() -> bool:
 
 def resolve_resume_checkpoint(value, output_dir: str | None) -> str | None:
     """`true`/`last` -> the newest checkpoint in output_dir; `false`/none -> None; else a checkpoint path."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if value is None or value is False:
         return None
     text = str(value).strip()
     if text.lower() in ("", "false", "none", "null", "no"):
         return None
     if text.lower() in ("true", "last", "yes"):
-        last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+        from milora.sft.checkpoints import last_complete_checkpoint
+
+        last = last_complete_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
         if last is None:
             raise RecipeError(
-                f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N directory to resume from"
+                f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N directory to resume "
+                "from"
             )
         return check_deepspeed_checkpoint_complete(last)
     if not os.path.isdir(text):

@@ -8,6 +8,7 @@ import os
 import torch
 
 from milora.distributed import ADAPTER_NAME, lora_layers
+from milora.layout import INIT_SUBDIR
 from milora.sft.config import MiloraSFTConfig, ModelArguments, RecipeError
 from milora.tiny import is_tiny
 
@@ -38,9 +39,12 @@ def load_base_model(model_args: ModelArguments, training: MiloraSFTConfig):
 
 
 def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
-    """The PEFT model to train: the method applied to the base model, or a `milora init` directory as saved
-    (its adapter given the recipe's dropout)."""
+    """The PEFT model to train and the fingerprint of the original model (`milora.fingerprint`; None when no
+    record of it exists): the method applied to the base model, or a `milora init` directory as saved (its
+    adapter given the recipe's dropout, its residual checked against the record `milora init` wrote)."""
     from milora import apply_milora, load_init_dir
+    from milora.fingerprint import model_fingerprint, read_record
+    from milora.model import resolve_target_modules
 
     if model_args.milora_init_dir is not None:
         peft_model = load_init_dir(
@@ -48,9 +52,13 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
             trust_remote_code=training.trust_remote_code,
         )
         set_lora_dropout(peft_model, model_args.lora_dropout)
-        return peft_model
-    return apply_milora(
-        load_base_model(model_args, training),
+        record = read_record(os.path.join(model_args.milora_init_dir, INIT_SUBDIR)) or {}
+        check_init_dir_residual(peft_model, model_args.milora_init_dir, record)
+        return peft_model, record.get("original_fingerprint")
+    base = load_base_model(model_args, training)
+    original = model_fingerprint(base, resolve_target_modules(base, model_args.lora_target_modules))
+    peft_model = apply_milora(
+        base,
         model_args.lora_target_modules,
         model_args.lora_r,
         mode=model_args.method,
@@ -63,6 +71,23 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         device=training.device if training.device.type == "cuda" else None,
         show_progress=training.local_process_index == 0 and not training.disable_tqdm,
     )
+    return peft_model, original
+
+
+def check_init_dir_residual(peft_model, init_dir: str, record: dict) -> None:
+    """Refuse an init directory whose residual model is not the one its adapter was made for (replaced or
+    rewritten since `milora init`); directories without a record are not checked."""
+    from milora.fingerprint import fingerprint_dtype, model_fingerprint, same_base
+
+    if not record.get("fingerprint"):
+        return
+    names = [name.removeprefix("base_model.model.") for name, _ in lora_layers(peft_model)]
+    found = model_fingerprint(peft_model, names)
+    if not same_base(record["fingerprint"], found, fingerprint_dtype(peft_model, names)):
+        raise RecipeError(
+            f"milora_init_dir {init_dir}: its residual model is not the one its adapter {INIT_SUBDIR}/ was made for "
+            "(the weights' fingerprint differs); make the init directory again with `milora init`"
+        )
 
 
 def set_lora_dropout(peft_model, p: float, adapter_name: str = ADAPTER_NAME) -> None:

@@ -1,27 +1,38 @@
 """What a recipe run writes besides TRL's checkpoints: the initial adapter (before training), and after training
-the adapter, the standard-LoRA conversion, the merged checkpoint and a run summary (`milora.layout` names them).
+the adapters (each with the record of the base it applies to), the merged checkpoint, the model card and the run
+summary (`milora.layout` names them and describes the layout).
 
-Directories are written atomically; after training only the main process writes, the others wait.
+Directories and files are written atomically; after training only the main process writes, the others wait.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from milora.io import atomic_directory, read_json, write_json
+from milora.conversion import standard_lora, write_adapter_files
+from milora.distributed import lora_layers
+from milora.fingerprint import write_record
+from milora.io import DamagedFileError, atomic_directory, read_json, read_safetensors, write_json
 from milora.layout import (
     ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
     INIT_ADAPTER_DIR,
     INIT_SUBDIR,
     MERGED_DIR,
+    RESIDUAL_ADAPTER_DIR,
+    RESIDUAL_BASE_DIR,
     RUN_INFO_FILE,
-    STANDARD_LORA_DIR,
 )
+from milora.model_card import write_model_card
 from milora.sft.config import MiloraSFTConfig, ModelArguments, RecipeError
+
+logger = logging.getLogger(__name__)
 
 
 def needs_initial_adapter(model_args: ModelArguments) -> bool:
@@ -47,10 +58,9 @@ def initial_adapter_mismatch(peft_model, saved_dir: str | Path, rtol: float = 1e
     Returns a description of the first mismatch, or None when every module agrees within `rtol`.
     """
     from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    path = Path(saved_dir) / "adapter_model.safetensors"
-    saved = load_file(str(path))
+    path = Path(saved_dir) / ADAPTER_WEIGHTS_FILE
+    saved = read_safetensors(path)
     current = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
     a_keys = sorted(k for k in current if ".lora_A." in k)
     if sorted(k for k in saved if ".lora_A." in k) != a_keys:
@@ -78,8 +88,14 @@ def prepare_initial_adapter(peft_model, model_args: ModelArguments, training: Mi
     if not needs_initial_adapter(model_args):
         return None
     out_dir = Path(training.output_dir) / INIT_ADAPTER_DIR
-    if training.resume_from_checkpoint and (out_dir / "adapter_model.safetensors").is_file():
-        mismatch = initial_adapter_mismatch(peft_model, out_dir)
+    if training.resume_from_checkpoint and (out_dir / ADAPTER_WEIGHTS_FILE).is_file():
+        try:
+            mismatch = initial_adapter_mismatch(peft_model, out_dir)
+        except DamagedFileError as error:  # the original run died while writing it: write it again
+            logger.warning("%s; writing the initial adapter again", error)
+            if training.process_index == 0:
+                save_initial_adapter(peft_model, model_args, out_dir)
+            return out_dir
         if mismatch is not None:
             raise RecipeError(
                 f"cannot resume: the initial adapter rebuilt now differs from {out_dir} written by the original "
@@ -101,18 +117,43 @@ def original_base_model(model_args: ModelArguments) -> str | None:
     return model_args.model_name_or_path
 
 
-def save_outputs(trainer, recipe) -> dict:
-    """After training: the adapter and trainer state, then (main process) the standard-LoRA conversion, the merged
-    checkpoint and the run summary. Returns the summary."""
-    from milora import convert_to_lora, merge_adapter
+def residual_base_path(model_args: ModelArguments, training: MiloraSFTConfig) -> str | None:
+    """Where the residual base `W - B0 A0` of an SVD run lives: the init directory, the run's `residual_base/`,
+    or nowhere (None: the run did not save it)."""
+    if model_args.milora_init_dir is not None:
+        return str(Path(model_args.milora_init_dir).resolve())
+    if training.save_residual_base:
+        return str((Path(training.output_dir) / RESIDUAL_BASE_DIR).resolve())
+    return None
+
+
+def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step0: dict | None = None) -> dict:
+    """After training: the adapters with their base records, the merged checkpoint, the model card and, last, the
+    run summary (an output directory without `milora_run.json` was not finished). Returns the summary.
+
+    For the SVD methods the adapter as trained goes to `residual_adapter/` and the root gets the rank-2r standard
+    LoRA for the original model; for plain LoRA the trained adapter is already that and stays at the root.
+    `original_fingerprint` is the original model's (`milora.sft.model.build_peft_model`)."""
+    from milora import merge_adapter
+    from milora.fingerprint import model_fingerprint
     from milora.processes import save_merged_from_state_dict, zero3_consolidated_state_dict
 
     model_args, training = recipe.model, recipe.training
-    trainer.save_model(training.output_dir)
-    trainer.save_state()
-    # ZeRO-3 leaves every process with shards: all of them gather the weights onto the main process to merge
-    full_state = zero3_consolidated_state_dict(trainer) if training.merge else None
     out = Path(training.output_dir)
+    svd = needs_initial_adapter(model_args)
+    main = trainer.accelerator.is_main_process
+    if main:
+        (out / RUN_INFO_FILE).unlink(missing_ok=True)  # "done" is written again at the very end
+    staging = out / f".{RESIDUAL_ADAPTER_DIR}.staging"
+    trainer.save_model(str(staging) if svd else training.output_dir)
+    trainer.save_state()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    adapted = [name.removeprefix("base_model.model.") for name, _ in lora_layers(model)]
+    base_fingerprint = model_fingerprint(model, adapted)  # every process: gathers each weight under ZeRO-3
+    residual_dir = residual_base_path(model_args, training) if svd else None
+    # ZeRO-3 leaves every process with shards: all of them gather the weights onto the main process to write them
+    needs_full = training.merge or (svd and training.save_residual_base and model_args.milora_init_dir is None)
+    full_state = zero3_consolidated_state_dict(trainer) if needs_full else None
     info = {
         "method": model_args.method,
         "base_model": original_base_model(model_args),
@@ -122,37 +163,90 @@ def save_outputs(trainer, recipe) -> dict:
         "lora_target_modules": model_args.lora_target_modules,
         "dataset": recipe.data.dataset_name,
         "adapter": str(out),
-        "adapter_base": "residual" if needs_initial_adapter(model_args) else "original",
+        "adapter_base": "original",
         "global_step": trainer.state.global_step,
+        "final_loss": final_training_loss(trainer.state.log_history),
+        "step0_check": step0,
     }
-    if trainer.accelerator.is_main_process:
-        if needs_initial_adapter(model_args):
-            info["initial_adapter"] = str(out / INIT_ADAPTER_DIR)
-            if training.save_standard_lora:
-                # the standard LoRA applies to the original model, not to the residual one it was trained on
-                convert_to_lora(out, out / INIT_ADAPTER_DIR, out / STANDARD_LORA_DIR,
-                                base_model_name_or_path=info["base_model"])
-                if info["base_model"] is None:
-                    clear_adapter_base(out / STANDARD_LORA_DIR)
-                info["standard_lora_adapter"] = str(out / STANDARD_LORA_DIR)
+    if main:
+        common = {"method": model_args.method, "original_model": info["base_model"]}
+        if svd:
+            _promote(staging, out / RESIDUAL_ADAPTER_DIR)
+            for folder in (out / RESIDUAL_ADAPTER_DIR, out / INIT_ADAPTER_DIR):
+                _set_adapter_base(folder, residual_dir)
+                write_record(folder, applies_to="residual", base_model=residual_dir, fingerprint=base_fingerprint,
+                             r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                             original_fingerprint=original_fingerprint, **common)
+            if residual_dir is not None and model_args.milora_init_dir is None:
+                save_residual_base(model, full_state, Path(residual_dir), trainer.processing_class)
+                info["residual_base"] = residual_dir
+            config, tensors = standard_lora(out / RESIDUAL_ADAPTER_DIR, out / INIT_ADAPTER_DIR)
+            config["base_model_name_or_path"] = info["base_model"]
+            write_adapter_files(out, config, tensors)
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(out)
+            info.update(residual_adapter=str(out / RESIDUAL_ADAPTER_DIR), initial_adapter=str(out / INIT_ADAPTER_DIR))
+            root_fingerprint = original_fingerprint
         else:
-            info["standard_lora_adapter"] = str(out)
+            root_fingerprint = base_fingerprint
+        write_record(out, applies_to="original", base_model=info["base_model"], fingerprint=root_fingerprint,
+                     r=(2 if svd else 1) * model_args.lora_r, lora_alpha=_root_alpha(out), **common)
+        info["standard_lora_adapter"] = str(out)
         if training.merge:
-            model = trainer.accelerator.unwrap_model(trainer.model)
             if full_state is not None:
                 save_merged_from_state_dict(model, full_state, out / MERGED_DIR, trainer.processing_class)
             else:
                 merge_adapter(model, out / MERGED_DIR, trainer.processing_class)
             info["merged"] = str(out / MERGED_DIR)
+        write_model_card(out, info)
         write_json(out / RUN_INFO_FILE, info)
     trainer.accelerator.wait_for_everyone()
     return info
 
 
-def clear_adapter_base(adapter_dir: Path) -> None:
-    """Drop a converted adapter's base model when the original model is not known: `convert_to_lora` keeps the
-    trained adapter's entry, which names the residual model (a `milora init` directory) it does not apply to."""
+def final_training_loss(log_history: list[dict]) -> float | None:
+    """The last logged training loss."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return losses[-1] if losses else None
+
+
+def _root_alpha(out: Path) -> float:
+    return read_json(out / ADAPTER_CONFIG_FILE)["lora_alpha"]
+
+
+def _promote(staging: Path, final: Path) -> None:
+    """Move a fully written directory into place in one rename (an older one is replaced)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def _set_adapter_base(adapter_dir: Path, base: str | None) -> None:
+    """Name the residual base in the adapter's config (None where the run did not save it)."""
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
     config = read_json(config_path)
-    config["base_model_name_or_path"] = None
+    config["base_model_name_or_path"] = base
     write_json(config_path, config, sort_keys=True)
+
+
+def save_residual_base(model, full_state: dict | None, out_dir: Path, processing_class=None) -> Path:
+    """The residual base model `W - B0 A0` the adapters of `residual_adapter/` apply to, as a full checkpoint."""
+    from milora.init_dir import residual_state_dict
+
+    if full_state is None:
+        state = residual_state_dict(model)
+    else:  # ZeRO-3: the gathered state dict of the PEFT model, keys as residual_state_dict names them
+        state = {
+            key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", "."): value
+            for key, value in full_state.items() if ".lora_" not in key and ".modules_to_save." not in key
+        }
+    with atomic_directory(out_dir) as tmp:
+        model.get_base_model().save_pretrained(tmp, state_dict=state)
+        if processing_class is not None:
+            processing_class.save_pretrained(tmp)
+    return out_dir
