@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from milora.io import atomic_directory
+from milora.io import DamagedFileError, atomic_directory, read_safetensors
 from milora.streaming import Matrix, TransferStats, decompose_matrices
 
 ADAPTER_NAME = "default"
@@ -146,11 +146,18 @@ def _every_rank_has(found: bool) -> bool:
 
 
 def _load_cache(path: Path, count: int):
+    """The cached factors, or None when there are none or the file is damaged (then they are computed again and
+    the cache rewritten)."""
     file = path / "factors.safetensors"
     if not file.is_file():
         return None
-    tensors = load_file(str(file))
-    return {i: (tensors[f"{i}.B"], tensors[f"{i}.A"]) for i in range(count)}
+    try:
+        tensors = read_safetensors(file)
+        return {i: (tensors[f"{i}.B"], tensors[f"{i}.A"]) for i in range(count)}
+    except (DamagedFileError, KeyError) as error:
+        warnings.warn(f"milora_cache_dir: {error if isinstance(error, DamagedFileError) else f'{file} lacks {error}'};"
+                      " computing the factors again", stacklevel=2)
+        return None
 
 
 def _save_cache(path: Path, factors, metadata: dict) -> None:

@@ -47,6 +47,7 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
     from milora.model import resolve_target_modules
 
     if model_args.milora_init_dir is not None:
+        check_init_dir_files(model_args.milora_init_dir)
         peft_model = load_init_dir(
             model_args.milora_init_dir, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
             trust_remote_code=training.trust_remote_code,
@@ -72,6 +73,22 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         show_progress=training.local_process_index == 0 and not training.disable_tqdm,
     )
     return peft_model, original
+
+
+def check_init_dir_files(init_dir: str) -> None:
+    """Refuse an init directory with a truncated or partly written weights file, before loading reads it."""
+    from pathlib import Path
+
+    from milora.io import DamagedFileError, safetensors_keys
+
+    for path in [*sorted(Path(init_dir).glob("*.safetensors")), *Path(init_dir, INIT_SUBDIR).glob("*.safetensors")]:
+        try:
+            safetensors_keys(path)
+        except DamagedFileError as error:
+            raise RecipeError(
+                f"milora_init_dir {init_dir}: {path} is damaged (truncated or partly written: "
+                f"{str(error.__cause__ or error)[:120]}); make the init directory again with `milora init`"
+            ) from None
 
 
 def check_init_dir_residual(peft_model, init_dir: str, record: dict) -> None:

@@ -188,6 +188,7 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
             info.update(residual_adapter=str(out / RESIDUAL_ADAPTER_DIR), initial_adapter=str(out / INIT_ADAPTER_DIR))
             root_fingerprint = original_fingerprint
         else:
+            _set_adapter_base(out, info["base_model"])
             root_fingerprint = base_fingerprint
         write_record(out, applies_to="original", base_model=info["base_model"], fingerprint=root_fingerprint,
                      r=(2 if svd else 1) * model_args.lora_r, lora_alpha=_root_alpha(out), **common)
@@ -227,7 +228,7 @@ def _promote(staging: Path, final: Path) -> None:
 
 
 def _set_adapter_base(adapter_dir: Path, base: str | None) -> None:
-    """Name the residual base in the adapter's config (None where the run did not save it)."""
+    """Name the adapter's base in its config (for a residual base, None where the run did not save it)."""
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
     config = read_json(config_path)
     config["base_model_name_or_path"] = base

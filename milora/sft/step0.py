@@ -167,4 +167,17 @@ def _report(trainer, result: Step0Result) -> None:
     values = {"step0/logit_relative_error": result.logit_relative_error,
               "step0/loss_difference": result.loss_difference}
     if all(math.isfinite(v) for v in values.values()):
+        _pin_tensorboard_dir(trainer)
         trainer.log(values)  # TensorBoard (and the other report_to integrations) at step 0
+
+
+def _pin_tensorboard_dir(trainer) -> None:
+    """A TensorBoard writer opened before training would write to ./runs; give it the folder `on_train_begin`
+    would (OUTPUT_DIR/runs/...), which then keeps the same writer for the whole run."""
+    import os
+
+    from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())

@@ -137,7 +137,7 @@ def trained_model(kind: str, out_dir: Path, targets: list[str]) -> PeftModel:
     initialised = apply_milora(tiny_model(kind), targets, 8, show_progress=False)
     residual = tiny_model(kind)
     residual.load_state_dict(residual_state_dict(initialised), strict=False)
-    return PeftModel.from_pretrained(residual, out_dir).eval()
+    return PeftModel.from_pretrained(residual, out_dir / "residual_adapter").eval()
 
 
 def text_inputs() -> dict:
@@ -152,18 +152,18 @@ def image_inputs() -> dict:
 
 
 def check_outputs_reproduce_training(out_dir: Path, kind: str, targets: list[str], inputs: dict) -> None:
-    """merged/ and lora_adapter/ (on the ORIGINAL base) both give the trained model's logits, and the adapter
-    moved away from its initial values."""
+    """merged/ and the output folder's standard LoRA (on the ORIGINAL base) both give the trained model's logits,
+    and the adapter moved away from its initial values."""
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
     trained = trained_model(kind, out_dir, targets)
     initial = load_file(str(out_dir / "milora_init_adapter" / "adapter_model.safetensors"))
-    final = load_file(str(out_dir / "adapter_model.safetensors"))
+    final = load_file(str(out_dir / "residual_adapter" / "adapter_model.safetensors"))
     assert sorted(final) == sorted(initial)
     assert any(not torch.equal(final[k], initial[k]) for k in final if ".lora_B." in k)
     model_class = LlavaForConditionalGeneration if kind == "llava" else AutoModelForCausalLM
     merged = model_class.from_pretrained(out_dir / "merged").eval()
-    converted = PeftModel.from_pretrained(tiny_model(kind), out_dir / "lora_adapter").eval()
+    converted = PeftModel.from_pretrained(tiny_model(kind), out_dir).eval()
     with torch.no_grad():
         expected = trained(**inputs).logits
         assert relative_error(merged(**inputs).logits, expected) <= 1e-5
@@ -185,9 +185,10 @@ def test_initial_adapter_is_the_float64_minor_components(run):
     check_initial_adapter(run[1], tiny_model("llama"))
 
 
-def test_adapter_lora_adapter_and_merged_reload_and_reproduce_the_trained_model(run):
+def test_adapters_and_merged_reload_and_reproduce_the_trained_model(run):
     _, out_dir = run
-    for name in ("adapter_model.safetensors", "lora_adapter/adapter_model.safetensors", "merged/config.json"):
+    for name in ("adapter_model.safetensors", "residual_adapter/adapter_model.safetensors", "merged/config.json",
+                 "milora_adapter.json", "README.md"):
         assert (out_dir / name).is_file(), name
     check_outputs_reproduce_training(out_dir, "llama", LLAMA_TARGETS, text_inputs())
 

@@ -72,14 +72,17 @@ def test_outputs_are_written(run):
     assert info["method"] == method and info["lora_r"] == 8 and info["global_step"] == 12
     assert info["lora_alpha"] == (16 if method == "lora" else 8)  # the paper's defaults, set in the recipes
     assert (out / "milora_init_adapter").is_dir() == (method != "lora")
-    assert (out / "lora_adapter").is_dir() == (method != "lora")
+    assert (out / "residual_adapter").is_dir() == (method != "lora")
+    assert not (out / "lora_adapter").exists()
+    assert info["step0_check"]["logit_relative_error"] <= 1e-5 and info["step0_check"]["threshold"] == 1e-4
+    assert info["final_loss"] == losses(run[2])[-1]
     assert not list(out.glob(".*tmp*")), "no temporary directories left behind"
 
 
 def test_adapter_reloads_and_matches_the_merged_checkpoint(run, input_ids):
+    """The output folder on the original base, as plain PEFT loads it, is the trained model (= merged/)."""
     method, out, _ = run
-    base = tiny_model("llama") if method == "lora" else residual_base(method)
-    adapted = PeftModel.from_pretrained(base, str(out))
+    adapted = PeftModel.from_pretrained(tiny_model("llama"), str(out))
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     expected = logits(adapted, input_ids)
     torch.testing.assert_close(logits(merged, input_ids), expected, atol=1e-4, rtol=1e-4)
@@ -96,15 +99,41 @@ def test_merged_checkpoint_is_ready_for_lm_eval(run):
     assert (out / "merged" / "config.json").is_file()
 
 
-def test_standard_lora_applies_to_the_original_base(run, input_ids):
+def test_root_is_the_standard_lora_and_residual_adapter_needs_the_residual(run, input_ids):
+    """Root: rank 2r for the original model, named in its config. residual_adapter/: rank r, right on the residual
+    base only, which its config and record name; milora merge refuses it on the original model."""
     method, out, _ = run
+    config = json.loads((out / "adapter_config.json").read_text())
+    record = json.loads((out / "milora_adapter.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny:llama" and record["applies_to"] == "original"
+    assert config["r"] == (8 if method == "lora" else 16)
     if method == "lora":
-        pytest.skip("a LoRA adapter is already standard")
-    config = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 16 and config["base_model_name_or_path"] == "tiny:llama"
-    converted = PeftModel.from_pretrained(tiny_model("llama"), str(out / "lora_adapter"))
+        return
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    torch.testing.assert_close(logits(converted, input_ids), logits(merged, input_ids), atol=1e-4, rtol=1e-4)
+    residual = PeftModel.from_pretrained(residual_base(method), str(out / "residual_adapter"))
+    torch.testing.assert_close(logits(residual, input_ids), logits(merged, input_ids), atol=1e-4, rtol=1e-4)
+    residual_record = json.loads((out / "residual_adapter" / "milora_adapter.json").read_text())
+    assert residual_record["applies_to"] == "residual" and residual_record["base_model"] is None
+    assert residual_record["original_fingerprint"] == record["fingerprint"]
+    assert json.loads((out / "residual_adapter" / "adapter_config.json").read_text())["r"] == 8
+    from milora.cli import main as milora_cli
+
+    assert milora_cli(["merge", "--base", "tiny:llama", "--adapter", str(out / "residual_adapter"),
+                       "--out", str(out / "wrong")]) == 2
+    assert not (out / "wrong").exists()
+
+
+def test_model_card(run):
+    method, out, _ = run
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model: tiny:llama" in front and "library_name: peft" in front and f"- {method}" in front
+    info = json.loads((out / "milora_run.json").read_text())
+    for text in ("| rank r / lora_alpha | 8 /", "q_proj, k_proj", "tiny_math.jsonl", "| optimizer steps | 12 |",
+                 f"{info['final_loss']:.4f}", "step-0 check | relative logit error", "PeftModel.from_pretrained",
+                 "LoRARequest", "merged"):
+        assert text in card, text
+    assert ("Why the adapter here has rank 2r" in card) == (method != "lora")
 
 
 def test_initial_adapter_holds_the_chosen_singular_components(run):
@@ -146,7 +175,7 @@ def test_resume_continues_from_the_checkpoint(sft, tmp_path):
     adapter = load_file(str(tmp_path / "adapter_model.safetensors"))
     for key, value in expected_adapter.items():
         torch.testing.assert_close(adapter[key], value, atol=1e-5, rtol=1e-4)
-    assert (tmp_path / "lora_adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "residual_adapter" / "adapter_model.safetensors").is_file()
     assert list((tmp_path / "cache").glob("*/factors.safetensors")), "milora_cache_dir stores the SVD factors"
 
 
@@ -179,10 +208,18 @@ def test_trains_from_a_milora_init_directory(sft, tmp_path, input_ids):
         init_dir / "milora_init" / "adapter_model.safetensors"
     ).read_bytes()
     assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.05
-    converted = PeftModel.from_pretrained(tiny_model("llama"), str(out / "lora_adapter"))
+    converted = PeftModel.from_pretrained(tiny_model("llama"), str(out))
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     torch.testing.assert_close(logits(converted, input_ids), logits(merged, input_ids), atol=1e-4, rtol=1e-4)
     assert json.loads((out / "milora_run.json").read_text())["base_model"] == "tiny:llama"
+    # the residual adapter names the init directory, whose residual it applies to
+    residual_config = json.loads((out / "residual_adapter" / "adapter_config.json").read_text())
+    assert residual_config["base_model_name_or_path"] == str(init_dir.resolve())
+    from milora.conversion import merge_checkpoint
+
+    merge_checkpoint(str(init_dir), out / "residual_adapter", tmp_path / "merged_again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_again")
+    torch.testing.assert_close(logits(again, input_ids), logits(merged, input_ids), atol=1e-5, rtol=1e-5)
 
 
 def test_chat_data_trains_on_assistant_turns_only(sft, tmp_path):
@@ -250,4 +287,4 @@ def test_command_line_run_and_resume_in_new_processes(tmp_path):
     shutil.rmtree(tmp_path / "checkpoint-4")
     run("--resume_from_checkpoint", "true", seed="1")
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 4
-    assert (tmp_path / "lora_adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "residual_adapter" / "adapter_model.safetensors").is_file()

@@ -3,6 +3,8 @@ way, with the toolkit's defaults, command-line overrides, and clear errors."""
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -46,9 +48,9 @@ def test_command_line_overrides_any_key():
 
 
 def test_dashed_and_negated_flags():
-    recipe = parse_recipe([TINY, "--lora-r", "4", "--no_save_standard_lora", "--merge", "false"])
-    assert recipe.model.lora_r == 4 and not recipe.training.merge and not recipe.training.save_standard_lora
-    assert {"lora_r", "merge", "save_standard_lora"} <= recipe.explicit_keys
+    recipe = parse_recipe([TINY, "--lora-r", "4", "--no_step0_check", "--merge", "false"])
+    assert recipe.model.lora_r == 4 and not recipe.training.merge and not recipe.training.step0_check
+    assert {"lora_r", "merge", "step0_check"} <= recipe.explicit_keys
     with pytest.raises(RecipeError, match="unknown recipe key.*no_merge"):
         parse_recipe([TINY, "--no_merge"])
 
@@ -123,10 +125,13 @@ def test_resume_values(tmp_path):
     assert resolve_resume_checkpoint("false", str(tmp_path)) is None
     for step in (3, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-16").mkdir()  # a save that was cut short: trainer_state.json, written last, is partial
+    (tmp_path / "checkpoint-16" / "trainer_state.json").write_text('{"global_step": 1')
     assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-12")
     assert resolve_resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-12")
     assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-3"), "x") == str(tmp_path / "checkpoint-3")
-    with pytest.raises(RecipeError, match="no checkpoint-N directory"):
+    with pytest.raises(RecipeError, match="no complete checkpoint-N directory"):
         resolve_resume_checkpoint(True, str(tmp_path / "empty"))
 
 
