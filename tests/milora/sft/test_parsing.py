@@ -4,7 +4,6 @@ way, with the toolkit's defaults, command-line overrides, and clear errors."""
 from __future__ import annotations
 
 import json
-
 import os
 from pathlib import Path
 
