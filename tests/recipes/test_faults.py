@@ -87,7 +87,8 @@ def killed_then_resumed(killer_path: str, fault: str, out_dir: Path) -> tuple[su
                     str(SAVE_STEPS), extra_env=fault_env(killer_path, fault), expect_success=False)
     assert killed.returncode != 0 and "sft.py: done" not in killed.stdout, killed.stdout[-2000:]
     assert not (out_dir / "milora_run.json").exists()
-    resumed = train_tiny("zero2", out_dir, "--resume_from_checkpoint", "true")
+    resumed = launch("zero2", "recipes/tiny_milora.yaml", out_dir, "--max_steps", str(STEPS), "--save_steps",
+                     str(SAVE_STEPS), "--resume_from_checkpoint", "true")
     return killed, resumed.stdout + resumed.stderr
 
 
