@@ -173,6 +173,8 @@ def check_base(model: torch.nn.Module, adapter_dir: str | Path, base_name: str) 
     PEFT or an older milora), so nothing could be checked.
     """
     record = read_record(adapter_dir)
+    if record is None:
+        refuse_legacy_residual_root(adapter_dir)
     if record is None or not record.get("fingerprint"):
         return f"{adapter_dir} records no base fingerprint (written by PEFT or an older milora): base not checked"
     names = adapter_module_names(adapter_dir)
@@ -185,6 +187,26 @@ def check_base(model: torch.nn.Module, adapter_dir: str | Path, base_name: str) 
         f"{adapter_dir} applies to {describe_base(record)}, but the weights of {base_name} differ from it "
         f"(fingerprint of {len(names)} adapted layers); {hint}"
     )
+
+
+def refuse_legacy_residual_root(adapter_dir: str | Path) -> None:
+    """An output directory of an older milora kept the residual adapter at its root and the standard LoRA in
+    `lora_adapter/`: refuse its root, whose base cannot be checked, and say what to use instead."""
+    from milora.layout import LEGACY_STANDARD_LORA_DIR, RUN_INFO_FILE
+
+    info_path = Path(adapter_dir) / RUN_INFO_FILE
+    if not info_path.is_file():
+        return
+    try:
+        residual = read_json(info_path).get("adapter_base") == "residual"
+    except ValueError:
+        return
+    if residual:
+        raise BaseMismatchError(
+            f"{adapter_dir} was written by an older milora: its root adapter applies to the residual base W - B0 A0, "
+            f"not to the original model; use {Path(adapter_dir) / LEGACY_STANDARD_LORA_DIR} on the original model "
+            "(or move the folders to the current layout: README, Outputs)"
+        )
 
 
 def _mismatch_fix(record: dict, found: dict, dtype_name: str | None, adapter_dir) -> str:

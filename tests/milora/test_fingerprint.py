@@ -134,3 +134,16 @@ def test_truncated_adapter_file_is_one_line(trained, tmp_path, capsys):
         assert milora_cli(argv) == 2
         assert "adapter_model.safetensors is damaged" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+def test_an_old_layout_root_adapter_is_refused_with_the_folder_to_use(trained, tmp_path, capsys):
+    """Output directories of older versions kept the residual adapter at the root (and lora_adapter/ beside it)."""
+    import shutil
+
+    old = tmp_path / "old_run"
+    shutil.copytree(trained / "adapter", old)
+    (old / "milora_adapter.json").unlink()
+    (old / "milora_run.json").write_text(json.dumps({"adapter_base": "residual", "method": "milora"}))
+    assert milora_cli(["merge", "--base", "tiny:llama", "--adapter", str(old), "--out", str(tmp_path / "m")]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "written by an older milora" in err and str(old / "lora_adapter") in err
