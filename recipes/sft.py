@@ -32,6 +32,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from milora import MiLoRAError
 from milora.data import DataError
 from milora.io import DamagedFileError
+from milora.sft.checkpoints import TrainingAlreadyDone, stop_at_max_steps_callback
 from milora.sft.config import RecipeError
 from milora.sft.data import load_training_data
 from milora.sft.model import build_peft_model, load_tokenizer
@@ -64,7 +65,11 @@ def train(argv: list[str] | None = None):
     )
     # The initialised model must still be the base model: one forward pass of the first batch through both.
     step0 = run_step0_check(trainer, model_args, training_args).as_dict() if training_args.step0_check else None
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.add_callback(stop_at_max_steps_callback())
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except TrainingAlreadyDone as done:  # resumed from the last step: only the outputs were missing
+        trainer.accelerator.print(f"sft.py: {done}; writing the outputs")
     save_outputs(trainer, recipe, original_fingerprint, step0)
     trainer.accelerator.print(f"sft.py: done, outputs in {training_args.output_dir}")
     if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group

@@ -51,3 +51,21 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
             return str(checkpoint)
         logger.warning("skipping %s: not written whole (%s); the run stopped while saving it", checkpoint, reason)
     return None
+
+
+class TrainingAlreadyDone(Exception):
+    """Raised by `StopAtMaxSteps` before a step past `max_steps`; `recipes/sft.py` then writes the outputs."""
+
+
+def stop_at_max_steps_callback():
+    """A callback that stops a run resumed from its last checkpoint (killed while writing its outputs) before it
+    trains a step more: the Trainer compares `global_step` with `max_steps` only after a step, so a resume from
+    step `max_steps` in the middle of an epoch would otherwise end one step further than the run it resumes."""
+    from transformers import TrainerCallback
+
+    class StopAtMaxSteps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise TrainingAlreadyDone(f"the checkpoint is at step {state.global_step}, the last one")
+
+    return StopAtMaxSteps()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,7 @@ class Step0Result:
     rows: int
     dtype: str
     skipped: str | None = None
+    seconds: float | None = None  # what the check cost (the second model load included)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +118,7 @@ def run_step0_check(trainer, model_args, training) -> Step0Result:
     if any(is_zero3_partitioned(p) for p in model.parameters()):
         return _skipped(rows, dtype, "ZeRO-3 partitions the weights before training starts; run the check on one "
                         "process (the same recipe without the DeepSpeed config)")
+    started = time.perf_counter()
     rng = torch.random.get_rng_state()
     was_training = model.training
     model.eval()
@@ -135,7 +138,7 @@ def run_step0_check(trainer, model_args, training) -> Step0Result:
         result = Step0Result(
             logit_relative_error=relative_error(logits, base_logits), loss_base=base_loss, loss_initialised=loss,
             loss_difference=loss - base_loss, threshold=threshold_for(dtype, training.step0_max_error), rows=rows,
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=str(dtype).removeprefix("torch."), seconds=round(time.perf_counter() - started, 3),
         )
         _report(trainer, result)
         if not result.logit_relative_error <= result.threshold:  # NaN fails too
@@ -161,7 +164,8 @@ def _skipped(rows: int, dtype: torch.dtype, reason: str) -> Step0Result:
 
 def _report(trainer, result: Step0Result) -> None:
     message = (f"step-0 check: relative logit error {result.logit_relative_error:.3e} (limit {result.threshold:.0e}, "
-               f"{result.dtype}), loss base {result.loss_base:.6f} vs initialised {result.loss_initialised:.6f}")
+               f"{result.dtype}), loss base {result.loss_base:.6f} vs initialised {result.loss_initialised:.6f}, "
+               f"{result.seconds:.1f} s")
     trainer.accelerator.print(message)
     logger.info(message)
     values = {"step0/logit_relative_error": result.logit_relative_error,

@@ -120,3 +120,28 @@ def test_truncated_init_cache_file_is_computed_again(sft, tmp_path):
     assert factors.read_bytes() == whole  # rewritten whole, with the same factors
     first = (tmp_path / "first" / "milora_init_adapter" / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "second" / "milora_init_adapter" / "adapter_model.safetensors").read_bytes() == first
+
+
+def test_truncated_initial_adapter_is_written_again_on_resume(sft, tmp_path):
+    """A run that died while writing milora_init_adapter/ resumes: the rebuilt init is written again, and the
+    output root is still the trained model on the original base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from milora.tiny import tiny_model
+
+    out = tmp_path / "out"
+    args = [str(RECIPES / "tiny_milora.yaml"), "--output_dir", str(out), *QUICK, "--max_steps", "2",
+            "--save_strategy", "steps", "--save_steps", "1", "--merge", "true", "--report_to", "none"]
+    sft.train(args)
+    initial = out / "milora_init_adapter" / "adapter_model.safetensors"
+    whole = initial.read_bytes()
+    initial.write_bytes(whole[:100])
+    (out / "milora_run.json").unlink()
+    sft.train([*args, "--resume_from_checkpoint", "true"])
+    assert initial.read_bytes() == whole
+    ids = torch.randint(5, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(ids).logits
+        root = PeftModel.from_pretrained(tiny_model("llama"), out).eval()(ids).logits
+    assert relative_error(root, merged) <= 1e-5
