@@ -42,11 +42,6 @@ def _slices(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat[:EDGE], flat[spread], flat[-EDGE:]]).cpu()
 
 
-def fingerprint_of_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> dict:
-    """`{"layers": N, "float32": sha, "bfloat16": sha, "float16": sha}` for `(module name, weight)` pairs."""
-    return _fingerprint_of_samples([(name, _slices(weight), tuple(weight.shape)) for name, weight in weights])
-
-
 @contextlib.contextmanager
 def _gathered(weight: torch.Tensor):
     """The full weight, also under DeepSpeed ZeRO-3 (every process must enter)."""
@@ -91,20 +86,6 @@ def _fingerprint_of_samples(samples: list[tuple[str, torch.Tensor, tuple]]) -> d
             hashes[dtype_name].update(header)
             hashes[dtype_name].update(sample.to(dtype).view(torch.uint8).numpy().tobytes())
     return {"layers": len(samples), **{name: digest.hexdigest()[:32] for name, digest in hashes.items()}}
-
-
-def state_dict_fingerprint(state_dict: dict[str, torch.Tensor], module_names: Iterable[str]) -> dict:
-    """The fingerprint from a full state dict keyed as a PEFT model's (`...base_layer.weight`) or a plain one's."""
-    samples = []
-    for name in sorted(module_names):
-        for key in (f"{PEFT_PREFIX}{name}.base_layer.weight", f"{name}.base_layer.weight", f"{name}.weight"):
-            if key in state_dict:
-                weight = state_dict[key]
-                samples.append((name, _slices(weight), tuple(weight.shape)))
-                break
-        else:
-            raise KeyError(f"no weight of {name} in the state dict")
-    return _fingerprint_of_samples(samples)
 
 
 def fingerprint_dtype(model: torch.nn.Module, module_names: Iterable[str]) -> str | None:
