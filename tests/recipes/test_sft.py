@@ -288,3 +288,23 @@ def test_command_line_run_and_resume_in_new_processes(tmp_path):
     run("--resume_from_checkpoint", "true", seed="1")
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 4
     assert (tmp_path / "residual_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_saved_residual_base_is_named_by_the_residual_adapter(sft, tmp_path, input_ids):
+    """save_residual_base: true writes residual_base/; residual_adapter/ names it, so PEFT's AutoPeftModel loads
+    the trained model from that folder alone, and milora merge accepts it as the base."""
+    from peft import AutoPeftModelForCausalLM
+
+    from milora.cli import main as milora_cli
+
+    out = tmp_path / "out"
+    sft.train([str(RECIPES / "tiny_pissa.yaml"), "--output_dir", str(out), *FAST, "--max_steps", "2",
+               "--save_residual_base", "true", "--report_to", "none"])
+    config = json.loads((out / "residual_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "residual_base").resolve())
+    merged = logits(AutoModelForCausalLM.from_pretrained(out / "merged"), input_ids)
+    auto = AutoPeftModelForCausalLM.from_pretrained(out / "residual_adapter")
+    torch.testing.assert_close(logits(auto, input_ids), merged, atol=1e-5, rtol=1e-5)
+    assert milora_cli(["merge", "--base", str(out / "residual_base"), "--adapter", str(out / "residual_adapter"),
+                       "--out", str(tmp_path / "again")]) == 0
+    assert "residual_base/" in (out / "README.md").read_text()

@@ -123,7 +123,7 @@ def test_missing_recipe_file(sft, capsys, tmp_path):
 
 def test_resume_without_checkpoint(sft, capsys, tmp_path):
     err = run_main(sft, capsys, TINY, "--output_dir", tmp_path, "--resume_from_checkpoint", "true")
-    assert "holds no checkpoint-N directory to resume from" in err
+    assert "holds no complete checkpoint-N directory to resume from" in err
     err = run_main(sft, capsys, TINY, "--resume_from_checkpoint", tmp_path / "checkpoint-7")
     assert "no such checkpoint directory" in err
 
