@@ -119,6 +119,8 @@ def run_step0_check(trainer, model_args, training) -> Step0Result:
         return _skipped(rows, dtype, "ZeRO-3 partitions the weights before training starts; run the check on one "
                         "process (the same recipe without the DeepSpeed config)")
     started = time.perf_counter()
+    if training.device.type != "cpu" and next(model.parameters()).device.type == "cpu":
+        model.to(training.device)  # under DeepSpeed the model is still on the CPU here; ZeRO-2 moves it there too
     rng = torch.random.get_rng_state()
     was_training = model.training
     model.eval()
