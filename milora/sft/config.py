@@ -337,10 +337,15 @@ def resolve_resume_checkpoint(value, output_dir: str | None) -> str | None:
     if text.lower() in ("", "false", "none", "null", "no"):
         return None
     if text.lower() in ("true", "last", "yes"):
+        from transformers.trainer_utils import get_last_checkpoint
+
         from milora.sft.checkpoints import last_complete_checkpoint
 
         last = last_complete_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
         if last is None:
+            newest = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+            if newest is not None:  # a node's local copy holds only its own ranks' files: say so
+                check_deepspeed_checkpoint_complete(newest)
             raise RecipeError(
                 f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N directory to resume "
                 "from"

@@ -137,7 +137,7 @@ def test_node1_keeps_only_its_checkpoint_shards_and_node0_everything_else(two_no
         assert any(name.startswith(f"{checkpoint}/") and "/zero_pp_rank_0_" in name for name in on_node0)
         assert not any("rank_1" in name or "rank1" in name for name in on_node0)
     for name in ("adapter_model.safetensors", "milora_init_adapter/adapter_model.safetensors",
-                 "lora_adapter/adapter_model.safetensors", "merged/config.json", "milora_run.json"):
+                 "residual_adapter/adapter_model.safetensors", "merged/config.json", "milora_run.json"):
         assert name in on_node0, name
 
 
@@ -168,7 +168,7 @@ def test_training_equals_a_single_process_run(two_nodes, single_process_run):
     assert sorted(initial) == sorted(single_initial)
     for key, tensor in single_initial.items():  # the split init: the very factors one process computes
         assert torch.equal(initial[key], tensor), key
-    for name in ("adapter_model.safetensors", "lora_adapter/adapter_model.safetensors"):
+    for name in ("residual_adapter/adapter_model.safetensors", "adapter_model.safetensors"):
         trained, single_trained = (load_file(str(d / name)) for d in (node0, single_process_run))
         assert sorted(trained) == sorted(single_trained)
         for key, tensor in single_trained.items():
