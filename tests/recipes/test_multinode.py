@@ -8,7 +8,7 @@ What a run across nodes must get right:
   half of the layers twice and the other half never; the initial factors must be the float64 minor slice;
 - the effective batch over the global world size: 16 rows per optimizer step, 8 on each node;
 - shared outputs from global rank 0 only: node 1 keeps only its rank's checkpoint shards, node 0 a complete output
-  that reloads (adapter, `lora_adapter/`, `merged/`);
+  that reloads (adapter, `residual_adapter/`, `merged/`);
 - the same training as one process. One process (`python recipes/sft.py`) accumulates two micro-batches of 8
   rows per step; the nodes take one each, and accelerate hands rank k the k-th micro-batch of every step of the
   same sampler, so both runs see the same 16 rows per step in the same order (dropout 0, float32, one thread);
