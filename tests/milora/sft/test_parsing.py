@@ -142,6 +142,7 @@ def test_resume_refuses_deepspeed_shards_without_latest(tmp_path):
     with pytest.raises(RecipeError, match="copy every node's checkpoint-N/"):
         resolve_resume_checkpoint(True, str(tmp_path))
     (tmp_path / "checkpoint-4" / "latest").write_text("global_step4")
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"global_step": 4}))  # from node 0
     assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-4")
 
 
