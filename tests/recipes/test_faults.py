@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from .test_multiprocess import REPO_ROOT, SAVE_STEPS, STEPS, launch, logged_losses, pytestmark, train_tiny
+from .test_multiprocess import REPO_ROOT, SAVE_STEPS, STEPS, launch, logged_losses, train_tiny
+from .test_multiprocess import pytestmark as MULTIPROCESS_MARKS
+
+pytestmark = MULTIPROCESS_MARKS  # multiprocess, and skipped without DeepSpeed or ninja
 
 KILLER = '''
 import os, signal
@@ -96,7 +99,6 @@ def final_loss(out_dir: Path) -> float:
     return json.loads((out_dir / "milora_run.json").read_text())["final_loss"]
 
 
-@pytest.mark.multiprocess
 def test_zero2_run_killed_during_training_resumes_to_the_same_loss(uninterrupted, killer_path, tmp_path):
     out_dir = tmp_path / "out"
     killed_then_resumed(killer_path, f"train:{SAVE_STEPS + 1}", out_dir)
@@ -104,7 +106,6 @@ def test_zero2_run_killed_during_training_resumes_to_the_same_loss(uninterrupted
     assert logged_losses(out_dir)[STEPS] == pytest.approx(logged_losses(uninterrupted)[STEPS], abs=1e-6)
 
 
-@pytest.mark.multiprocess
 def test_zero2_run_killed_while_saving_a_checkpoint_resumes_from_the_previous_one(uninterrupted, killer_path,
                                                                                   tmp_path):
     out_dir = tmp_path / "out"
@@ -129,7 +130,6 @@ def run_sft(*args: str, env: dict | None = None, expect_success: bool = True) ->
     return result
 
 
-@pytest.mark.multiprocess
 def test_run_killed_while_writing_merged_is_not_done_and_resume_redoes_it(killer_path, tmp_path):
     out_dir = tmp_path / "out"
     killed = run_sft("--output_dir", str(out_dir), env=fault_env(killer_path, "merge:0"), expect_success=False)
@@ -141,6 +141,3 @@ def test_run_killed_while_writing_merged_is_not_done_and_resume_redoes_it(killer
 
     AutoModelForCausalLM.from_pretrained(out_dir / "merged")
     assert json.loads((out_dir / "milora_run.json").read_text())["global_step"] == 2
-
-
-pytestmark = pytestmark  # the markers and skips of the multi-process tests (DeepSpeed, ninja)
