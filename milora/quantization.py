@@ -153,7 +153,18 @@ def quantize_linear(linear: torch.nn.Linear, settings: FourBitSettings, device=N
     ).to(device)  # moving a Params4bit onto a device quantizes it there
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=linear.bias.requires_grad)
+    keep_packed_format(layer)
     return layer
+
+
+def keep_packed_format(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel on the first forward pass under
+    `no_grad` in eval mode: the repacked layer computes with bfloat16 scales (no longer the model that was trained
+    or measured), its weight no longer dequantizes with `dequantize_4bit`, and layers whose input size is not a
+    multiple of the block size fail there (bitsandbytes 0.50)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantize_linear_layers(model: torch.nn.Module, settings: FourBitSettings, keep: Callable[[str], bool],
@@ -230,6 +241,14 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def compute_dtype_of(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a 4-bit model's quantized layers compute in (the training dtype)."""
+    for module in model.modules():
+        if hasattr(module, "compute_dtype") and hasattr(getattr(module, "weight", None), "quant_state"):
+            return module.compute_dtype or torch.float32
+    return next(p.dtype for p in model.parameters() if torch.is_floating_point(p))
+
+
 def has_4bit_layers(model: torch.nn.Module) -> bool:
     return any(hasattr(getattr(m, "weight", None), "quant_state") for m in model.modules())
 
@@ -261,13 +280,10 @@ def kept_in_full_precision(model: torch.nn.Module, modules_to_save=None) -> Call
     return keep
 
 
-def skipped_module_names(model: torch.nn.Module, modules_to_save=None) -> list[str]:
+def skipped_module_names(vision_language: bool, modules_to_save=None) -> list[str]:
     """The same choice as `kept_in_full_precision`, as transformers' `llm_int8_skip_modules` names it."""
-    from milora.model import language_model_prefix
-
     names = ["lm_head", *(modules_to_save or ())]
-    prefix = language_model_prefix(model)
-    if prefix is not None:
+    if vision_language:
         names += ["vision_tower", "multi_modal_projector"]
     return names
 

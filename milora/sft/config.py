@@ -128,6 +128,23 @@ class ModelArguments:
         metadata={"help": "Reuse the SVD factors computed for the same weights, targets, rank and method by an "
                   "earlier run (stored there on first use): a resumed or repeated run skips the decomposition."},
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Train on a 4-bit base (QLoRA, QPiSSA, QMiLoRA): the decomposition reads the full-precision "
+                  "weights, then the residual is quantized with bitsandbytes; the adapters keep the training dtype."},
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None, metadata={"help": "dtype the 4-bit layers compute in. Default: dtype."}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "Quantize the 4-bit blocks' scales too (QLoRA's double quantization)."}
+    )
+    qpissa_iterations: int = field(
+        default=0,
+        metadata={"help": "PiSSA with load_in_4bit: refit the factors to what quantizing the residual loses, this "
+                  "many times (QPiSSA; 5 in its paper). 0 keeps the principal components exactly."},
+    )
     # Not a recipe key: lora_target_modules as the recipe gave it (None: not given) when a milora_init_dir's targets
     # replaced it; milora.sft.checks refuses one that selects other modules than the init directory's adapter.
     recipe_target_modules: list[str] | str | None = field(default=None, init=False, repr=False, compare=False)
@@ -149,6 +166,37 @@ class ModelArguments:
             self.lora_alpha = 2 * self.lora_r if self.method == "lora" else self.lora_r
         if self.dtype is None:
             self.dtype = str(default_dtype()).removeprefix("torch.")
+        self._check_4bit_keys()
+
+    def _check_4bit_keys(self) -> None:
+        from milora.quantization import QUANT_TYPES
+
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise RecipeError(
+                f"bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}: choose one of {', '.join(QUANT_TYPES)}"
+            )
+        if not isinstance(self.qpissa_iterations, int) or self.qpissa_iterations < 0:
+            raise RecipeError(f"qpissa_iterations must be a non-negative integer, got {self.qpissa_iterations!r}")
+        if self.qpissa_iterations and not (self.load_in_4bit and self.method == "pissa"):
+            raise RecipeError(
+                "qpissa_iterations refits PiSSA's factors to a 4-bit residual: it needs method: pissa and "
+                "load_in_4bit: true (for MiLoRA the refits would replace the minor components by the quantization "
+                "error's principal ones; docs/quantization.md)"
+            )
+        if self.qpissa_iterations and self.milora_init_dir is not None:
+            raise RecipeError("qpissa_iterations run at initialisation; with a milora_init_dir pass them to `milora "
+                              "init --qpissa_iterations N` instead")
+
+    def four_bit_settings(self):
+        """The `milora.quantization.FourBitSettings` of a `load_in_4bit` recipe, else None."""
+        if not self.load_in_4bit:
+            return None
+        from milora.loading import resolve_dtype
+        from milora.quantization import FourBitSettings
+
+        compute = resolve_dtype(self.bnb_4bit_compute_dtype or self.dtype)
+        return FourBitSettings(self.bnb_4bit_quant_type, None if compute == "auto" else compute,
+                               bool(self.use_bnb_nested_quant))
 
     def _take_settings_from_init_dir(self) -> None:
         """Method, rank, alpha and targets come from a `milora init` directory; a method, rank or alpha set here that

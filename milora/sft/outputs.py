@@ -137,6 +137,12 @@ def save_outputs(trainer, recipe) -> dict:
                 info["standard_lora_adapter"] = str(out / STANDARD_LORA_DIR)
         else:
             info["standard_lora_adapter"] = str(out)
+        if model_args.load_in_4bit and "standard_lora_adapter" in info:
+            from milora.sft.quantized import note_standard_lora_difference
+
+            info["quantization"] = model_args.four_bit_settings().describe()
+            info["standard_lora_difference"] = note_standard_lora_difference(
+                trainer, recipe, info["standard_lora_adapter"], info["base_model"])
         if training.merge:
             model = trainer.accelerator.unwrap_model(trainer.model)
             if full_state is not None:

@@ -1,0 +1,101 @@
+"""What a `load_in_4bit` run adds to its outputs: how far the standard LoRA, applied to the full-precision original
+base, is from the trained 4-bit model, measured on rows of the training data and stated in the adapter's model card.
+
+The trained model computes `dequant(Q(W_res)) + s B A`; the standard LoRA on the original base computes
+`W + s (B A - B0 A0) = W_res + s B A`. They differ by the residual's quantization error `W_res - dequant(Q(W_res))`,
+which training does not change (the base is frozen) and the conversion cannot remove.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CARD_FILE = "README.md"
+CARD_HEADING = "## Trained on a 4-bit base"
+PROBE_ROWS = 2
+PROBE_TOKENS = 128
+
+
+def probe_input_ids(dataset, rows: int = PROBE_ROWS, tokens: int = PROBE_TOKENS) -> torch.Tensor | None:
+    """The first `rows` tokenized training rows, cut to the shortest of them and at most `tokens` long."""
+    if dataset is None or "input_ids" not in getattr(dataset, "column_names", ()):
+        return None
+    ids = [list(dataset[i]["input_ids"]) for i in range(min(rows, len(dataset)))]
+    if not ids:
+        return None
+    length = min(tokens, *(len(row) for row in ids))
+    return torch.tensor([row[:length] for row in ids])
+
+
+@torch.no_grad()
+def logits_difference(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Relative Frobenius difference of two logit tensors, the largest log-probability difference and how often
+    the most likely next token agrees."""
+    reference, other = reference.to(torch.float64), other.to(torch.float64)
+    logp_ref, logp = reference.log_softmax(-1), other.log_softmax(-1)
+    return {
+        "relative_logits_difference": float((reference - other).norm() / reference.norm()),
+        "max_abs_logprob_difference": float((logp_ref - logp).abs().max()),
+        "top1_agreement": float((reference.argmax(-1) == other.argmax(-1)).double().mean()),
+        "tokens": int(reference.shape[0] * reference.shape[1]),
+    }
+
+
+@torch.no_grad()
+def standard_lora_difference(trained_model, base_model: str, adapter_dir: str | Path, input_ids: torch.Tensor,
+                             dtype: torch.dtype) -> dict:
+    """Logits of the original base + the standard LoRA at `adapter_dir` (loaded on the CPU in `dtype`) against the
+    trained 4-bit model's, on `input_ids`."""
+    from peft import PeftModel
+
+    from milora.loading import load_model
+
+    original = PeftModel.from_pretrained(load_model(base_model, dtype=dtype), str(adapter_dir)).eval()
+    reference = original(input_ids=input_ids).logits
+    was_training = trained_model.training
+    device = next(p.device for p in trained_model.parameters())
+    trained = trained_model.eval()(input_ids=input_ids.to(device)).logits.cpu()
+    trained_model.train(was_training)
+    return logits_difference(reference, trained)
+
+
+def write_card_note(adapter_dir: str | Path, base_model: str, settings: dict, difference: dict) -> None:
+    """Append (or replace) the 4-bit section of the adapter's model card."""
+    card = Path(adapter_dir) / CARD_FILE
+    text = card.read_text() if card.is_file() else ""
+    text = text.split(CARD_HEADING)[0].rstrip() + "\n\n" if text else ""
+    text += (
+        f"{CARD_HEADING}\n\n"
+        f"This adapter was trained on a 4-bit ({settings['quant_type']}, nested: {settings['nested']}) base and is "
+        f"written for the full-precision `{base_model}`. There it carries the quantization error of the frozen base, "
+        f"which training does not remove. Measured on {difference['tokens']} tokens of the training data against "
+        "the trained 4-bit model:\n\n"
+        f"- relative logits difference ||z - z_4bit|| / ||z||: {difference['relative_logits_difference']:.4f}\n"
+        f"- largest |log p - log p_4bit|: {difference['max_abs_logprob_difference']:.4f}\n"
+        f"- same most likely next token: {100 * difference['top1_agreement']:.1f}% of positions\n\n"
+        "To reproduce the trained model exactly, load the base in 4 bits with the same settings "
+        "(the residual base for milora/pissa: `merged/` holds the dequantized result).\n"
+    )
+    card.write_text(text)
+
+
+def note_standard_lora_difference(trainer, recipe, adapter_dir: str | Path, base_model: str | None) -> dict | None:
+    """Measure and record the difference for a `load_in_4bit` run (text models with a known base); None when it
+    cannot be measured."""
+    from milora.loading import is_vision_language, resolve_dtype
+    from milora.quantization import compute_dtype_of
+
+    model_args = recipe.model
+    if not model_args.load_in_4bit or base_model is None or is_vision_language(base_model):
+        return None
+    input_ids = probe_input_ids(trainer.train_dataset)
+    if input_ids is None:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    dtype = resolve_dtype(model_args.dtype, "cpu")
+    dtype = compute_dtype_of(model) if dtype == "auto" else dtype
+    difference = standard_lora_difference(model, base_model, adapter_dir, input_ids, dtype)
+    write_card_note(adapter_dir, base_model, model_args.four_bit_settings().describe(), difference)
+    return difference
