@@ -183,6 +183,16 @@ class ModelArguments:
                 "load_in_4bit: true (for MiLoRA the refits would replace the minor components by the quantization "
                 "error's principal ones; docs/quantization.md)"
             )
+        if self.load_in_4bit and self.milora_init_dir is not None:
+            from milora.init_dir import read_metadata
+
+            made = read_metadata(self.milora_init_dir).get("quantization") or {}
+            ours = {"quant_type": self.bnb_4bit_quant_type, "nested": bool(self.use_bnb_nested_quant)}
+            if made and any(made.get(k) != v for k, v in ours.items()):
+                raise RecipeError(
+                    f"milora_init_dir {self.milora_init_dir} refitted its factors for 4-bit {made}, this recipe "
+                    f"quantizes with {ours}; use the init's bnb_4bit_quant_type / use_bnb_nested_quant"
+                )
         if self.qpissa_iterations and self.milora_init_dir is not None:
             raise RecipeError("qpissa_iterations run at initialisation; with a milora_init_dir pass them to `milora "
                               "init --qpissa_iterations N` instead")

@@ -1,0 +1,115 @@
+"""`recipes/sft.py` with `load_in_4bit: true` on CPU: every method trains on a 4-bit (nf4) base, saves its adapter,
+merges (dequantized residual + update) and converts, and the model card states the measured difference between
+the standard LoRA on the original base and the trained 4-bit model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from milora.sft.config import RecipeError
+from milora.sft.parsing import parse_recipe
+from milora.sft.quantized import CARD_HEADING, logits_difference
+from milora.tiny import tiny_model, tiny_tokenizer
+
+pytest.importorskip("bitsandbytes")
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+FAST = [
+    "--max_steps", "4", "--warmup_steps", "1", "--logging_steps", "1", "--save_strategy", "no",
+    "--per_device_train_batch_size", "4", "--effective_batch_size", "4", "--dataset_max_samples", "32",
+    "--disable_tqdm", "true", "--report_to", "none", "--load_in_4bit", "true",
+]
+RUNS = {  # name: (recipe, extra arguments)
+    "lora": ("tiny_lora.yaml", []),
+    "pissa": ("tiny_pissa.yaml", []),
+    "qpissa": ("tiny_pissa.yaml", ["--qpissa_iterations", "2"]),
+    "milora": ("tiny_milora.yaml", []),
+    "mid": ("tiny_milora.yaml", ["--method", "mid"]),
+    "random": ("tiny_milora.yaml", ["--method", "random"]),
+}
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=input_ids).logits
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return tiny_tokenizer()("### Instruction:\nTom has 3 apples and buys 4 more.", return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def run(request, sft, tmp_path_factory):
+    recipe, extra = RUNS[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    trainer = sft.train([str(RECIPES / recipe), "--output_dir", str(out), *FAST, *extra])
+    return request.param, out, trainer
+
+
+def test_trains_on_a_4bit_base(run):
+    _, out, trainer = run
+    model = trainer.model
+    quantized = [m for m in model.modules() if getattr(getattr(m, "weight", None), "dtype", None) == torch.uint8]
+    assert len(quantized) >= 14  # 7 linear layers x 2 blocks; lm_head stays in full precision
+    assert trainer.state.global_step == 4
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    info = json.loads((out / "milora_run.json").read_text())
+    assert info["quantization"] == {"quant_type": "nf4", "compute_dtype": "float32", "nested": False}
+
+
+def test_merged_checkpoint_is_the_trained_4bit_model_dequantized(run, input_ids):
+    _, out, trainer = run
+    config = json.loads((out / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    torch.testing.assert_close(logits(merged, input_ids), logits(trainer.model, input_ids), atol=1e-4, rtol=1e-4)
+
+
+def test_standard_lora_carries_the_quantization_error_stated_in_the_card(run):
+    name, out, trainer = run
+    info = json.loads((out / "milora_run.json").read_text())
+    adapter_dir = Path(info["standard_lora_adapter"])
+    assert adapter_dir == (out if name == "lora" else out / "lora_adapter")
+    recorded = info["standard_lora_difference"]
+    probe = torch.tensor([list(trainer.train_dataset[i]["input_ids"]) for i in range(2)][0][:8])[None]
+    converted = PeftModel.from_pretrained(tiny_model("llama"), str(adapter_dir))
+    measured = logits_difference(logits(converted, probe), logits(trainer.model, probe))
+    # the conversion is exact up to the base's quantization error: small, but not zero
+    assert 1e-4 < measured["relative_logits_difference"] < 0.5
+    assert 1e-4 < recorded["relative_logits_difference"] < 0.5 and recorded["tokens"] > 0
+    card = (adapter_dir / "README.md").read_text()
+    assert CARD_HEADING in card and f"{recorded['relative_logits_difference']:.4f}" in card
+
+
+def test_an_init_directory_trains_in_4bit(sft, tmp_path, input_ids):
+    from milora.cli import main as milora_cli
+
+    init_dir = tmp_path / "init"
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "8", "--mode", "pissa", "--out", str(init_dir),
+                       "--qpissa_iterations", "2"]) == 0
+    assert json.loads((init_dir / "milora_init" / "milora.json").read_text())["quantization"]["iterations"] == 2
+    out = tmp_path / "run"
+    trainer = sft.train([str(RECIPES / "tiny_pissa.yaml"), "--output_dir", str(out),
+                         "--milora_init_dir", str(init_dir), *FAST])
+    base = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+    assert base.weight.dtype == torch.uint8
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    torch.testing.assert_close(logits(merged, input_ids), logits(trainer.model, input_ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "milora", "--qpissa_iterations", "3"], "qpissa_iterations refits PiSSA"),
+    (["--method", "pissa", "--qpissa_iterations", "3", "--load_in_4bit", "false"], "load_in_4bit: true"),
+    (["--bnb_4bit_quant_type", "int4"], "bnb_4bit_quant_type 'int4'"),
+])
+def test_bad_4bit_keys_are_refused(extra, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe([str(RECIPES / "tiny_milora.yaml"), "--load_in_4bit", "true", *extra])
