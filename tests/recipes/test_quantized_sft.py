@@ -12,6 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from milora import apply_milora
+from milora.quantization import FourBitSettings
 from milora.sft.config import RecipeError
 from milora.sft.parsing import parse_recipe
 from milora.sft.quantized import CARD_HEADING, logits_difference
@@ -25,6 +27,7 @@ FAST = [
     "--per_device_train_batch_size", "4", "--effective_batch_size", "4", "--dataset_max_samples", "32",
     "--disable_tqdm", "true", "--report_to", "none", "--load_in_4bit", "true",
 ]
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RUNS = {  # name: (recipe, extra arguments)
     "lora": ("tiny_lora.yaml", []),
     "pissa": ("tiny_pissa.yaml", []),
@@ -33,6 +36,15 @@ RUNS = {  # name: (recipe, extra arguments)
     "mid": ("tiny_milora.yaml", ["--method", "mid"]),
     "random": ("tiny_milora.yaml", ["--method", "random"]),
 }
+
+
+def trained_4bit_model(name, out):
+    """The model the run trained, rebuilt: the 4-bit base made the same way + the saved adapter (the run's own
+    model object is consumed by the merge)."""
+    method = {"qpissa": "pissa"}.get(name, name)
+    base = apply_milora(tiny_model("llama"), TARGETS, 8, method=method, quantization=FourBitSettings(),
+                        quantization_iterations=2 if name == "qpissa" else 0, show_progress=False).unload()
+    return PeftModel.from_pretrained(base, str(out))
 
 
 def logits(model, input_ids):
@@ -54,10 +66,10 @@ def run(request, sft, tmp_path_factory):
 
 
 def test_trains_on_a_4bit_base(run):
-    _, out, trainer = run
-    model = trainer.model
-    quantized = [m for m in model.modules() if getattr(getattr(m, "weight", None), "dtype", None) == torch.uint8]
-    assert len(quantized) >= 14  # 7 linear layers x 2 blocks; lm_head stays in full precision
+    name, out, trainer = run
+    model = trained_4bit_model(name, out)
+    quantized = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert len(quantized) == 14  # 7 linear layers x 2 blocks; lm_head stays in full precision
     assert trainer.state.global_step == 4
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
     info = json.loads((out / "milora_run.json").read_text())
@@ -65,12 +77,15 @@ def test_trains_on_a_4bit_base(run):
 
 
 def test_merged_checkpoint_is_the_trained_4bit_model_dequantized(run, input_ids):
-    _, out, trainer = run
+    name, out, _ = run
     config = json.loads((out / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    torch.testing.assert_close(logits(merged, input_ids), logits(trainer.model, input_ids), atol=1e-4, rtol=1e-4)
+    trained = logits(trained_4bit_model(name, out), input_ids)
+    torch.testing.assert_close(logits(merged, input_ids), trained, atol=1e-4, rtol=1e-4)
+    # training moved the model away from its start
+    assert (trained - logits(tiny_model("llama"), input_ids)).abs().max() > 1e-3
 
 
 def test_standard_lora_carries_the_quantization_error_stated_in_the_card(run):
@@ -81,7 +96,7 @@ def test_standard_lora_carries_the_quantization_error_stated_in_the_card(run):
     recorded = info["standard_lora_difference"]
     probe = torch.tensor([list(trainer.train_dataset[i]["input_ids"]) for i in range(2)][0][:8])[None]
     converted = PeftModel.from_pretrained(tiny_model("llama"), str(adapter_dir))
-    measured = logits_difference(logits(converted, probe), logits(trainer.model, probe))
+    measured = logits_difference(logits(converted, probe), logits(trained_4bit_model(name, out), probe))
     # the conversion is exact up to the base's quantization error: small, but not zero
     assert 1e-4 < measured["relative_logits_difference"] < 0.5
     assert 1e-4 < recorded["relative_logits_difference"] < 0.5 and recorded["tokens"] > 0
@@ -98,11 +113,14 @@ def test_an_init_directory_trains_in_4bit(sft, tmp_path, input_ids):
     assert json.loads((init_dir / "milora_init" / "milora.json").read_text())["quantization"]["iterations"] == 2
     out = tmp_path / "run"
     trainer = sft.train([str(RECIPES / "tiny_pissa.yaml"), "--output_dir", str(out),
-                         "--milora_init_dir", str(init_dir), *FAST])
+                         "--milora_init_dir", str(init_dir), *FAST, "--merge", "false"])
     base = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
     assert base.weight.dtype == torch.uint8
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    torch.testing.assert_close(logits(merged, input_ids), logits(trainer.model, input_ids), atol=1e-4, rtol=1e-4)
+    # the same 4-bit model as a run that refits and quantizes at start-up
+    direct = apply_milora(tiny_model("llama"), TARGETS, 8, method="pissa", quantization=FourBitSettings(),
+                          quantization_iterations=2, show_progress=False).unload()
+    trained = PeftModel.from_pretrained(direct, str(out))
+    torch.testing.assert_close(logits(trained, input_ids), logits(trainer.model, input_ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("extra,message", [
