@@ -64,7 +64,7 @@ def require_bitsandbytes():
         import bitsandbytes
     except ImportError as error:
         raise MiLoRAError(
-            "load_in_4bit needs bitsandbytes: `pip install bitsandbytes>=0.49` (or `pip install -e .`)"
+            "load_in_4bit needs bitsandbytes: `pip install bitsandbytes>=0.50` (or `pip install -e .[quantization]`)"
         ) from error
     return bitsandbytes
 

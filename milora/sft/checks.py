@@ -159,7 +159,8 @@ def check_4bit_launch(model_args, training) -> None:
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RecipeError("load_in_4bit: true needs bitsandbytes: `pip install bitsandbytes>=0.49`")
+        raise RecipeError("load_in_4bit: true needs bitsandbytes: `pip install bitsandbytes>=0.50` "
+                          "(or `pip install -e .[quantization]`)")
     plugin = getattr(training, "deepspeed_plugin", None)
     config = getattr(plugin, "deepspeed_config", None)
     zero = (config.get("zero_optimization") or {}) if isinstance(config, dict) else {}
