@@ -176,6 +176,10 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
     if profile_table is not None:
         callbacks.append(profiled_steps(spec["warmup"], 2, profile_table))
     trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, callbacks)
+    if variant.load_in_4bit:  # as recipes/sft.py: float32 adapters, not the bf16 ones SFTTrainer makes of them
+        from milora.quantization import adapters_to_float32
+
+        adapters_to_float32(trainer.model)
     frozen, trainable = linear_weight_counts(trainer.model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

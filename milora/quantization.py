@@ -211,8 +211,10 @@ def merge_dequantized(peft_model, dtype: torch.dtype, adapter_name: str = "defau
     for name, layer in layers:
         base = layer.get_base_layer()
         weight = dequantized_weight(base, torch.float32)
-        if adapter_name in layer.lora_A:
-            weight = weight + layer.get_delta_weight(adapter_name).to(torch.float32)
+        if adapter_name in layer.lora_A:  # in float32 even where the factors are bfloat16 (PEFT multiplies in theirs)
+            B = layer.lora_B[adapter_name].weight.to(torch.float32)
+            A = layer.lora_A[adapter_name].weight.to(torch.float32)
+            weight = weight + layer.scaling[adapter_name] * (B @ A)
         _replace(model, name, _plain_linear(weight.to(dtype), base.bias))
     for name, module in list(model.named_modules()):
         if hasattr(getattr(module, "weight", None), "quant_state"):
@@ -247,6 +249,19 @@ def compute_dtype_of(model: torch.nn.Module) -> torch.dtype:
         if hasattr(module, "compute_dtype") and hasattr(getattr(module, "weight", None), "quant_state"):
             return module.compute_dtype or torch.float32
     return next(p.dtype for p in model.parameters() if torch.is_floating_point(p))
+
+
+def adapters_to_float32(model: torch.nn.Module) -> int:
+    """Put trainable parameters back in float32 after TRL's `SFTTrainer` cast them to bfloat16 (it does so for every
+    4-bit model, QLoRA's recommendation). The SVD factors were subtracted from the residual in full precision;
+    rounded to bfloat16, PiSSA's principal factors would move the model at init by ~0.4% of the largest singular
+    values. Float32 adapters under bf16 autocast are also what the bf16 recipes train. The number of tensors."""
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32 and torch.is_floating_point(param):
+            param.data = param.data.to(torch.float32)
+            count += 1
+    return count
 
 
 def has_4bit_layers(model: torch.nn.Module) -> bool:

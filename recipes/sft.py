@@ -57,6 +57,10 @@ def train(argv: list[str] | None = None):
         model=model, args=training_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
         processing_class=tokenizer, data_collator=data.data_collator,
     )
+    if model_args.load_in_4bit:  # SFTTrainer casts the adapters of 4-bit models to bf16; keep the factors exact
+        from milora.quantization import adapters_to_float32
+
+        adapters_to_float32(trainer.model)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_outputs(trainer, recipe)
     trainer.accelerator.print(f"sft.py: done, outputs in {training_args.output_dir}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from milora import apply_milora
@@ -71,6 +72,8 @@ def test_trains_on_a_4bit_base(run):
     quantized = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
     assert len(quantized) == 14  # 7 linear layers x 2 blocks; lm_head stays in full precision
     assert trainer.state.global_step == 4
+    # float32 factors (SFTTrainer casts a 4-bit model's adapters to bf16; recipes/sft.py undoes it)
+    assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {torch.float32}
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
     info = json.loads((out / "milora_run.json").read_text())
     assert info["quantization"] == {"quant_type": "nf4", "compute_dtype": "float32", "nested": False}
