@@ -205,6 +205,7 @@ def merge_dequantized(peft_model, dtype: torch.dtype, adapter_name: str = "defau
     """The plain model `dequant(Q(W_res)) + s B A` in `dtype`, computed in float32: every LoRA layer merged into
     its dequantized base, every other 4-bit layer dequantized. Consumes `peft_model`."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
 
     model = peft_model.get_base_model()
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
@@ -219,6 +220,9 @@ def merge_dequantized(peft_model, dtype: torch.dtype, adapter_name: str = "defau
     for name, module in list(model.named_modules()):
         if hasattr(getattr(module, "weight", None), "quant_state"):
             _replace(model, name, _plain_linear(dequantized_weight(module, dtype), module.bias))
+    for name, module in list(model.named_modules()):  # modules_to_save: their trained copy, as PEFT's unload
+        if isinstance(module, ModulesToSaveWrapper):
+            _replace(model, name, module.modules_to_save[module.active_adapter])
     forget_quantization(model)
     return model
 

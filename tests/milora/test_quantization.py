@@ -88,15 +88,17 @@ def test_every_linear_layer_of_the_language_model_is_quantized_but_the_output_la
     assert base.model.layers[0].self_attn.o_proj.weight.dtype == torch.uint8
 
 
-def test_llava_quantizes_the_language_tower_only():
+def test_llava_quantizes_the_language_tower_only_and_merges_to_a_plain_checkpoint():
     peft_model = apply_milora(tiny_model("llava"), ["q_proj", "v_proj"], R, method="milora", quantization=NF4,
-                              show_progress=False)
+                              modules_to_save=["multi_modal_projector"], show_progress=False)
     quantized = [n for n, m in peft_model.named_modules() if getattr(m, "weight", None) is not None
                  and m.weight.dtype == torch.uint8 and not isinstance(m, LoraLayer)]
     assert quantized and all(".language_model." in n for n in quantized)
     vision = [m for n, m in peft_model.named_modules() if "vision_tower" in n and isinstance(m, torch.nn.Linear)]
     assert vision and all(m.weight.dtype == torch.float32 for m in vision)
     assert "vision_tower" in skipped_module_names(True) and "vision_tower" not in skipped_module_names(False)
+    merged = merge_dequantized(peft_model, torch.float32)  # the LLaVA recipe trains the projector in full
+    assert set(merged.state_dict()) == set(tiny_model("llava").state_dict())
 
 
 def load_quantized(tmp_path):
