@@ -41,10 +41,10 @@ RUNS = {  # name: (recipe, extra arguments)
 
 def trained_4bit_model(name, out):
     """The model the run trained, rebuilt: the 4-bit base made the same way + the saved adapter (the run's own
-    model object is consumed by the merge)."""
+    model object is consumed by the merge). Seed 42: the recipes' seed, which the random method draws with."""
     method = {"qpissa": "pissa"}.get(name, name)
     base = apply_milora(tiny_model("llama"), TARGETS, 8, method=method, quantization=FourBitSettings(),
-                        quantization_iterations=2 if name == "qpissa" else 0, show_progress=False).unload()
+                        quantization_iterations=2 if name == "qpissa" else 0, seed=42, show_progress=False).unload()
     return PeftModel.from_pretrained(base, str(out))
 
 
