@@ -169,44 +169,15 @@ class ModelArguments:
         self._check_4bit_keys()
 
     def _check_4bit_keys(self) -> None:
-        from milora.quantization import QUANT_TYPES
+        from milora.sft.quantized import check_4bit_keys
 
-        if self.bnb_4bit_quant_type not in QUANT_TYPES:
-            raise RecipeError(
-                f"bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}: choose one of {', '.join(QUANT_TYPES)}"
-            )
-        if not isinstance(self.qpissa_iterations, int) or self.qpissa_iterations < 0:
-            raise RecipeError(f"qpissa_iterations must be a non-negative integer, got {self.qpissa_iterations!r}")
-        if self.qpissa_iterations and not (self.load_in_4bit and self.method == "pissa"):
-            raise RecipeError(
-                "qpissa_iterations refits PiSSA's factors to a 4-bit residual: it needs method: pissa and "
-                "load_in_4bit: true (for MiLoRA the refits would replace the minor components by the quantization "
-                "error's principal ones; docs/quantization.md)"
-            )
-        if self.load_in_4bit and self.milora_init_dir is not None:
-            from milora.init_dir import read_metadata
-
-            made = read_metadata(self.milora_init_dir).get("quantization") or {}
-            ours = {"quant_type": self.bnb_4bit_quant_type, "nested": bool(self.use_bnb_nested_quant)}
-            if made and any(made.get(k) != v for k, v in ours.items()):
-                raise RecipeError(
-                    f"milora_init_dir {self.milora_init_dir} refitted its factors for 4-bit {made}, this recipe "
-                    f"quantizes with {ours}; use the init's bnb_4bit_quant_type / use_bnb_nested_quant"
-                )
-        if self.qpissa_iterations and self.milora_init_dir is not None:
-            raise RecipeError("qpissa_iterations run at initialisation; with a milora_init_dir pass them to `milora "
-                              "init --qpissa_iterations N` instead")
+        check_4bit_keys(self)
 
     def four_bit_settings(self):
         """The `milora.quantization.FourBitSettings` of a `load_in_4bit` recipe, else None."""
-        if not self.load_in_4bit:
-            return None
-        from milora.loading import resolve_dtype
-        from milora.quantization import FourBitSettings
+        from milora.sft.quantized import four_bit_settings
 
-        compute = resolve_dtype(self.bnb_4bit_compute_dtype or self.dtype)
-        return FourBitSettings(self.bnb_4bit_quant_type, None if compute == "auto" else compute,
-                               bool(self.use_bnb_nested_quant))
+        return four_bit_settings(self)
 
     def _take_settings_from_init_dir(self) -> None:
         """Method, rank, alpha and targets come from a `milora init` directory; a method, rank or alpha set here that

@@ -1,5 +1,6 @@
-"""What a `load_in_4bit` run adds to its outputs: how far the standard LoRA, applied to the full-precision original
-base, is from the trained 4-bit model, measured on rows of the training data and stated in the adapter's model card.
+"""What `load_in_4bit` adds to a recipe run: the checks of its keys, its `FourBitSettings`, and in its outputs how far
+the standard LoRA, applied to the full-precision original base, is from the trained 4-bit model, measured on rows
+of the training data and stated in the adapter's model card.
 
 The trained model computes `dequant(Q(W_res)) + s B A`; the standard LoRA on the original base computes
 `W + s (B A - B0 A0) = W_res + s B A`. They differ by the residual's quantization error `W_res - dequant(Q(W_res))`,
@@ -12,10 +13,57 @@ from pathlib import Path
 
 import torch
 
+from milora.sft.config import RecipeError
+
 CARD_FILE = "README.md"
 CARD_HEADING = "## Trained on a 4-bit base"
 PROBE_ROWS = 2
 PROBE_TOKENS = 128
+
+
+def check_4bit_keys(model_args) -> None:
+    """Refuse 4-bit keys that cannot work together (`ModelArguments.__post_init__` calls it)."""
+    from milora.quantization import QUANT_TYPES
+
+    if model_args.bnb_4bit_quant_type not in QUANT_TYPES:
+        raise RecipeError(
+            f"bnb_4bit_quant_type {model_args.bnb_4bit_quant_type!r}: choose one of {', '.join(QUANT_TYPES)}"
+        )
+    iterations = model_args.qpissa_iterations
+    if not isinstance(iterations, int) or iterations < 0:
+        raise RecipeError(f"qpissa_iterations must be a non-negative integer, got {iterations!r}")
+    if iterations and not (model_args.load_in_4bit and model_args.method == "pissa"):
+        raise RecipeError(
+            "qpissa_iterations refits PiSSA's factors to a 4-bit residual: it needs method: pissa and "
+            "load_in_4bit: true (for MiLoRA the refits would replace the minor components by the quantization "
+            "error's principal ones; docs/quantization.md)"
+        )
+    init_dir = model_args.milora_init_dir
+    if model_args.load_in_4bit and init_dir is not None:
+        from milora.init_dir import read_metadata
+
+        made = read_metadata(init_dir).get("quantization") or {}
+        ours = {"quant_type": model_args.bnb_4bit_quant_type, "nested": bool(model_args.use_bnb_nested_quant)}
+        if made and any(made.get(k) != v for k, v in ours.items()):
+            raise RecipeError(
+                f"milora_init_dir {init_dir} refitted its factors for 4-bit {made}, this recipe quantizes with "
+                f"{ours}; use the init's bnb_4bit_quant_type / use_bnb_nested_quant"
+            )
+    if iterations and init_dir is not None:
+        raise RecipeError("qpissa_iterations run at initialisation; with a milora_init_dir pass them to `milora "
+                          "init --qpissa_iterations N` instead")
+
+
+def four_bit_settings(model_args):
+    """The `milora.quantization.FourBitSettings` of a `load_in_4bit` recipe, else None."""
+    if not model_args.load_in_4bit:
+        return None
+    from milora.loading import resolve_dtype
+    from milora.quantization import FourBitSettings
+
+    compute = resolve_dtype(model_args.bnb_4bit_compute_dtype or model_args.dtype)
+    return FourBitSettings(model_args.bnb_4bit_quant_type, None if compute == "auto" else compute,
+                           bool(model_args.use_bnb_nested_quant))
 
 
 def probe_input_ids(dataset, rows: int = PROBE_ROWS, tokens: int = PROBE_TOKENS) -> torch.Tensor | None:
