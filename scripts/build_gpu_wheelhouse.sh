@@ -20,13 +20,13 @@
 # is repacked with its CPU and CUDA 13.0 libraries only (the GPU machine's torch is built for CUDA 13.0), its
 # RECORD rewritten to match.
 #
-# Environment: VENV (default .venv), MAX_MIB (default 48), EXTRA_PKGS (more "name==version" pins, space-separated,
+# Environment: VENV (default .venv), MAX_MIB (default 40), EXTRA_PKGS (more "name==version" pins, space-separated,
 # e.g. "alpaca-eval==0.6.6 openai==3.54.0 ..." — the check then names their missing needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${VENV:-.venv}"
-MAX_MIB="${MAX_MIB:-48}"
+MAX_MIB="${MAX_MIB:-40}"
 DEST=.whl
 
 # Downloaded as wheels (pure or cp312 manylinux x86-64).
