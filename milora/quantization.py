@@ -119,12 +119,13 @@ class FactorRefit:
 
 
 def is_quantized_module(module: torch.nn.Module) -> bool:
-    """A bitsandbytes (or other packed) layer: its weight is not a plain float tensor."""
+    """A bitsandbytes layer (4-bit or 8-bit): its weight is packed storage plus quantization statistics. (Other
+    non-float weights are refused by `milora.model.check_weight`.)"""
     weight = getattr(module, "weight", None)
     if weight is None:
         return False
     return hasattr(weight, "quant_state") or type(weight).__name__ in ("Params4bit", "Int8Params") or (
-        not torch.is_floating_point(weight)
+        type(module).__module__.startswith("bitsandbytes")
     )
 
 
