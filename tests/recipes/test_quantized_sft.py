@@ -5,6 +5,9 @@ the standard LoRA on the original base and the trained 4-bit model."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from milora import apply_milora
+from milora.conversion import merge_adapter
 from milora.quantization import FourBitSettings
 from milora.sft.config import RecipeError
 from milora.sft.parsing import parse_recipe
@@ -22,7 +26,8 @@ from milora.tiny import tiny_model, tiny_tokenizer
 
 pytest.importorskip("bitsandbytes")
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPES = REPO_ROOT / "recipes"
 FAST = [
     "--max_steps", "4", "--warmup_steps", "1", "--logging_steps", "1", "--save_strategy", "no",
     "--per_device_train_batch_size", "4", "--effective_batch_size", "4", "--dataset_max_samples", "32",
@@ -134,3 +139,43 @@ def test_an_init_directory_trains_in_4bit(sft, tmp_path, input_ids):
 def test_bad_4bit_keys_are_refused(extra, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe([str(RECIPES / "tiny_milora.yaml"), "--load_in_4bit", "true", *extra])
+
+
+def test_llava_recipe_quantizes_the_language_tower_only(sft, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "llava"
+    trainer = sft.train([str(RECIPES / "tiny_llava_milora.yaml"), "--output_dir", str(out), *FAST, "--merge", "false"])
+    quantized = {n for n, m in trainer.model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+    assert quantized and all(".language_model." in n for n in quantized)
+    assert json.loads((out / "milora_run.json").read_text())["standard_lora_difference"] is None  # rows need images
+    merge_adapter(trainer.model, out / "merged")
+    merged = LlavaForConditionalGeneration.from_pretrained(out / "merged")
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+
+
+def run_command(command):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_zero3_with_a_4bit_base_is_refused_before_training(tmp_path):
+    result = run_command([sys.executable, "recipes/sft.py", "recipes/tiny_milora.yaml", "--load_in_4bit", "true",
+                          "--deepspeed", "deepspeed_configs/ds_zero3.json", "--output_dir", str(tmp_path / "out")])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "ZeRO-3" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "milora_init_adapter").exists()
+
+
+def test_milora_init_refuses_a_quantized_checkpoint_in_one_line(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=FourBitSettings().bnb_config(["lm_head"]))
+    quantized.save_pretrained(tmp_path / "nf4")  # a 4-bit checkpoint: loads quantized again
+    result = run_command([sys.executable, "-m", "milora.cli", "init", "--model", str(tmp_path / "nf4"), "--r", "4",
+                          "--out", str(tmp_path / "init")])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "already quantized" in result.stderr and "full-precision checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "init").exists()
