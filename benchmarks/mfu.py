@@ -28,10 +28,13 @@ def linear_weight_counts(model: torch.nn.Module) -> tuple[int, int]:
     frozen = trainable = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
+            # a 4-bit layer's weight is packed (two values a byte): count the matrix it stands for
+            count = module.in_features * module.out_features if hasattr(module.weight, "quant_state") else (
+                module.weight.numel())
             if module.weight.requires_grad:
-                trainable += module.weight.numel()
+                trainable += count
             else:
-                frozen += module.weight.numel()
+                frozen += count
     return frozen, trainable
 
 

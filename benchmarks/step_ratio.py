@@ -10,6 +10,7 @@ the same GPU state; the reported ratio is the median over the timed steps of (me
 
     python benchmarks/step_ratio.py --out OUT                   # LLaMA-2-7B shapes, one GPU (~45 GB)
     python benchmarks/step_ratio.py --smoke --out OUT           # the tiny model on CPU: checks the plumbing
+    python benchmarks/step_ratio.py --load_in_4bit --out OUT    # QMiLoRA / QPiSSA vs QLoRA on nf4 bases
 
 A step is forward, backward and AdamW, device-synchronised; the loop is written out here (no Trainer), so
 the absolute times are close to, not equal to, train_throughput's.
@@ -44,12 +45,12 @@ def padding_free_batch(rows: list[dict], device) -> dict:
     return {"input_ids": as_tensor(ids), "labels": as_tensor(labels), "position_ids": as_tensor(positions)}
 
 
-def build_trainee(method: str, spec: dict, device):
+def build_trainee(method: str, spec: dict, device, load_in_4bit: bool = False):
     """(model, optimizer) of one method, with the settings of recipes/llama2-7b_math_<method>.yaml."""
     from throughput_variants import FAST, Variant, resolved_settings
     from train_throughput import adapted_model
 
-    variant = Variant(method, "recipe", "", **FAST)
+    variant = Variant(method, "recipe", "", **FAST, load_in_4bit=load_in_4bit)
     settings = resolved_settings(variant, spec["batch_size"], spec["r"])
     model, _ = adapted_model(variant, spec, settings, cache_dir=None)
     if settings["liger"]:
@@ -71,9 +72,9 @@ def train_step(model, optimizer, batch, device) -> float:
     return loss.detach()
 
 
-def interleaved(methods: list[str], spec: dict, data: dict, device) -> dict:
+def interleaved(methods: list[str], spec: dict, data: dict, device, load_in_4bit: bool = False) -> dict:
     """Per method: the step times and losses of every step, trained in turn on the same batches."""
-    trainees = {m: build_trainee(m, spec, device) for m in methods}
+    trainees = {m: build_trainee(m, spec, device, load_in_4bit) for m in methods}
     if device.type == "cuda":
         torch.cuda.empty_cache()
     times = {m: [] for m in methods}
@@ -147,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--smoke", action="store_true", help="tiny model, CPU, 3 steps: checks the plumbing")
+    parser.add_argument("--load_in_4bit", action="store_true", help="every method on an nf4 base (QLoRA, QMiLoRA, ...)")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if "lora" not in methods:
@@ -154,12 +156,12 @@ def main(argv=None):
     spec = benchmark_spec(args.smoke, r=args.r, warmup=args.warmup, steps=args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_batches(spec, model_config(spec).vocab_size)
-    result = interleaved(methods, spec, data, device)
+    result = interleaved(methods, spec, data, device, args.load_in_4bit)
     rows = summary(result, spec["warmup"])
     env = environment()
     header = (f"device: {env['device']}, torch {env['torch']}, peft {env['peft']}; date {env['date']}; "
               f"{spec['model']}, r = {spec['r']}, {spec['warmup']} warm-up + {spec['steps']} timed steps per method, "
-              f"interleaved")
+              f"interleaved{', nf4 bases' if args.load_in_4bit else ''}")
     table = markdown(rows, header)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

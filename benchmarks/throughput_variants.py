@@ -38,6 +38,7 @@ class Variant:
     compile: bool = False
     init_cache: bool = False  # load the MiLoRA/PiSSA factors computed by an earlier process (no decomposition here)
     peft_input_cast: bool = False  # keep PEFT's float32 copy of LoRA inputs under autocast (milora.autocast)
+    load_in_4bit: bool = False  # nf4 base (QLoRA / QMiLoRA): the residual quantized after the decomposition
 
 
 FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True, grouping="budget", micro_batch=0)
@@ -60,11 +61,21 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                                **{**FAST, "grouping": "fixed"}),
     "lora_fast_peftcast": Variant("lora", "recipe", "all levers but PEFT's float32 copy of LoRA inputs",
                                   **FAST, peft_input_cast=True),
+    # 4-bit bases (QLoRA, QMiLoRA), GC on: the 12-16 GB configuration; `--variants qlora_lowmem,qmilora_lowmem,...`
+    "qlora_lowmem": Variant("lora", "recipe", "QLoRA: nf4 base, all levers but GC on",
+                            **{**FAST, "gradient_checkpointing": True}, load_in_4bit=True),
+    "qmilora_lowmem": Variant("milora", "recipe", "QMiLoRA: nf4 residual, all levers but GC on",
+                              **{**FAST, "gradient_checkpointing": True}, load_in_4bit=True),
+    "qpissa_lowmem": Variant("pissa", "recipe", "QPiSSA (no refits): nf4 residual, all levers but GC on",
+                             **{**FAST, "gradient_checkpointing": True}, load_in_4bit=True),
+    "qlora_fast": Variant("lora", "recipe", "QLoRA: nf4 base, all levers", **FAST, load_in_4bit=True),
+    "qmilora_fast": Variant("milora", "recipe", "QMiLoRA: nf4 residual, all levers", **FAST, load_in_4bit=True),
     # not in the default run:
     "lora_fast_dropout0": Variant("lora", "recipe", "all levers, lora_dropout 0 (the most a fused dropout could save)",
                                   **{**FAST, "lora_dropout": 0.0}),
     "lora_fast_compile": Variant("lora", "recipe", "all levers + torch_compile", **{**FAST, "compile": True}),
 }
+QUANTIZED_VARIANTS = ["trl_defaults", "qlora_lowmem", "qmilora_lowmem", "lora_lowmem", "qlora_fast", "qmilora_fast"]
 DEFAULT_VARIANTS = ["trl_defaults", "lora_fast", "milora_fast", "lora_recipe", "milora_recipe", "lora_lowmem",
                     "lora_fast_sdpa", "lora_fast_noliger", "lora_fast_fixed", "lora_fast_peftcast"]
 
@@ -118,7 +129,8 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
         settings["micro_batch"] = None  # the whole batch in one forward
     return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
             "compile": variant.compile, "bf16": on_gpu,
-            "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults"}
+            "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults",
+            "load_in_4bit": variant.load_in_4bit}
 
 
 def micro_batches(groups: list[list[int]], micro: int | None) -> tuple[list[list[int]], int]:

@@ -16,6 +16,7 @@ not counted) against 989 TFLOP/s; peak memory during training (torch.cuda.max_me
     python benchmarks/train_throughput.py --smoke                # tiny model on CPU, seconds: checks the plumbing
     python benchmarks/train_throughput.py --table OUT            # the markdown table of finished runs in OUT
     python benchmarks/train_throughput.py --list                 # the variants
+    python benchmarks/train_throughput.py --variants quantized   # 4-bit bases (QLoRA, QMiLoRA) beside bf16
 
 Each result also carries the GPU's SM clock, power and temperature over the timed steps (nvidia-smi, see
 benchmarks/step_diagnostics.py); `--profile` adds one run per variant with two steps under torch.profiler.
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from throughput_variants import (  # noqa: E402, F401 (the variants' names are part of this script's interface)
     DEFAULT_VARIANTS,
+    QUANTIZED_VARIANTS,
     TARGETS,
     VARIANTS,
     Variant,
@@ -124,9 +126,16 @@ def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str |
                                  lora_dropout=settings["lora_dropout"], target_modules=TARGETS)
     if variant.init_cache and cache_dir is None:
         raise ValueError(f"{variant.method}: init_cache needs a cache directory")
+    quantization = None
+    if variant.load_in_4bit:
+        from milora.quantization import FourBitSettings
+
+        quantization = FourBitSettings("nf4", compute_dtype=next(model.parameters()).dtype)
     model = apply_milora(model, TARGETS, spec["r"], mode=variant.method, lora_alpha=settings["lora_alpha"],
                          lora_dropout=settings["lora_dropout"], show_progress=False,
-                         cache_dir=cache_dir if variant.init_cache else None)
+                         cache_dir=cache_dir if variant.init_cache else None, quantization=quantization)
+    if quantization is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the bf16 weights the 4-bit layers replaced
     if variant.peft_input_cast:
         skip_input_casts_under_autocast(model, enabled=False)
     return model, None
@@ -167,6 +176,10 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
     if profile_table is not None:
         callbacks.append(profiled_steps(spec["warmup"], 2, profile_table))
     trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, callbacks)
+    if variant.load_in_4bit:  # as recipes/sft.py: float32 adapters, not the bf16 ones SFTTrainer makes of them
+        from milora.quantization import adapters_to_float32
+
+        adapters_to_float32(trainer.model)
     frozen, trainable = linear_weight_counts(trainer.model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -259,7 +272,8 @@ def orchestrate(args) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(out, spec_from_args(args))
-    variants = [v for v in args.variants.split(",") if v]
+    named = {"quantized": QUANTIZED_VARIANTS, "default": DEFAULT_VARIANTS}
+    variants = [name for v in args.variants.split(",") if v for name in named.get(v, [v])]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; --list shows them")

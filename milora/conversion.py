@@ -123,9 +123,16 @@ def convert_to_lora(
 def merge_adapter(peft_model, out_dir: str | Path, processing_class=None, safe_serialization: bool = True):
     """Merge the adapter into the base weights and save a full checkpoint that `from_pretrained` loads.
 
-    The PEFT model is consumed (merged in place); the merged plain model is returned.
+    The PEFT model is consumed (merged in place); the merged plain model is returned. On a 4-bit base the
+    checkpoint is the dequantized residual plus the update, in the dtype the 4-bit layers compute in
+    (`milora.quantization.merge_dequantized`), not a re-quantized model.
     """
-    merged = peft_model.merge_and_unload()
+    from milora.quantization import compute_dtype_of, has_4bit_layers, merge_dequantized
+
+    if has_4bit_layers(peft_model):
+        merged = merge_dequantized(peft_model, compute_dtype_of(peft_model))
+    else:
+        merged = peft_model.merge_and_unload()
     with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=safe_serialization)
         if processing_class is not None:

@@ -80,10 +80,10 @@ def _layer_weight(layer) -> torch.Tensor:
     return transpose(layer.get_base_layer().weight.data, layer.fan_in_fan_out)
 
 
-def _matrix(name: str, layer, index: int, seed: int, factors=None) -> Matrix:
+def _matrix(name: str, layer, index: int, seed: int, factors=None, refit=None) -> Matrix:
     # one generator per layer: the `random` mode does not depend on which layers came before
     return Matrix(name, _layer_weight(layer), layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME],
-                  torch.Generator().manual_seed(seed + index), factors)
+                  torch.Generator().manual_seed(seed + index), factors, refit=refit)
 
 
 @torch.no_grad()
@@ -95,10 +95,10 @@ def set_factors(layer, B: torch.Tensor, A: torch.Tensor) -> None:
 
 
 def _initialize(layers, indices, mode, device, solver, seed, workers, progress=None, factors=None, stats=None,
-                check_values=False, keep=True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                check_values=False, keep=True, refit=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Residuals and LoRA factors of `layers[i]` for i in `indices` (decomposed, or from `factors[i]`); returns
     the float64 factors by index if `keep`."""
-    matrices = [_matrix(layers[i][0], layers[i][1], i, seed, None if factors is None else factors[i])
+    matrices = [_matrix(layers[i][0], layers[i][1], i, seed, None if factors is None else factors[i], refit)
                 for i in indices]
     found = {}
 
@@ -183,8 +183,12 @@ def initialize_layers(
     workers: int | None = None,
     stats: TransferStats | None = None,
     check_values: bool = False,
+    refit=None,
 ) -> None:
     """Initialise every `(name, LoraLayer)` in `layers` from its `mode` singular components.
+
+    `refit(weight, B, A, scaling) -> (B, A)`, when given, changes each layer's factors before the residual is formed
+    (`milora.quantization.FactorRefit`); its `key()` goes into the cache key.
 
     The decomposition and the residual run on `device` (default: each weight's own), weights elsewhere
     streamed there and back (`milora.streaming`); `stats` collects the bytes moved; `check_values` refuses
@@ -194,20 +198,22 @@ def initialize_layers(
         if cache_dir is not None and rank == 0:
             warnings.warn("cache_dir is not used under DeepSpeed ZeRO-3; start from a `milora init` directory "
                           "to skip the decomposition on repeated runs", stacklevel=3)
-        return _initialize_zero3(layers, mode, device, solver, seed, show_progress, description)
+        return _initialize_zero3(layers, mode, device, solver, seed, show_progress, description, refit)
 
     first = layers[0][1]
     cache_path = None
     factors = None
     if cache_dir is not None:
         fingerprints = [weight_fingerprint(layer.get_base_layer().weight) for _, layer in layers]
-        key = cache_key(layers, first.r[ADAPTER_NAME], first.scaling[ADAPTER_NAME], mode, seed, solver, fingerprints)
+        cache_mode = mode if refit is None else f"{mode}+{refit.key()}"
+        key = cache_key(layers, first.r[ADAPTER_NAME], first.scaling[ADAPTER_NAME], cache_mode, seed, solver,
+                        fingerprints)
         cache_path = Path(cache_dir) / key
         factors = _load_cache(cache_path, len(layers))
         if world_size > 1 and not _every_rank_has(factors is not None):
             factors = None  # found on some nodes' local disks only: all ranks compute, else the broadcast hangs
     settings = dict(mode=mode, device=device, solver=solver, seed=seed, workers=workers, stats=stats,
-                    check_values=check_values)
+                    check_values=check_values, refit=refit)
     computed = factors is None
     if computed:
         owned = [i for i in range(len(layers)) if i % world_size == rank]
@@ -229,7 +235,7 @@ def _layer_params(layer) -> list[torch.nn.Parameter]:
     return [layer.get_base_layer().weight, layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight]
 
 
-def _initialize_zero3(layers, mode, device, solver, seed, show_progress, description) -> None:
+def _initialize_zero3(layers, mode, device, solver, seed, show_progress, description, refit=None) -> None:
     """Layers in groups of `world_size`: every rank gathers the whole group, rank k decomposes and writes the
     group's k-th layer, and every rank ends with that rank's residual and factors."""
     import deepspeed
@@ -244,7 +250,7 @@ def _initialize_zero3(layers, mode, device, solver, seed, show_progress, descrip
                 stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=position))
             if rank < len(group):
                 # the same generator as the single-process path: the `random` mode picks the same triplets
-                _initialize(layers, [group[rank]], mode, device, solver, seed, workers=1)
+                _initialize(layers, [group[rank]], mode, device, solver, seed, workers=1, refit=refit)
         if world_size > 1:
             _broadcast_unpartitioned(group, layers)
 

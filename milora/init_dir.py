@@ -76,6 +76,10 @@ def load_init_dir(init_dir: str | Path, dtype="auto", is_trainable: bool = True,
             "create one with `milora init --model ... --out DIR`"
         )
     model = load_model(str(init_dir), dtype=dtype, **model_kwargs)
+    if "quantization_config" in model_kwargs:  # a `milora init` residual quantized on loading (load_in_4bit)
+        from milora.quantization import keep_packed_format
+
+        keep_packed_format(model)
     peft_model = PeftModel.from_pretrained(model, str(init_dir / INIT_SUBDIR), is_trainable=is_trainable)
     skip_input_casts_under_autocast(peft_model)
     return peft_model

@@ -20,6 +20,7 @@ from milora.autocast import skip_input_casts_under_autocast
 from milora.decomposition import MODES
 from milora.distributed import initialize_layers, is_zero3_partitioned, lora_layers
 from milora.errors import MiLoRAError
+from milora.quantization import is_quantized_module, quantize_base, refit_for, refuse_quantized, requantize_residual
 
 # The method families a recipe or `apply_milora(method=...)` names, and the slice of the spectrum each one
 # initialises from (`milora.decomposition.MODES`; None = PEFT's default LoRA init, base weights untouched).
@@ -201,6 +202,9 @@ def wrap_model(
     names = resolve_target_modules(model, targets)
     for name in names:
         module = model.get_submodule(name)
+        if component_mode is None and is_quantized_module(module):
+            continue  # QLoRA on a model loaded in 4 bits: nothing to decompose
+        refuse_quantized(name, module)
         weight = transpose(module.weight, isinstance(module, Conv1D))
         check_weight(name, weight, r, values=_check_values_on_host(module.weight, device))
 
@@ -238,6 +242,9 @@ def apply_milora(
     cache_dir: str | None = None,
     workers: int | None = None,
     transfer_stats=None,
+    quantization=None,
+    quantization_iterations: int = 0,
+    quantize_residual: bool = True,
     **lora_kwargs,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA model (adapter `default`) initialised by `mode`.
@@ -263,6 +270,13 @@ def apply_milora(
             Weights that live off `device` (a model in CPU memory, `device="cuda"`) are streamed there and back
             through pinned buffers, so the GPU holds about `workers` matrices at a time (`milora.streaming`).
         transfer_stats: a `milora.streaming.TransferStats` that collects the bytes copied and their device time.
+        quantization: a `milora.quantization.FourBitSettings`: after the decomposition (which reads the
+            full-precision weights) the residual and the other linear layers of the (language) model are quantized
+            to 4 bits (on `device` when given), as QLoRA does; the factors keep the training dtype.
+        quantization_iterations: QPiSSA's refits of the factors to what quantizing the residual loses
+            (`milora.quantization.refit_factors`); 0 keeps the chosen singular components exactly.
+        quantize_residual: False refits the factors for `quantization` but leaves the residual in full precision
+            (`milora init`, whose residual a recipe quantizes on loading).
         **lora_kwargs: passed to `peft.LoraConfig` (`modules_to_save`, `use_rslora`, `task_type`, ...).
 
     Under torch.distributed the layers are split across ranks and broadcast; under DeepSpeed ZeRO-3
@@ -270,10 +284,16 @@ def apply_milora(
     Under autocast the LoRA layers skip PEFT's float32 copy of their input (`milora.autocast`).
     """
     mode, component_mode = _resolve_mode(mode, method)
+    if quantization_iterations and (quantization is None or component_mode is None):
+        raise MiLoRAError("quantization_iterations refit SVD factors to a 4-bit residual: pass quantization= and an "
+                          "SVD method (pissa, milora, ...)")
+    if quantization is not None and quantize_residual and component_mode is None:
+        quantize_base(model, quantization, device, lora_kwargs.get("modules_to_save"))  # QLoRA
     peft_model = wrap_model(model, targets, r, mode=mode, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             device=device, **lora_kwargs)
     if component_mode is None:
         return peft_model
+    storage_dtype = lora_layers(peft_model)[0][1].get_base_layer().weight.dtype
 
     unchecked = any(not _check_values_on_host(layer.get_base_layer().weight, device)
                     for _, layer in lora_layers(peft_model))
@@ -281,7 +301,11 @@ def apply_milora(
         lora_layers(peft_model), component_mode, device=device, solver=solver, seed=seed,
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
         workers=workers, stats=transfer_stats, check_values=unchecked,
+        refit=refit_for(quantization, quantization_iterations, storage_dtype),
     )
+    if quantization is not None and quantize_residual:
+        peft_model = requantize_residual(peft_model, quantization, device)
+        skip_input_casts_under_autocast(peft_model)
     if torch.cuda.is_available():
         # the float64 workspaces stay cached for the decomposition's side streams, where training cannot reuse
         # them: hand them back to the device

@@ -50,6 +50,7 @@ class Matrix:
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
     write: Callable[[torch.Tensor], None] | None = None
     nbytes: int | None = None
+    refit: Callable | None = None  # (weight, B, A, scaling) -> (B, A), e.g. QPiSSA's refits (milora.quantization)
 
     @property
     def home(self) -> torch.device:
@@ -91,11 +92,15 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
 def decompose_in_place(
     weight: torch.Tensor, r: int, mode: str, scaling: float, *, solver: str = "auto",
     generator: torch.Generator | None = None, factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    refit: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors `(B, A)` (float64, on `weight`'s device) of `mode`'s singular components, and `weight`
-    overwritten by `W - scaling * B A` rounded to its dtype. Given `factors`, only the residual is formed."""
+    overwritten by `W - scaling * B A` rounded to its dtype. Given `factors`, only the residual is formed;
+    `refit(weight, B, A, scaling)` changes computed factors before that."""
     if factors is None:
         B, A = lora_factors(singular_components(weight, r, mode, solver=solver, generator=generator), scaling)
+        if refit is not None:
+            B, A = refit(weight, B, A, scaling)
     else:
         B, A = (f.to(weight.device, torch.float64) for f in factors)
     subtract_low_rank_(weight, B, A, scaling)
@@ -155,7 +160,7 @@ def _process(matrix: Matrix, mode: str, solver: str, device: torch.device, stagi
         if check_values:
             check_finite(matrix.name, work)
         B, A = decompose_in_place(work, matrix.r, mode, matrix.scaling, solver=solver, generator=matrix.generator,
-                                  factors=matrix.factors)
+                                  factors=matrix.factors, refit=matrix.refit)
         if staging is not None:
             staging.download(work, host)
         elif work is not host:

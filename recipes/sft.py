@@ -63,6 +63,10 @@ def train(argv: list[str] | None = None):
         model=model, args=training_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
         processing_class=tokenizer, data_collator=data.data_collator,
     )
+    if model_args.load_in_4bit:  # SFTTrainer casts the adapters of 4-bit models to bf16; keep the factors exact
+        from milora.quantization import adapters_to_float32
+
+        adapters_to_float32(trainer.model)
     # The initialised model must still be the base model: one forward pass of the first batch through both.
     step0 = run_step0_check(trainer, model_args, training_args).as_dict() if training_args.step0_check else None
     trainer.add_callback(stop_at_max_steps_callback())

@@ -16,6 +16,10 @@
 # already has, when a wheel's tags don't fit cp312 manylinux x86-64, when a name is bundled twice, or when
 # the folder outgrows MAX_MIB.
 #
+# bitsandbytes (4-bit bases, load_in_4bit) ships one 43 MB wheel with libraries for every CUDA/ROCm/XPU version: it
+# is repacked with its CPU and CUDA 13.0 libraries only (the GPU machine's torch is built for CUDA 13.0), its
+# RECORD rewritten to match.
+#
 # Environment: VENV (default .venv), MAX_MIB (default 40), EXTRA_PKGS (more "name==version" pins, space-separated,
 # e.g. "alpaca-eval==0.6.6 openai==3.54.0 ..." — the check then names their missing needs).
 set -euo pipefail
@@ -56,6 +60,8 @@ BINARY_PKGS=(
     more-itertools==11.2.1
     # GGUF checkpoints (milora.gguf); needs numpy, pyyaml, requests, tqdm, all on the machine
     gguf==0.19.0
+    # 4-bit bases (milora.quantization); needs torch, numpy, packaging; repacked below
+    bitsandbytes==0.50.2
     # MATH answer equivalence (eval_harness.math_grading) and its needs
     math-verify==0.9.0
     latex2sympy2-extended==1.11.0
@@ -98,8 +104,8 @@ GPU_KNOWN_VERSIONS="torch==2.11.0 transformers==5.17.0 peft==0.21.0 accelerate==
 huggingface-hub==1.33.0 tokenizers==0.23.2 safetensors==0.8.0 numpy==2.5.2 sentencepiece==0.2.2
 tiktoken==0.14.0 pyarrow==25"
 
-PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
-           --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 
 [ -x "$VENV/bin/python" ] || { echo "error: $VENV/bin/python not found (deepspeed is built with its torch)" >&2; exit 1; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || { echo "error: $VENV has no torch" >&2; exit 1; }
@@ -128,6 +134,34 @@ for pkg in "${BINARY_PKGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${PLATFORMS[@]}" -d "$OUTDIR" "$pkg" 2>&1 | quiet || { echo "error: could not download $pkg" >&2; exit 1; }
 done
+
+echo "== repacking bitsandbytes with its CPU and CUDA 13.0 libraries only"
+python3 - "$OUTDIR" <<'EOF'
+import base64, hashlib, sys, zipfile
+from pathlib import Path
+
+KEEP = {"libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so"}
+for wheel in Path(sys.argv[1]).glob("bitsandbytes-*.whl"):
+    repacked = wheel.with_suffix(".repacked")
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(repacked, "w", zipfile.ZIP_DEFLATED) as target:
+        names = [n for n in source.namelist()
+                 if not (n.rsplit("/", 1)[-1].startswith("libbitsandbytes_") and n.rsplit("/", 1)[-1] not in KEEP)]
+        if not KEEP <= {n.rsplit("/", 1)[-1] for n in names}:
+            sys.exit(f"error: {wheel.name} lacks {sorted(KEEP)}")
+        record_name = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        record = []
+        for name in names:
+            if name == record_name:
+                continue
+            data = source.read(name)
+            target.writestr(source.getinfo(name), data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(data)}")
+        record.append(f"{record_name},,")
+        target.writestr(record_name, "\n".join(record) + "\n")
+    repacked.replace(wheel)
+    print(f"{wheel.name}: {len(names)} files, {wheel.stat().st_size / 1048576:.1f} MiB")
+EOF
 
 echo "== building pure wheels from sdists"
 for pkg in "${SDIST_PKGS[@]}"; do

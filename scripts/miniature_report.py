@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from statistics import mean
 
-METHOD_LABELS = {"lora": "LoRA (alpha 2r)", "pissa": "PiSSA (alpha r)", "milora": "MiLoRA (alpha r)"}
+METHOD_LABELS = {"lora": "LoRA (alpha 2r)", "pissa": "PiSSA (alpha r)", "milora": "MiLoRA (alpha r)",
+                 "qlora": "QLoRA (nf4 base)", "qpissa": "QPiSSA (nf4, 5 refits)", "qmilora": "QMiLoRA (nf4 residual)"}
 COMMONSENSE_COLUMNS = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "winogrande": "WinoG",
                        "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 

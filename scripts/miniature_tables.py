@@ -49,6 +49,10 @@ TASKS = {"math": 2, "commonsense": 1}  # task -> seeds
 METHODS = ("lora", "pissa", "milora")
 ALL_RUNS = [f"{task}_{method}_s{seed}" for task, seeds in TASKS.items() for method in METHODS
             for seed in range(1, seeds + 1)]
+# 4-bit bases: the bf16 method's recipe with load_in_4bit (QPiSSA with the 5 refits of its paper); `--runs quantized`
+QUANTIZED_METHODS = {"qlora": ("lora", []), "qpissa": ("pissa", ["--qpissa_iterations", "5"]),
+                     "qmilora": ("milora", [])}
+QUANTIZED_RUNS = [f"commonsense_{method}_s1" for method in QUANTIZED_METHODS]
 TRAIN_FILES = {"math": "gsm8k_train.jsonl", "commonsense": "commonsense_train.json"}
 EVAL_FILES = ("gsm8k_test.jsonl", "alpaca_eval/gpt4_1106_preview_outputs.json")
 SMOKE_TRAIN = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--effective_batch_size", "2",
@@ -166,9 +170,13 @@ def run_job(name: str, out: Path, base: Path, smoke: bool, extra: list[str]) -> 
     """The worker command line that trains one run (resuming from its last checkpoint if there is one)."""
     task, method, seed = name.split("_")
     run_dir = out / "runs" / name
-    argv = [str(REPO / "recipes" / f"smollm2_{task}_{method}.yaml"), "--seed", seed.removeprefix("s"),
+    recipe_method, four_bit = method, []
+    if method in QUANTIZED_METHODS:
+        recipe_method, refits = QUANTIZED_METHODS[method]
+        four_bit = ["--load_in_4bit", "true", *refits]
+    argv = [str(REPO / "recipes" / f"smollm2_{task}_{recipe_method}.yaml"), "--seed", seed.removeprefix("s"),
             "--output_dir", str(run_dir), "--model_name_or_path", str(base),
-            "--dataset_name", str(out / "data" / TRAIN_FILES[task])]
+            "--dataset_name", str(out / "data" / TRAIN_FILES[task]), *four_bit]
     if any(run_dir.glob("checkpoint-*")):
         argv += ["--resume_from_checkpoint", "true"]
     argv += (SMOKE_TRAIN if smoke else []) + extra
@@ -176,7 +184,8 @@ def run_job(name: str, out: Path, base: Path, smoke: bool, extra: list[str]) -> 
 
 
 def parse_runs(text: str) -> list[str]:
-    names = ALL_RUNS if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    named = {"all": ALL_RUNS, "quantized": QUANTIZED_RUNS}
+    names = [name for n in text.split(",") if n.strip() for name in named.get(n.strip(), [n.strip()])]
     unknown = [n for n in names if n not in ALL_RUNS and not _valid_run(n)]
     if unknown:
         raise DriverError(f"unknown run(s) {', '.join(unknown)}: use TASK_METHOD_sSEED (e.g. {ALL_RUNS[0]}) or all")
@@ -185,7 +194,8 @@ def parse_runs(text: str) -> list[str]:
 
 def _valid_run(name: str) -> bool:
     parts = name.split("_")
-    return (len(parts) == 3 and parts[0] in TASKS and parts[1] in METHODS and parts[2].startswith("s")
+    return (len(parts) == 3 and parts[0] in TASKS and parts[1] in (*METHODS, *QUANTIZED_METHODS)
+            and parts[2].startswith("s")
             and parts[2][1:].isdigit())
 
 
@@ -298,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train the runs side by side")
     t.add_argument("--model", required=True, help="the .gguf file (or a converted model directory)")
     t.add_argument("--out", default="outputs/miniature")
-    t.add_argument("--runs", default="all", help=f"comma-separated names or all ({', '.join(ALL_RUNS)})")
+    t.add_argument("--runs", default="all", help=f"comma-separated names, all ({', '.join(ALL_RUNS)}) or quantized "
+                   f"({', '.join(QUANTIZED_RUNS)}: 4-bit bases)")
     t.add_argument("--parallel", type=int, default=len(ALL_RUNS))
     t.add_argument("--sft_args", nargs=argparse.REMAINDER, default=[], help="more recipe overrides, last")
     e = commands.add_parser("evaluate", help="score the base model and every trained run")

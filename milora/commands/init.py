@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in_memory", action="store_true",
                         help="load the whole model in memory; by default a local safetensors checkpoint (with "
                              "--dtype auto) is processed file by file, one matrix at a time")
+    parser.add_argument("--qpissa_iterations", type=int, default=0,
+                        help="refit the factors to a 4-bit residual this many times (QPiSSA; loads the model in "
+                        "memory); the residual is saved in full precision, a recipe with load_in_4bit: true "
+                        "quantizes it the same way on loading")
+    parser.add_argument("--bnb_4bit_quant_type", default="nf4", help="4-bit type the refits assume: nf4 or fp4")
+    parser.add_argument("--use_bnb_nested_quant", action="store_true", help="the refits assume nested quantization")
     return parser
 
 
@@ -57,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         "source_model": args.model, "mode": normalize_mode(args.mode), "r": args.r, "targets": args.targets,
         "solver": args.solver, "seed": args.seed,
     }
-    if not args.in_memory and args.dtype == "auto" and _init_by_shards(args, processing_class, metadata):
+    quantization = None
+    if args.qpissa_iterations:
+        from milora.quantization import FourBitSettings
+
+        quantization = FourBitSettings(args.bnb_4bit_quant_type, nested=args.use_bnb_nested_quant)
+        metadata["quantization"] = {**quantization.describe(), "iterations": args.qpissa_iterations}
+    elif not args.in_memory and args.dtype == "auto" and _init_by_shards(args, processing_class, metadata):
         # written file by file: no base record (milora_adapter.json), so runs from it check no fingerprint
         print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
         return 0
@@ -66,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     peft_model = apply_milora(
         model, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
         device=args.device, solver=args.solver, seed=args.seed,
+        quantization=quantization, quantization_iterations=args.qpissa_iterations, quantize_residual=False,
     )
     metadata["lora_alpha"] = peft_model.peft_config["default"].lora_alpha
     save_init_dir(peft_model, args.out, processing_class, metadata)

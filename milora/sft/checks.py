@@ -22,6 +22,7 @@ def check_recipe(recipe) -> None:
     check_dataset(recipe.data.dataset_name, recipe.path, where)
     check_chat_template(recipe.training.chat_template_path)
     check_zero3_merge(recipe.training)
+    check_4bit_launch(recipe.model, recipe.training)
 
 
 def check_model_source(name: str | None, where: str = "") -> None:
@@ -148,3 +149,21 @@ def check_zero3_merge(training) -> None:
             "DeepSpeed config (deepspeed_configs/ds_zero3.json sets it); set it, or set merge: false and run "
             "`milora merge` after training"
         )
+
+
+def check_4bit_launch(model_args, training) -> None:
+    """A 4-bit base needs bitsandbytes and cannot be partitioned by ZeRO-3 (its packed weights are not float
+    parameters); refuse before anything loads."""
+    if not model_args.load_in_4bit:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("load_in_4bit: true needs bitsandbytes: `pip install bitsandbytes>=0.50` "
+                          "(or `pip install -e .[quantization]`)")
+    plugin = getattr(training, "deepspeed_plugin", None)
+    config = getattr(plugin, "deepspeed_config", None)
+    zero = (config.get("zero_optimization") or {}) if isinstance(config, dict) else {}
+    if str(zero.get("stage")) == "3":
+        raise RecipeError("load_in_4bit: true does not run under DeepSpeed ZeRO-3 (4-bit weights are not partitioned); "
+                          "use plain data parallel or ZeRO-2")

@@ -128,6 +128,23 @@ class ModelArguments:
         metadata={"help": "Reuse the SVD factors computed for the same weights, targets, rank and method by an "
                   "earlier run (stored there on first use): a resumed or repeated run skips the decomposition."},
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Train on a 4-bit base (QLoRA, QPiSSA, QMiLoRA): the decomposition reads the full-precision "
+                  "weights, then the residual is quantized with bitsandbytes; the adapters keep the training dtype."},
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None, metadata={"help": "dtype the 4-bit layers compute in. Default: dtype."}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "Quantize the 4-bit blocks' scales too (QLoRA's double quantization)."}
+    )
+    qpissa_iterations: int = field(
+        default=0,
+        metadata={"help": "PiSSA with load_in_4bit: refit the factors to what quantizing the residual loses, this "
+                  "many times (QPiSSA; 5 in its paper). 0 keeps the principal components exactly."},
+    )
     # Not a recipe key: lora_target_modules as the recipe gave it (None: not given) when a milora_init_dir's targets
     # replaced it; milora.sft.checks refuses one that selects other modules than the init directory's adapter.
     recipe_target_modules: list[str] | str | None = field(default=None, init=False, repr=False, compare=False)
@@ -149,6 +166,18 @@ class ModelArguments:
             self.lora_alpha = 2 * self.lora_r if self.method == "lora" else self.lora_r
         if self.dtype is None:
             self.dtype = str(default_dtype()).removeprefix("torch.")
+        self._check_4bit_keys()
+
+    def _check_4bit_keys(self) -> None:
+        from milora.sft.quantized import check_4bit_keys
+
+        check_4bit_keys(self)
+
+    def four_bit_settings(self):
+        """The `milora.quantization.FourBitSettings` of a `load_in_4bit` recipe, else None."""
+        from milora.sft.quantized import four_bit_settings
+
+        return four_bit_settings(self)
 
     def _take_settings_from_init_dir(self) -> None:
         """Method, rank, alpha and targets come from a `milora init` directory; a method, rank or alpha set here that

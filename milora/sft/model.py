@@ -46,11 +46,13 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
     from milora.fingerprint import model_fingerprint, read_record
     from milora.model import resolve_target_modules
 
+    four_bit = model_args.four_bit_settings()
     if model_args.milora_init_dir is not None:
         check_init_dir_files(model_args.milora_init_dir)
+        quantized = {} if four_bit is None else {"quantization_config": init_dir_4bit_config(model_args, four_bit)}
         peft_model = load_init_dir(
             model_args.milora_init_dir, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
-            trust_remote_code=training.trust_remote_code,
+            trust_remote_code=training.trust_remote_code, **quantized,
         )
         set_lora_dropout(peft_model, model_args.lora_dropout)
         record = read_record(os.path.join(model_args.milora_init_dir, INIT_SUBDIR)) or {}
@@ -68,6 +70,8 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         seed=training.seed,
         modules_to_save=model_args.lora_modules_to_save,
         cache_dir=model_args.milora_cache_dir,
+        quantization=four_bit,
+        quantization_iterations=model_args.qpissa_iterations,
         # decompose on this process's GPU: minutes for a 7B model instead of most of an hour on CPU
         device=training.device if training.device.type == "cuda" else None,
         show_progress=training.local_process_index == 0 and not training.disable_tqdm,
@@ -105,6 +109,15 @@ def check_init_dir_residual(peft_model, init_dir: str, record: dict) -> None:
             f"milora_init_dir {init_dir}: its residual model is not the one its adapter {INIT_SUBDIR}/ was made for "
             "(the weights' fingerprint differs); make the init directory again with `milora init`"
         )
+
+
+def init_dir_4bit_config(model_args: ModelArguments, four_bit):
+    """The `BitsAndBytesConfig` that quantizes a `milora init` residual on loading, as `apply_milora` would."""
+    from milora.loading import is_vision_language, resolve_dtype
+    from milora.quantization import skipped_module_names
+
+    skip = skipped_module_names(is_vision_language(model_args.milora_init_dir), model_args.lora_modules_to_save)
+    return four_bit.bnb_config(skip, resolve_dtype(model_args.dtype, "cpu"))
 
 
 def set_lora_dropout(peft_model, p: float, adapter_name: str = ADAPTER_NAME) -> None:

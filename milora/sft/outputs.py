@@ -193,6 +193,12 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
         write_record(out, applies_to="original", base_model=info["base_model"], fingerprint=root_fingerprint,
                      r=(2 if svd else 1) * model_args.lora_r, lora_alpha=_root_alpha(out), **common)
         info["standard_lora_adapter"] = str(out)
+        if model_args.load_in_4bit and "standard_lora_adapter" in info:
+            from milora.sft.quantized import note_standard_lora_difference
+
+            info["quantization"] = model_args.four_bit_settings().describe()
+            info["standard_lora_difference"] = note_standard_lora_difference(
+                trainer, recipe, info["standard_lora_adapter"], info["base_model"])
         if training.merge:
             if full_state is not None:
                 save_merged_from_state_dict(model, full_state, out / MERGED_DIR, trainer.processing_class)
@@ -200,6 +206,10 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
                 merge_adapter(model, out / MERGED_DIR, trainer.processing_class)
             info["merged"] = str(out / MERGED_DIR)
         write_model_card(out, info)
+        if info.get("standard_lora_difference"):  # a 4-bit base: what the standard LoRA carries of its error
+            from milora.sft.quantized import write_card_note
+
+            write_card_note(out, info["base_model"], info["quantization"], info["standard_lora_difference"])
         write_json(out / RUN_INFO_FILE, info)
     trainer.accelerator.wait_for_everyone()
     return info

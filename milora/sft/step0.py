@@ -50,8 +50,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref64).norm() / ref64.norm().clamp_min(1e-300))
 
 
-def threshold_for(dtype: torch.dtype, configured: float | None) -> float:
-    return configured if configured is not None else DEFAULT_THRESHOLDS.get(dtype, 5e-2)
+# A 4-bit base differs from the original weights by its quantization error (nf4: ~0.1 of each weight's norm),
+# so an SVD-initialised 4-bit model is compared with a looser limit; a broken init still lands far above it.
+FOUR_BIT_THRESHOLD = 0.5
+
+
+def threshold_for(dtype: torch.dtype, configured: float | None, four_bit: bool = False) -> float:
+    if configured is not None:
+        return configured
+    return FOUR_BIT_THRESHOLD if four_bit else DEFAULT_THRESHOLDS.get(dtype, 5e-2)
 
 
 def first_batch(trainer, rows: int) -> dict:
@@ -113,7 +120,7 @@ def run_step0_check(trainer, model_args, training) -> Step0Result:
     from milora.sft.outputs import needs_initial_adapter
 
     model = trainer.model
-    dtype = next(p for p in model.parameters()).dtype
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype  # 4-bit weights are packed bytes
     rows = training.per_device_train_batch_size
     if any(is_zero3_partitioned(p) for p in model.parameters()):
         return _skipped(rows, dtype, "ZeRO-3 partitions the weights before training starts; run the check on one "
@@ -139,7 +146,8 @@ def run_step0_check(trainer, model_args, training) -> Step0Result:
                 base_logits, base_loss = _forward(model, batch)
         result = Step0Result(
             logit_relative_error=relative_error(logits, base_logits), loss_base=base_loss, loss_initialised=loss,
-            loss_difference=loss - base_loss, threshold=threshold_for(dtype, training.step0_max_error), rows=rows,
+            loss_difference=loss - base_loss, rows=rows,
+            threshold=threshold_for(dtype, training.step0_max_error, getattr(model_args, "load_in_4bit", False)),
             dtype=str(dtype).removeprefix("torch."), seconds=round(time.perf_counter() - started, 3),
         )
         _report(trainer, result)

@@ -68,7 +68,7 @@ def test_linear_weight_counts_split_frozen_base_and_adapters():
     assert trainable == config.num_hidden_layers * lora
 
 
-@pytest.mark.parametrize("variant", ["trl_defaults", "milora_recipe", "lora_fast", "lora_lowmem"])
+@pytest.mark.parametrize("variant", ["trl_defaults", "milora_recipe", "lora_fast", "lora_lowmem", "qmilora_lowmem"])
 def test_worker_trains_on_the_saved_batches(data, variant, tmp_path):
     result = tt.run_worker(variant, data, str(tmp_path / "trainer"))
     grouping = tt.VARIANTS[variant].grouping
@@ -83,6 +83,10 @@ def test_worker_trains_on_the_saved_batches(data, variant, tmp_path):
     settings = result["settings"]
     if variant == "trl_defaults":
         assert settings["gradient_checkpointing"] and not settings["padding_free"]
+    if variant == "qmilora_lowmem":  # the packed 4-bit weights count as the matrices they stand for
+        assert settings["load_in_4bit"] and settings["gradient_checkpointing"]
+        bf16 = tt.run_worker("lora_lowmem", data, str(tmp_path / "bf16"))
+        assert result["frozen_linear_weights"] == bf16["frozen_linear_weights"]
     if variant == "lora_fast":
         assert not settings["gradient_checkpointing"] and settings["attention"] == tt.VARLEN_ATTENTION
         assert settings["micro_batch"] is None and not result["varlen_kernel"]  # CPU: the sdpa fallback

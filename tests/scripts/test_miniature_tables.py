@@ -176,3 +176,20 @@ def test_tables_show_mean_and_spread_over_seeds_and_the_base_row():
     assert "1.300 ± 0.100 (1.200, 1.400) (+0.300)" in milora_row and "2.5 ± 0.5" in milora_row
     assert "| Base (no finetuning) | 2.0 |" in text
     assert "commonsense_lora_s1: failed (boom)" in text
+
+
+def test_quantized_runs_use_the_bf16_recipes_on_a_4bit_base(tmp_path):
+    from milora.sft.parsing import parse_recipe
+
+    names = miniature_tables.parse_runs("quantized")
+    assert names == ["commonsense_qlora_s1", "commonsense_qpissa_s1", "commonsense_qmilora_s1"]
+    for name, method, refits in zip(names, ("lora", "pissa", "milora"), (0, 5, 0), strict=True):
+        command = miniature_tables.run_job(name, tmp_path, tmp_path / "base", smoke=True, extra=[])
+        sft_args = command[command.index("--") + 1:]
+        assert sft_args[0].endswith(f"smollm2_commonsense_{method}.yaml")
+        recipe = parse_recipe([*sft_args, "--model_name_or_path", "tiny:llama", "--dataset_name",
+                               str(RECIPES / "data" / "tiny_commonsense.json")])
+        assert recipe.model.load_in_4bit and recipe.model.method == method
+        assert recipe.model.qpissa_iterations == refits
+    evals = {"commonsense_qmilora_s1": {"parts": {p: {"accuracy": 40.0} for p in miniature_report.COMMONSENSE_COLUMNS}}}
+    assert "| QMiLoRA (nf4 residual) | 40.0 |" in miniature_report.markdown_tables({}, evals)

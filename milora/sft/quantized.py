@@ -1,0 +1,148 @@
+"""What `load_in_4bit` adds to a recipe run: the checks of its keys, its `FourBitSettings`, and in its outputs how far
+the standard LoRA, applied to the full-precision original base, is from the trained 4-bit model, measured on rows
+of the training data and stated in the adapter's model card.
+
+The trained model computes `dequant(Q(W_res)) + s B A`; the standard LoRA on the original base computes
+`W + s (B A - B0 A0) = W_res + s B A`. They differ by the residual's quantization error `W_res - dequant(Q(W_res))`,
+which training does not change (the base is frozen) and the conversion cannot remove.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from milora.io import atomic_write_text
+from milora.sft.config import RecipeError
+
+CARD_FILE = "README.md"
+CARD_HEADING = "## Trained on a 4-bit base"
+PROBE_ROWS = 2
+PROBE_TOKENS = 128
+
+
+def check_4bit_keys(model_args) -> None:
+    """Refuse 4-bit keys that cannot work together (`ModelArguments.__post_init__` calls it)."""
+    from milora.quantization import QUANT_TYPES
+
+    if model_args.bnb_4bit_quant_type not in QUANT_TYPES:
+        raise RecipeError(
+            f"bnb_4bit_quant_type {model_args.bnb_4bit_quant_type!r}: choose one of {', '.join(QUANT_TYPES)}"
+        )
+    iterations = model_args.qpissa_iterations
+    if not isinstance(iterations, int) or iterations < 0:
+        raise RecipeError(f"qpissa_iterations must be a non-negative integer, got {iterations!r}")
+    if iterations and not (model_args.load_in_4bit and model_args.method == "pissa"):
+        raise RecipeError(
+            "qpissa_iterations refits PiSSA's factors to a 4-bit residual: it needs method: pissa and "
+            "load_in_4bit: true (for MiLoRA the refits would replace the minor components by the quantization "
+            "error's principal ones; docs/quantization.md)"
+        )
+    init_dir = model_args.milora_init_dir
+    if model_args.load_in_4bit and init_dir is not None:
+        from milora.init_dir import read_metadata
+
+        made = read_metadata(init_dir).get("quantization") or {}
+        ours = {"quant_type": model_args.bnb_4bit_quant_type, "nested": bool(model_args.use_bnb_nested_quant)}
+        if made and any(made.get(k) != v for k, v in ours.items()):
+            raise RecipeError(
+                f"milora_init_dir {init_dir} refitted its factors for 4-bit {made}, this recipe quantizes with "
+                f"{ours}; use the init's bnb_4bit_quant_type / use_bnb_nested_quant"
+            )
+    if iterations and init_dir is not None:
+        raise RecipeError("qpissa_iterations run at initialisation; with a milora_init_dir pass them to `milora "
+                          "init --qpissa_iterations N` instead")
+
+
+def four_bit_settings(model_args):
+    """The `milora.quantization.FourBitSettings` of a `load_in_4bit` recipe, else None."""
+    if not model_args.load_in_4bit:
+        return None
+    from milora.loading import resolve_dtype
+    from milora.quantization import FourBitSettings
+
+    compute = resolve_dtype(model_args.bnb_4bit_compute_dtype or model_args.dtype)
+    return FourBitSettings(model_args.bnb_4bit_quant_type, None if compute == "auto" else compute,
+                           bool(model_args.use_bnb_nested_quant))
+
+
+def probe_input_ids(dataset, rows: int = PROBE_ROWS, tokens: int = PROBE_TOKENS) -> torch.Tensor | None:
+    """The first `rows` tokenized training rows, cut to the shortest of them and at most `tokens` long."""
+    if dataset is None or "input_ids" not in getattr(dataset, "column_names", ()):
+        return None
+    ids = [list(dataset[i]["input_ids"]) for i in range(min(rows, len(dataset)))]
+    if not ids:
+        return None
+    length = min(tokens, *(len(row) for row in ids))
+    return torch.tensor([row[:length] for row in ids])
+
+
+@torch.no_grad()
+def logits_difference(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Relative Frobenius difference of two logit tensors, the largest log-probability difference and how often
+    the most likely next token agrees."""
+    reference, other = reference.to(torch.float64), other.to(torch.float64)
+    logp_ref, logp = reference.log_softmax(-1), other.log_softmax(-1)
+    return {
+        "relative_logits_difference": float((reference - other).norm() / reference.norm()),
+        "max_abs_logprob_difference": float((logp_ref - logp).abs().max()),
+        "top1_agreement": float((reference.argmax(-1) == other.argmax(-1)).double().mean()),
+        "tokens": int(reference.shape[0] * reference.shape[1]),
+    }
+
+
+@torch.no_grad()
+def standard_lora_difference(trained_model, base_model: str, adapter_dir: str | Path, input_ids: torch.Tensor,
+                             dtype: torch.dtype) -> dict:
+    """Logits of the original base + the standard LoRA at `adapter_dir` (loaded on the CPU in `dtype`) against the
+    trained 4-bit model's, on `input_ids`."""
+    from peft import PeftModel
+
+    from milora.loading import load_model
+
+    original = PeftModel.from_pretrained(load_model(base_model, dtype=dtype), str(adapter_dir)).eval()
+    reference = original(input_ids=input_ids).logits
+    was_training = trained_model.training
+    device = next(p.device for p in trained_model.parameters())
+    trained = trained_model.eval()(input_ids=input_ids.to(device)).logits.cpu()
+    trained_model.train(was_training)
+    return logits_difference(reference, trained)
+
+
+def write_card_note(adapter_dir: str | Path, base_model: str, settings: dict, difference: dict) -> None:
+    """Append (or replace) the 4-bit section of the adapter's model card."""
+    card = Path(adapter_dir) / CARD_FILE
+    text = card.read_text() if card.is_file() else ""
+    text = text.split(CARD_HEADING)[0].rstrip() + "\n\n" if text else ""
+    text += (
+        f"{CARD_HEADING}\n\n"
+        f"This adapter was trained on a 4-bit ({settings['quant_type']}, nested: {settings['nested']}) base and is "
+        f"written for the full-precision `{base_model}`. There it carries the quantization error of the frozen base, "
+        f"which training does not remove. Measured on {difference['tokens']} tokens of the training data against "
+        "the trained 4-bit model:\n\n"
+        f"- relative logits difference ||z - z_4bit|| / ||z||: {difference['relative_logits_difference']:.4f}\n"
+        f"- largest |log p - log p_4bit|: {difference['max_abs_logprob_difference']:.4f}\n"
+        f"- same most likely next token: {100 * difference['top1_agreement']:.1f}% of positions\n\n"
+        "To reproduce the trained model exactly, load the base in 4 bits with the same settings "
+        "(the residual base for milora/pissa: `merged/` holds the dequantized result).\n"
+    )
+    atomic_write_text(card, text)
+
+
+def note_standard_lora_difference(trainer, recipe, adapter_dir: str | Path, base_model: str | None) -> dict | None:
+    """Measure the difference for a `load_in_4bit` run (text models with a known base); None when it cannot be
+    measured. `write_card_note` states it in the model card."""
+    from milora.loading import is_vision_language, resolve_dtype
+    from milora.quantization import compute_dtype_of
+
+    model_args = recipe.model
+    if not model_args.load_in_4bit or base_model is None or is_vision_language(base_model):
+        return None
+    input_ids = probe_input_ids(trainer.train_dataset)
+    if input_ids is None:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    dtype = resolve_dtype(model_args.dtype, "cpu")
+    dtype = compute_dtype_of(model) if dtype == "auto" else dtype
+    return standard_lora_difference(model, base_model, adapter_dir, input_ids, dtype)
