@@ -11,6 +11,7 @@ from pathlib import Path
 
 from milora.commands.arguments import check_model_argument
 from milora.decomposition import SOLVERS
+from milora.errors import MiLoRAError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
         return 0
     model = load_model(args.model, dtype=args.dtype)
-    original = model_fingerprint(model, resolve_target_modules(model, args.targets))
+    try:
+        original = model_fingerprint(model, resolve_target_modules(model, args.targets))
+    except MiLoRAError:  # weights that are not float: apply_milora below says what to do about them
+        original = None
     peft_model = apply_milora(
         model, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
         device=args.device, solver=args.solver, seed=args.seed,

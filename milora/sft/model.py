@@ -56,7 +56,8 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         )
         set_lora_dropout(peft_model, model_args.lora_dropout)
         record = read_record(os.path.join(model_args.milora_init_dir, INIT_SUBDIR)) or {}
-        check_init_dir_residual(peft_model, model_args.milora_init_dir, record)
+        if four_bit is None:  # a residual loaded in 4 bits holds packed bytes, which have no fingerprint
+            check_init_dir_residual(peft_model, model_args.milora_init_dir, record)
         return peft_model, record.get("original_fingerprint")
     base = load_base_model(model_args, training)
     original = model_fingerprint(base, resolve_target_modules(base, model_args.lora_target_modules))

@@ -149,7 +149,11 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
     trainer.save_state()
     model = trainer.accelerator.unwrap_model(trainer.model)
     adapted = [name.removeprefix("base_model.model.") for name, _ in lora_layers(model)]
-    base_fingerprint = model_fingerprint(model, adapted)  # every process: gathers each weight under ZeRO-3
+    # every process: gathers each weight under ZeRO-3. A 4-bit base holds packed bytes: its residual folders
+    # record no fingerprint (not checked), and the root applies to the original model, fingerprinted before
+    # it was quantized (`build_peft_model`)
+    four_bit = bool(getattr(model_args, "load_in_4bit", False))
+    base_fingerprint = None if four_bit else model_fingerprint(model, adapted)
     residual_dir = residual_base_path(model_args, training) if svd else None
     # ZeRO-3 leaves every process with shards: all of them gather the weights onto the main process to write them
     needs_full = training.merge or (svd and training.save_residual_base and model_args.milora_init_dir is None)
@@ -189,7 +193,7 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
             root_fingerprint = original_fingerprint
         else:
             _set_adapter_base(out, info["base_model"])
-            root_fingerprint = base_fingerprint
+            root_fingerprint = original_fingerprint if four_bit else base_fingerprint
         write_record(out, applies_to="original", base_model=info["base_model"], fingerprint=root_fingerprint,
                      r=(2 if svd else 1) * model_args.lora_r, lora_alpha=_root_alpha(out), **common)
         info["standard_lora_adapter"] = str(out)

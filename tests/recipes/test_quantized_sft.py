@@ -44,13 +44,18 @@ RUNS = {  # name: (recipe, extra arguments)
 }
 
 
+def trained_adapter_dir(name, out):
+    """The adapter as trained: at the root for plain LoRA, in residual_adapter/ for the SVD methods."""
+    return out if name == "lora" else out / "residual_adapter"
+
+
 def trained_4bit_model(name, out):
     """The model the run trained, rebuilt: the 4-bit base made the same way + the saved adapter (the run's own
     model object is consumed by the merge). Seed 42: the recipes' seed, which the random method draws with."""
     method = {"qpissa": "pissa"}.get(name, name)
     base = apply_milora(tiny_model("llama"), TARGETS, 8, method=method, quantization=FourBitSettings(),
                         quantization_iterations=2 if name == "qpissa" else 0, seed=42, show_progress=False).unload()
-    return PeftModel.from_pretrained(base, str(out))
+    return PeftModel.from_pretrained(base, str(trained_adapter_dir(name, out)))
 
 
 def logits(model, input_ids):
@@ -78,7 +83,8 @@ def test_trains_on_a_4bit_base(run):
     assert len(quantized) == 14  # 7 linear layers x 2 blocks; lm_head stays in full precision
     assert trainer.state.global_step == 4
     # float32 factors (SFTTrainer casts a 4-bit model's adapters to bf16; recipes/sft.py undoes it)
-    assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {torch.float32}
+    trained = trained_adapter_dir(name, out) / "adapter_model.safetensors"
+    assert {t.dtype for t in load_file(str(trained)).values()} == {torch.float32}
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
     info = json.loads((out / "milora_run.json").read_text())
     assert info["quantization"] == {"quant_type": "nf4", "compute_dtype": "float32", "nested": False}
@@ -100,7 +106,7 @@ def test_standard_lora_carries_the_quantization_error_stated_in_the_card(run):
     name, out, trainer = run
     info = json.loads((out / "milora_run.json").read_text())
     adapter_dir = Path(info["standard_lora_adapter"])
-    assert adapter_dir == (out if name == "lora" else out / "lora_adapter")
+    assert adapter_dir == out  # the root: the adapter for the original model
     recorded = info["standard_lora_difference"]
     probe = torch.tensor([list(trainer.train_dataset[i]["input_ids"]) for i in range(2)][0][:8])[None]
     converted = PeftModel.from_pretrained(tiny_model("llama"), str(adapter_dir))
@@ -127,7 +133,7 @@ def test_an_init_directory_trains_in_4bit(sft, tmp_path, input_ids):
     # the same 4-bit model as a run that refits and quantizes at start-up
     direct = apply_milora(tiny_model("llama"), TARGETS, 8, method="pissa", quantization=FourBitSettings(),
                           quantization_iterations=2, show_progress=False).unload()
-    trained = PeftModel.from_pretrained(direct, str(out))
+    trained = PeftModel.from_pretrained(direct, str(out / "residual_adapter"))
     torch.testing.assert_close(logits(trained, input_ids), logits(trainer.model, input_ids), atol=1e-5, rtol=1e-5)
 
 
