@@ -147,6 +147,12 @@ def describe_base(record: dict) -> str:
             f"r={record.get('r')}){where}")
 
 
+def _fingerprint_for(model: torch.nn.Module, adapter_dir: str | Path) -> tuple[list[str], dict, str | None]:
+    """The adapted modules of the adapter in `adapter_dir`, `model`'s fingerprint there and its dtype's name."""
+    names = adapter_module_names(adapter_dir)
+    return names, model_fingerprint(model, names), fingerprint_dtype(model, names)
+
+
 def check_base(model: torch.nn.Module, adapter_dir: str | Path, base_name: str) -> str:
     """Refuse (BaseMismatchError, one line) a base whose weights are not the ones the adapter applies to.
 
@@ -158,9 +164,7 @@ def check_base(model: torch.nn.Module, adapter_dir: str | Path, base_name: str) 
         refuse_legacy_residual_root(adapter_dir)
     if record is None or not record.get("fingerprint"):
         return f"{adapter_dir} records no base fingerprint (written by PEFT or an older milora): base not checked"
-    names = adapter_module_names(adapter_dir)
-    found = model_fingerprint(model, names)
-    dtype_name = fingerprint_dtype(model, names)
+    names, found, dtype_name = _fingerprint_for(model, adapter_dir)
     if same_base(record["fingerprint"], found, dtype_name):
         return f"base {base_name} matches {describe_base(record)}"
     hint = _mismatch_fix(record, found, dtype_name, adapter_dir)
@@ -209,9 +213,7 @@ def check_original_base(model: torch.nn.Module, adapter_dir: str | Path, base_na
     record = read_record(adapter_dir)
     if record is None or not record.get("original_fingerprint"):
         return f"{adapter_dir} records no fingerprint of its original model: base not checked"
-    names = adapter_module_names(adapter_dir)
-    found = model_fingerprint(model, names)
-    dtype_name = fingerprint_dtype(model, names)
+    _, found, dtype_name = _fingerprint_for(model, adapter_dir)
     if same_base(record["original_fingerprint"], found, dtype_name):
         return f"base {base_name} matches the original model {record.get('original_model')}"
     what = ("it is the residual base the adapter was trained on" if record.get("fingerprint")
