@@ -47,6 +47,16 @@ def method_of_mode(mode: str | None) -> str:
     return next(method for method, m in METHOD_MODES.items() if m == slice_)
 
 
+def record_method(peft_model, method: str | None) -> None:
+    """Remember on the model which method initialised it (`save_init_dir` records it; `method_of_model`)."""
+    peft_model.milora_method = method
+
+
+def method_of_model(peft_model) -> str | None:
+    """The method `apply_milora` (or `load_init_dir`) initialised `peft_model` with; None for other models."""
+    return peft_model.__dict__.get("milora_method")
+
+
 def _resolve_mode(mode: str | None, method: str | None) -> tuple[str, str | None]:
     """(the name to show, the spectrum slice) from `apply_milora`'s `mode=` or its alias `method=`."""
     if method is not None and str(method).lower() not in METHOD_MODES:
@@ -272,6 +282,7 @@ def apply_milora(
     mode, component_mode = _resolve_mode(mode, method)
     peft_model = wrap_model(model, targets, r, mode=mode, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             device=device, **lora_kwargs)
+    record_method(peft_model, method_of_mode(component_mode))
     if component_mode is None:
         return peft_model
 
@@ -306,7 +317,9 @@ __all__ = [
     "check_weight",
     "language_model_prefix",
     "method_of_mode",
+    "method_of_model",
     "normalize_mode",
+    "record_method",
     "resolve_target_modules",
     "wrap_model",
 ]

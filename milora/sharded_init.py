@@ -167,7 +167,7 @@ def init_by_shards(
     seed: int = 0,
     workers: int | None = None,
     processing_class=None,
-    metadata: dict | None = None,
+    source_model: str | None = None,
     show_progress: bool = True,
     stats: TransferStats | None = None,
 ) -> Path:
@@ -210,6 +210,5 @@ def init_by_shards(
                            stats=stats, check_values=True)
         progress.close()
 
-    if metadata is not None:
-        metadata = {**metadata, "lora_alpha": peft_model.peft_config[ADAPTER_NAME].lora_alpha}
-    return save_init_dir(peft_model, out_dir, processing_class, metadata, write_base=write_base)
+    return save_init_dir(peft_model, out_dir, processing_class, method=mode, source_model=source_model,
+                         targets=targets, solver=solver, seed=seed, write_base=write_base)

@@ -53,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"milora init: no tokenizer/processor saved ({error})")
         processing_class = None
-    metadata = {
-        "source_model": args.model, "mode": normalize_mode(args.mode), "r": args.r, "targets": args.targets,
-        "solver": args.solver, "seed": args.seed,
-    }
-    if not args.in_memory and args.dtype == "auto" and _init_by_shards(args, processing_class, metadata):
+    if not args.in_memory and args.dtype == "auto" and _init_by_shards(args, processing_class):
         # written file by file: no base record (milora_adapter.json), so runs from it check no fingerprint
         print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
         return 0
@@ -67,17 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         model, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
         device=args.device, solver=args.solver, seed=args.seed,
     )
-    metadata["lora_alpha"] = peft_model.peft_config["default"].lora_alpha
-    save_init_dir(peft_model, args.out, processing_class, metadata)
+    save_init_dir(peft_model, args.out, processing_class, source_model=args.model, targets=args.targets,
+                  solver=args.solver, seed=args.seed)
+    lora_alpha = peft_model.peft_config["default"].lora_alpha
     names = [name.removeprefix("base_model.model.") for name, _ in lora_layers(peft_model)]
     write_record(Path(args.out) / INIT_SUBDIR, applies_to="residual", base_model=str(Path(args.out).resolve()),
                  fingerprint=model_fingerprint(peft_model, names), method=method_of_mode(args.mode), r=args.r,
-                 lora_alpha=metadata["lora_alpha"], original_model=args.model, original_fingerprint=original)
+                 lora_alpha=lora_alpha, original_model=args.model, original_fingerprint=original)
     print(f"milora init: residual model in {args.out}, initial adapter in {args.out}/{INIT_SUBDIR}")
     return 0
 
 
-def _init_by_shards(args, processing_class, metadata: dict) -> bool:
+def _init_by_shards(args, processing_class) -> bool:
     """Write the init directory file by file (`milora.sharded_init`) when the checkpoint allows it; False (and
     nothing written) when it does not."""
     from milora.sharded_init import NotShardable, init_by_shards, shardable_reason
@@ -88,7 +85,7 @@ def _init_by_shards(args, processing_class, metadata: dict) -> bool:
         init_by_shards(
             args.model, args.out, args.targets, args.r, mode=args.mode, lora_alpha=args.lora_alpha,
             device=args.device, solver=args.solver, seed=args.seed, processing_class=processing_class,
-            metadata=metadata,
+            source_model=args.model,
         )
     except NotShardable as error:
         print(f"milora init: loading the model in memory ({error})")

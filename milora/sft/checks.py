@@ -66,9 +66,8 @@ def check_init_dir_targets(model, trust_remote_code: bool = False) -> None:
         recipe_modules = []
     if sorted(recipe_modules) == sorted(init_modules):
         return
-    from milora.init_dir import read_metadata
-
-    built_as = read_metadata(init_dir).get("targets") or _describe_targets(built)
+    recorded = model.init_record.targets if model.init_record is not None else None
+    built_as = _describe_targets(recorded or built)
     wanted = requested if isinstance(requested, str) else ",".join(requested)
     selects = f"selects {len(recipe_modules)} modules" if recipe_modules else "selects no module"
     raise RecipeError(

@@ -76,7 +76,7 @@ def test_init_dir_reloads_identically_and_trains(tmp_path, input_ids, tokenizer)
     peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, show_progress=False)
     with torch.no_grad():
         expected = peft_model(input_ids).logits
-    save_init_dir(peft_model, tmp_path / "init", tokenizer, {"mode": "minor"})
+    save_init_dir(peft_model, tmp_path / "init", tokenizer)
     loaded = load_init_dir(tmp_path / "init", dtype=torch.float32)
     with torch.no_grad():
         assert relative_error(loaded(input_ids).logits, expected) <= 1e-6
@@ -97,7 +97,7 @@ def test_cli_init_merge_convert(tmp_path, input_ids, capsys):
     assert milora_cli(["init", "--model", "tiny:llama", "--targets", "q_proj,v_proj", "--r", "4",
                        "--out", str(tmp_path / "init")]) == 0
     metadata = json.loads((tmp_path / "init" / "milora_init" / "milora.json").read_text())
-    assert metadata["mode"] == "minor" and metadata["r"] == 4
+    assert metadata["method"] == "milora" and metadata["r"] == 4 and metadata["source_model"] == "tiny:llama"
     model = load_init_dir(tmp_path / "init")
     train_a_few_steps(model, input_ids)
     model.save_pretrained(tmp_path / "trained")

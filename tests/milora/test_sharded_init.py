@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from milora.commands import init as init_command
 from milora.errors import MiLoRAError
-from milora.init_dir import load_init_dir, read_metadata
+from milora.init_dir import load_init_dir, read_init_record
 from milora.sharded_init import checkpoint_files, init_by_shards, shardable_reason
 
 LLAMA = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -54,7 +54,7 @@ def test_sharded_llama_init_equals_the_in_memory_init(tmp_path, dtype, mode):
     changed = [n for n in memory if ".base_layer." in n and not torch.equal(
         memory[n], original[n.removeprefix("base_model.model.").replace(".base_layer", "")])]
     assert len(changed) == 3 * 5  # every target is a residual now
-    assert read_metadata(tmp_path / "shards") == read_metadata(tmp_path / "memory")
+    assert read_init_record(tmp_path / "shards") == read_init_record(tmp_path / "memory")
 
 
 def test_gpt2_conv1d_weights_are_decomposed_transposed(tmp_path):

@@ -153,7 +153,7 @@ def init_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("init")
     peft_model = apply_milora(tiny_model("llama"), "q_proj,v_proj", 4, mode="pissa", show_progress=False)
-    save_init_dir(peft_model, out, tiny_tokenizer(), {"mode": "principal", "source_model": "tiny:llama", "r": 4})
+    save_init_dir(peft_model, out, tiny_tokenizer(), source_model="tiny:llama")
     return out
 
 
@@ -206,7 +206,7 @@ def test_all_linear_init_dir_targets(tmp_path):
 
     init = tmp_path / "init"
     peft_model = apply_milora(tiny_model("llama"), "all-linear", 4, show_progress=False)
-    save_init_dir(peft_model, init, tiny_tokenizer(), {"mode": "minor", "r": 4, "targets": "all-linear"})
+    save_init_dir(peft_model, init, tiny_tokenizer(), targets="all-linear")
     recipe = parse_recipe([write(tmp_path, milora_init_dir=str(init), lora_target_modules="all-linear")])
     assert len(recipe.model.lora_target_modules) == 14  # 7 linear layers x 2 decoder layers, not lm_head
     linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
