@@ -124,7 +124,7 @@ def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str |
                                  lora_dropout=settings["lora_dropout"], target_modules=TARGETS)
     if variant.init_cache and cache_dir is None:
         raise ValueError(f"{variant.method}: init_cache needs a cache directory")
-    model = apply_milora(model, TARGETS, spec["r"], mode=variant.method, lora_alpha=settings["lora_alpha"],
+    model = apply_milora(model, TARGETS, spec["r"], method=variant.method, lora_alpha=settings["lora_alpha"],
                          lora_dropout=settings["lora_dropout"], show_progress=False,
                          cache_dir=cache_dir if variant.init_cache else None)
     if variant.peft_input_cast:

@@ -77,9 +77,9 @@ def save_init_dir(
 
     `write_base(directory)`, if given, writes the residual base model instead of `save_pretrained` (the
     file-by-file init of `milora.sharded_init`, whose model holds no weights)."""
-    from milora.model import MiLoRAError, method_of_mode, method_of_model
+    from milora.model import MiLoRAError, check_method, method_of_model
 
-    method = method_of_mode(method) if method is not None else method_of_model(peft_model)
+    method = check_method(method) if method is not None else method_of_model(peft_model)
     if method is None:
         raise MiLoRAError(
             "save_init_dir: the model's method is unknown (it was not made by apply_milora or load_init_dir); "

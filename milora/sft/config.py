@@ -27,11 +27,10 @@ from trl import SFTConfig
 from milora.data import FORMATS
 from milora.init_dir import InitRecord
 from milora.loading import default_dtype
-from milora.model import METHODS
+from milora.model import DEFAULT_METHOD, METHODS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "milora"
 DEFAULT_RANK = 16
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

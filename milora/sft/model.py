@@ -62,7 +62,7 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         base,
         model_args.lora_target_modules,
         model_args.lora_r,
-        mode=model_args.method,
+        method=model_args.method,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         seed=training.seed,

@@ -58,7 +58,7 @@ def test_linear_weight_counts_split_frozen_base_and_adapters():
     from milora.tiny import tiny_config, tiny_model
 
     config = tiny_config("llama")
-    model = apply_milora(tiny_model("llama"), tt.TARGETS, 4, mode="lora", show_progress=False)
+    model = apply_milora(tiny_model("llama"), tt.TARGETS, 4, method="lora", show_progress=False)
     frozen, trainable = mfu.linear_weight_counts(model)
     d, ff = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * d // config.num_attention_heads

@@ -48,10 +48,26 @@ def test_debug_reraises_in_process(tmp_path, position):
         milora_cli(argv)
 
 
-def test_plain_lora_mode_is_refused(tmp_path, capsys):
-    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--mode", "lora", "--out", str(tmp_path)]) == 2
+def test_plain_lora_is_refused(tmp_path, capsys):
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--method", "lora", "--out", str(tmp_path)]) == 2
     [line] = stderr_lines(capsys)
-    assert line.startswith("milora init: error: plain LoRA needs no precomputed init;") and "--mode minor" in line
+    assert line.startswith("milora init: error: plain LoRA needs no precomputed init;")
+    assert "--method milora, pissa, mid, random" in line
+
+
+def test_unknown_method_is_refused(tmp_path, capsys):
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--method", "minor", "--out", str(tmp_path)]) == 2
+    [line] = stderr_lines(capsys)
+    assert line.startswith("milora init: error: unknown method 'minor'; choose one of milora, pissa")
+
+
+def test_deprecated_mode_flag_still_works(tmp_path, capsys):
+    from milora.init_dir import read_init_record
+
+    out = tmp_path / "init"
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--mode", "principal", "--out", str(out)]) == 0
+    assert "--mode is deprecated and goes in the next release; use --method pissa" in capsys.readouterr().err
+    assert read_init_record(out).method == "pissa" and read_init_record(out).solver == "auto"
 
 
 def test_missing_model_directory_is_named(tmp_path, capsys):

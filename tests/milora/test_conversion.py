@@ -28,9 +28,9 @@ def train_a_few_steps(peft_model, input_ids, steps=5):
     return losses
 
 
-@pytest.mark.parametrize("mode,use_rslora", [("minor", False), ("principal", False), ("minor", True)])
-def test_converted_lora_on_original_base_matches_trained_model(tmp_path, input_ids, mode, use_rslora):
-    peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode=mode, lora_alpha=8,
+@pytest.mark.parametrize("method,use_rslora", [("milora", False), ("pissa", False), ("milora", True)])
+def test_converted_lora_on_original_base_matches_trained_model(tmp_path, input_ids, method, use_rslora):
+    peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, method=method, lora_alpha=8,
                               use_rslora=use_rslora, show_progress=False)
     peft_model.save_pretrained(tmp_path / "initial")
     losses = train_a_few_steps(peft_model, input_ids)

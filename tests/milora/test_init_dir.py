@@ -34,16 +34,18 @@ def test_the_record_holds_what_it_was_given(tmp_path):
     )
 
 
-def test_an_explicit_method_wins_and_unknown_models_are_refused(tmp_path):
+def test_a_model_of_unknown_method_needs_one(tmp_path):
+    """A PEFT model apply_milora did not make: refused without `method=`, recorded as given with it."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, method="pissa", show_progress=False)
-    save_init_dir(peft_model, tmp_path / "init", method="principal")  # a spectrum slice names its method
-    assert read_init_record(tmp_path / "init").method == "pissa"
     plain = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=LLAMA_TARGETS))
     with pytest.raises(MiLoRAError, match="the model's method is unknown .* pass method="):
         save_init_dir(plain, tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
+    with pytest.raises(MiLoRAError, match="unknown method 'principal'"):
+        save_init_dir(plain, tmp_path / "plain", method="principal")
+    save_init_dir(plain, tmp_path / "plain", method="PiSSA")
+    assert read_init_record(tmp_path / "plain").method == "pissa"
 
 
 @pytest.mark.parametrize("metadata,method", [

@@ -35,11 +35,11 @@ def state(init_dir):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("dtype", "mode"), [(torch.float32, "minor"), (torch.bfloat16, "random")])
-def test_sharded_llama_init_equals_the_in_memory_init(tmp_path, dtype, mode):
+@pytest.mark.parametrize(("dtype", "method"), [(torch.float32, "milora"), (torch.bfloat16, "random")])
+def test_sharded_llama_init_equals_the_in_memory_init(tmp_path, dtype, method):
     source = llama_checkpoint(tmp_path / "source", dtype)
     assert len(checkpoint_files(Path(source))) > 5
-    common = ["--model", source, "--r", "4", "--mode", mode, "--lora_alpha", "8"]
+    common = ["--model", source, "--r", "4", "--method", method, "--lora_alpha", "8"]
     assert init_command.main([*common, "--out", str(tmp_path / "shards")]) == 0
     assert init_command.main([*common, "--out", str(tmp_path / "memory"), "--in_memory"]) == 0
     # the file-by-file init kept the checkpoint's files; the in-memory one wrote its own

@@ -100,7 +100,7 @@ def init_dir(gguf_file, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2") / "init"
     code = milora_cli(["init", "--model", str(gguf_file), "--targets", ",".join(TARGETS), "--r", str(RANK),
-                       "--mode", "minor", "--dtype", "float32", "--out", str(out)])
+                       "--method", "milora", "--dtype", "float32", "--out", str(out)])
     assert code == 0
     return out
 

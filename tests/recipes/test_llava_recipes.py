@@ -166,7 +166,7 @@ def test_tiny_llava_trains_through_sft_trainer(tmp_path):
     projector_before = _state(model.model.multi_modal_projector)
     language_before = _state(model.model.language_model)
     peft_model = milora.apply_milora(
-        model, recipe["lora_target_modules"], recipe["lora_r"], mode=recipe["method"],
+        model, recipe["lora_target_modules"], recipe["lora_r"], method=recipe["method"],
         lora_alpha=recipe["lora_alpha"], modules_to_save=recipe["lora_modules_to_save"], show_progress=False,
     )
     assert isinstance(peft_model, PeftModel)

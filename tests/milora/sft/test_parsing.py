@@ -152,7 +152,7 @@ def init_dir(tmp_path_factory):
     from milora.tiny import tiny_model, tiny_tokenizer
 
     out = tmp_path_factory.mktemp("init")
-    peft_model = apply_milora(tiny_model("llama"), "q_proj,v_proj", 4, mode="pissa", show_progress=False)
+    peft_model = apply_milora(tiny_model("llama"), "q_proj,v_proj", 4, method="pissa", show_progress=False)
     save_init_dir(peft_model, out, tiny_tokenizer(), source_model="tiny:llama")
     return out
 
