@@ -1,16 +1,18 @@
 """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into a checked `Recipe`, with TRL's `TrlParser`.
 
 The YAML sets the parser's defaults and the command line overrides them (TrlParser's design); the dataclasses
-resolve their own defaults as they are built (`milora.sft.config`). This module adds three things, each in one
+resolve their own defaults as they are built (`milora.sft.config`). This module adds four things, each in one
 place: a leading recipe path means `--config PATH`; keys the dataclasses do not have (TrlParser's remaining
 strings) are an error listing the valid keys; input paths not found from the current directory are looked up
-beside the recipe file, so recipes can name their bundled data as `data/...` from anywhere.
+beside the recipe file, so recipes can name their bundled data as `data/...` from anywhere; a list key takes
+its values space- or comma-separated.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 
@@ -23,6 +25,7 @@ from milora.tiny import is_tiny
 RECIPE_TYPES = (DataArguments, ModelArguments, MiloraSFTConfig)
 # Keys naming local inputs, resolved beside the recipe file when not found from the current directory.
 INPUT_PATH_KEYS = ("model_name_or_path", "milora_init_dir", "dataset_name", "chat_template_path", "image_folder")
+_COMMA_SEPARATED_NAMES = re.compile(r"\s*[\w.\-/]*(?:\s*,\s*[\w.\-/]*)+\s*")
 
 
 @dataclass
@@ -62,7 +65,22 @@ class RecipeParser(TrlParser):
         )
         for key in INPUT_PATH_KEYS:
             setattr(namespace, key, resolve_input_path(getattr(namespace, key), self.recipe_path))
+        for action in self._actions:
+            if action.nargs in ("+", "*") and isinstance(getattr(namespace, action.dest, None), list):
+                setattr(namespace, action.dest, split_comma_lists(getattr(namespace, action.dest)))
         return namespace, remaining
+
+
+def split_comma_lists(values: list) -> list:
+    """A list key's values with comma-separated names split (`--lora_target_modules q_proj,v_proj` as
+    `q_proj v_proj`); anything else, a regex with a comma among them, stays as given."""
+    split = []
+    for value in values:
+        if isinstance(value, str) and _COMMA_SEPARATED_NAMES.fullmatch(value):
+            split.extend(name.strip() for name in value.split(",") if name.strip())
+        else:
+            split.append(value)
+    return split
 
 
 def valid_keys() -> dict[str, list[str]]:

@@ -46,6 +46,19 @@ def test_command_line_overrides_any_key():
     assert {"learning_rate", "lora_r", "num_train_epochs", "model_name_or_path"} <= recipe.explicit_keys
 
 
+@pytest.mark.parametrize("given", [["q_proj,v_proj"], ["q_proj", "v_proj"], ["q_proj, v_proj"], ["q_proj,", "v_proj"]])
+def test_list_keys_take_comma_or_space_separated_values(given):
+    """`--lora_target_modules q_proj,v_proj` selects the two modules, as the space-separated form does."""
+    recipe = parse_recipe([TINY, "--lora_target_modules", *given, "--lora_modules_to_save", "lm_head,embed_tokens"])
+    assert recipe.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert recipe.model.lora_modules_to_save == ["lm_head", "embed_tokens"]
+
+
+def test_a_regex_with_a_comma_stays_whole():
+    recipe = parse_recipe([TINY, "--lora_target_modules", r"model\.layers\.[0-9]{1,2}\.self_attn\.(q|v)_proj"])
+    assert recipe.model.lora_target_modules == [r"model\.layers\.[0-9]{1,2}\.self_attn\.(q|v)_proj"]
+
+
 def test_dashed_and_negated_flags():
     recipe = parse_recipe([TINY, "--lora-r", "4", "--no_step0_check", "--merge", "false"])
     assert recipe.model.lora_r == 4 and not recipe.training.merge and not recipe.training.step0_check
