@@ -292,3 +292,12 @@ def test_a_failing_suite_run_as_a_script_with_debug_prints_its_traceback(pope_ar
     debugged = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300)
     assert debugged.returncode == 1 and "Traceback" in debugged.stderr
     assert "in question_text" in debugged.stderr and debugged.stderr.rstrip().endswith("KeyError: 'question'")
+
+
+def test_imports_go_one_way_and_the_parser_has_no_debug_flag():
+    """`milora.cli` dispatches into `eval_harness.cli`, which does not import it back; `--debug` is taken by
+    `milora.reporting` before the parser sees the arguments, so the parser does not offer it."""
+    code = "import sys, eval_harness.cli; print('milora.cli' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert imported.stdout.strip() == "False"
+    assert "--debug" not in eval_cli.build_parser().format_help()
