@@ -30,14 +30,12 @@ _COMMA_SEPARATED_NAMES = re.compile(r"\s*[\w.\-/]*(?:\s*,\s*[\w.\-/]*)+\s*")
 
 @dataclass
 class Recipe:
-    """A parsed recipe: the three dataclasses, the YAML it came from and the keys the YAML or the command line
-    set (a command-line value equal to the one it replaces is not counted)."""
+    """A parsed recipe: the three dataclasses and the YAML it came from."""
 
     data: DataArguments
     model: ModelArguments
     training: MiloraSFTConfig
     path: str | None = None
-    explicit_keys: frozenset[str] = frozenset()
 
 
 class RecipeParser(TrlParser):
@@ -47,22 +45,12 @@ class RecipeParser(TrlParser):
     def __init__(self, recipe_path: str | None = None):
         super().__init__(RECIPE_TYPES, allow_abbrev=False)
         self.recipe_path = recipe_path
-        self.recipe_keys: frozenset[str] = frozenset()
-        self.command_line_keys: frozenset[str] = frozenset()
 
     def error(self, message):  # argparse would print usage and exit; a recipe error is more useful to callers
         raise RecipeError(message)
 
-    def set_defaults_with_config(self, **config) -> list[str]:
-        self.recipe_keys = frozenset(config)
-        return super().set_defaults_with_config(**config)
-
     def parse_known_args(self, args=None, namespace=None):
         namespace, remaining = super().parse_known_args(args, namespace)
-        self.command_line_keys = frozenset(
-            action.dest for action in self._actions
-            if hasattr(namespace, action.dest) and getattr(namespace, action.dest) != action.default
-        )
         for key in INPUT_PATH_KEYS:
             setattr(namespace, key, resolve_input_path(getattr(namespace, key), self.recipe_path))
         for action in self._actions:
@@ -163,6 +151,6 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         raise unknown_key_error(option_names(recipe_rest[0::2]), recipe_path)
     if command_line_rest:
         raise unknown_key_error(option_names(command_line_rest), "the command line")
-    recipe = Recipe(data, model, training, recipe_path, parser.recipe_keys | parser.command_line_keys)
+    recipe = Recipe(data, model, training, recipe_path)
     check_recipe(recipe)
     return recipe
