@@ -32,6 +32,7 @@ from eval_harness.errors import UsageError
 from eval_harness.suites import SuiteResult, alpaca_eval_suite, followbench_suite, lm_eval_suite, open_ended, vqa_suite
 from milora.commands.arguments import check_model_argument
 from milora.gguf import GGUFError
+from milora.model_source import model_source
 from milora.reporting import USER_ERRORS, CommandFailed, run_command
 
 PROG = "milora eval"
@@ -89,7 +90,7 @@ def build_report(args: argparse.Namespace, result: SuiteResult) -> dict[str, Any
         "metrics": result.metrics,
         "skipped": result.skipped,
         "data_sources": result.data_sources,
-        "settings": {k: v for k, v in vars(args).items() if k not in SECRET_SETTINGS},
+        "settings": {k: v for k, v in vars(args).items() if k not in (*SECRET_SETTINGS, "model_source")},
     }
 
 
@@ -111,6 +112,7 @@ def evaluate(args: argparse.Namespace) -> int:
         check_model_argument("--model", args.model)
     except (OSError, GGUFError) as error:
         raise UsageError(str(error)) from error
+    args.model_source = model_source(args.model)  # what --model names, decided once for the loaders
     args.device = args.device or default_device()
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.suite)
     output_dir.mkdir(parents=True, exist_ok=True)

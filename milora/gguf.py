@@ -94,7 +94,7 @@ def load_gguf_model(path, dtype="auto", attn_implementation: str | None = None, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from milora.loading import resolve_dtype
+    from milora.dtypes import resolve_dtype
 
     dtype = resolve_dtype(dtype)
     if attn_implementation:

@@ -28,6 +28,7 @@ from milora.data import FORMATS
 from milora.init_dir import InitRecord
 from milora.loading import default_dtype
 from milora.model import DEFAULT_METHOD, METHODS
+from milora.model_source import ModelSource, model_source
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,9 @@ class ModelArguments:
     recipe_target_modules: list[str] | str | None = field(default=None, init=False, repr=False, compare=False)
     # Not a recipe key: how the milora_init_dir was made (`milora.init_dir.InitRecord`), read once here.
     init_record: InitRecord | None = field(default=None, init=False, repr=False, compare=False)
+    # Not a recipe key: what the run loads (the milora_init_dir, else model_name_or_path), decided once here and
+    # handed to the loaders (`milora.model_source`).
+    model_source: ModelSource | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.method is not None:
@@ -151,6 +155,8 @@ class ModelArguments:
             self.lora_alpha = 2 * self.lora_r if self.method == "lora" else self.lora_r
         if self.dtype is None:
             self.dtype = str(default_dtype()).removeprefix("torch.")
+        loaded = self.milora_init_dir or self.model_name_or_path
+        self.model_source = model_source(loaded) if loaded is not None else None
 
     def _take_settings_from_init_dir(self) -> None:
         """Method, rank, alpha and targets come from a `milora init` directory; a method, rank or alpha set here that

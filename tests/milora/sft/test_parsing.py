@@ -251,3 +251,13 @@ def test_initial_adapter_comparison_is_sign_invariant(tmp_path, init_dir):
         layer.lora_B["default"].weight[:, 0] *= 1.5
     assert "layers.0.self_attn.q_proj" in initial_adapter_mismatch(model, saved)
     assert isinstance(model, PeftModel)
+
+
+def test_the_model_source_is_decided_once_where_the_recipe_is_parsed(tmp_path, init_dir):
+    """What the run loads: model_name_or_path, or the milora_init_dir when one is given."""
+    from milora import model_source
+
+    plain = parse_recipe([TINY]).model.model_source
+    assert (plain.name, plain.kind, plain.vision_language) == ("tiny:llama", model_source.TINY, False)
+    from_init = parse_recipe([write(tmp_path, milora_init_dir=str(init_dir))]).model.model_source
+    assert (from_init.name, from_init.kind) == (str(init_dir), model_source.LOCAL)
