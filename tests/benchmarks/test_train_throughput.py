@@ -120,6 +120,7 @@ def test_table_medians_ratios_and_batch_check(tmp_path):
     assert "lora_recipe repeat 0 FAILED: OOM" in table
 
 
+@pytest.mark.end_to_end
 def test_command_line_smoke_run_resumes_and_refuses_bad_input(tmp_path):
     script = str(BENCHMARKS / "train_throughput.py")
     out = tmp_path / "out"
@@ -150,6 +151,7 @@ def test_lora_twin_and_paired_step_ratio():
     assert table.step_ratio(milora, lora) == pytest.approx((1.0 + 1.1) / 2)  # rounds: 3/3 and 4.4/4
 
 
+@pytest.mark.end_to_end
 def test_cached_init_and_profile_runs(tmp_path):
     """milora_fast_cached: one process computes the factors, the timed run loads them; --profile writes the
     kernel table of two steps."""

@@ -24,6 +24,7 @@ def stderr_lines(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
+@pytest.mark.end_to_end
 def test_rank_too_large_is_one_line_without_traceback(tmp_path):
     result = run_milora(*TOO_LARGE_RANK, "--out", str(tmp_path / "init"))
     assert result.returncode == 2, result.stderr
@@ -34,6 +35,7 @@ def test_rank_too_large_is_one_line_without_traceback(tmp_path):
     assert not (tmp_path / "init").exists()
 
 
+@pytest.mark.end_to_end
 def test_debug_shows_the_traceback(tmp_path):
     result = run_milora("--debug", *TOO_LARGE_RANK, "--out", str(tmp_path / "init"))
     assert result.returncode != 0 and result.returncode != 2
@@ -137,6 +139,7 @@ EVAL_ENTRY_POINTS = {"milora eval": [sys.executable, "-m", "milora.cli", "eval"]
                      "python -m eval_harness.cli": [sys.executable, "-m", "eval_harness.cli"]}  # fmt: skip
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("entry_point", EVAL_ENTRY_POINTS)
 def test_eval_reports_bad_input_like_every_command_and_debug_shows_the_traceback(tmp_path, entry_point):
     command = [*EVAL_ENTRY_POINTS[entry_point], "--suite", "gsm8k", "--model", str(tmp_path / "missing")]

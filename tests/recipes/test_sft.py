@@ -264,6 +264,7 @@ def test_padding_free_gives_the_padded_loss(sft, tmp_path):
     assert losses(free)[0] == pytest.approx(losses(padded)[0], rel=1e-5)
 
 
+@pytest.mark.end_to_end
 def test_command_line_run_and_resume_in_new_processes(tmp_path):
     """`python recipes/sft.py RECIPE` as a user runs it; the resumed run is a new process (another hash seed,
     so Python sets iterate in another order) and still converts its adapter against the first run's init."""
