@@ -127,6 +127,7 @@ print(json.dumps({
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+@pytest.mark.end_to_end
 def test_peak_memory_stays_bounded_whatever_the_checkpoint_size(tmp_path):
     llama_checkpoint(tmp_path / "warm")
     torch.manual_seed(0)
