@@ -73,7 +73,7 @@ def run_placement(shapes, layers, r, placement, gpu, references):
         resident = torch.cuda.memory_allocated()
     sync(gpu)
     start = time.perf_counter()
-    peft_model = apply_milora(model, TARGETS, r, mode="minor", device=gpu, transfer_stats=stats, show_progress=False)
+    peft_model = apply_milora(model, TARGETS, r, method="milora", device=gpu, transfer_stats=stats, show_progress=False)
     sync(gpu)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if on_gpu else 0

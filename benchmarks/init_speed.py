@@ -125,7 +125,7 @@ def end_to_end(device, layers, r, dtype):
     model = llama2_7b_shaped(layers, dtype, device)
     sync(device)
     start = time.perf_counter()
-    peft_model = apply_milora(model, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], r, mode="minor")
+    peft_model = apply_milora(model, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], r, method="milora")
     sync(device)
     seconds = time.perf_counter() - start
     matrices = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default"))

@@ -131,7 +131,7 @@ def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str |
         from milora.quantization import FourBitSettings
 
         quantization = FourBitSettings("nf4", compute_dtype=next(model.parameters()).dtype)
-    model = apply_milora(model, TARGETS, spec["r"], mode=variant.method, lora_alpha=settings["lora_alpha"],
+    model = apply_milora(model, TARGETS, spec["r"], method=variant.method, lora_alpha=settings["lora_alpha"],
                          lora_dropout=settings["lora_dropout"], show_progress=False,
                          cache_dir=cache_dir if variant.init_cache else None, quantization=quantization)
     if quantization is not None and torch.cuda.is_available():

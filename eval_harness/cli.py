@@ -13,8 +13,9 @@ Suites (runners in `eval_harness.suites`):
 Data comes from a suite's file flag, else the data folder (``--data_dir`` or ``$MILORA_EVAL_DATA``, layout in
 `eval_harness.data_paths`), else the hub. Exit status: 0 all requested evaluations ran, 3 some were skipped
 (see the report), 1 none ran, 2 bad input or a suite that failed (one line on stderr; ``--debug`` shows the
-traceback). Errors are reported as for every ``milora`` command, by `milora.cli.run_reporting_errors`, whether
-this runs as ``milora eval`` or as ``python -m eval_harness.cli``.
+traceback). Errors are reported as for every ``milora`` command, by `milora.reporting.run_reporting_errors`,
+whether this runs as ``milora eval`` or as ``python -m eval_harness.cli``; `milora.cli` imports this module to
+dispatch ``milora eval`` to it, never the other way round.
 """
 
 from __future__ import annotations
@@ -22,24 +23,27 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from eval_harness.data_paths import DATA_DIR_ENV
 from eval_harness.errors import UsageError
 from eval_harness.suites import SuiteResult, alpaca_eval_suite, followbench_suite, lm_eval_suite, open_ended, vqa_suite
-from milora.cli import USER_ERRORS, CommandFailed
 from milora.commands.arguments import check_model_argument
 from milora.gguf import GGUFError
+from milora.model_source import model_source
+from milora.reporting import USER_ERRORS, CommandFailed, run_command
 
 PROG = "milora eval"
-SUITE_RUNNERS = {
-    **{suite: lm_eval_suite for suite in lm_eval_suite.SUITES},
-    "alpaca_eval": alpaca_eval_suite,
-    "followbench": followbench_suite,
-    "vqa": vqa_suite,
+# suite -> what evaluates it; each runner module adds its own argument group (`add_arguments`)
+SUITE_RUNNERS: dict[str, Callable[[argparse.Namespace, Path], SuiteResult | None]] = {
+    **{suite.name: suite.run for suite in lm_eval_suite.SUITES},
+    "alpaca_eval": alpaca_eval_suite.run,
+    "followbench": followbench_suite.run,
+    "vqa": vqa_suite.run,
 }
+ARGUMENT_GROUPS = (lm_eval_suite, open_ended, alpaca_eval_suite, followbench_suite, vqa_suite)
 SUITES = tuple(SUITE_RUNNERS)
 EXIT_OK, EXIT_NONE_RAN, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 SECRET_SETTINGS = ("judge_api_key",)
@@ -69,10 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max_gen_toks", type=int, help="override the number of new tokens of every generation")
     parser.add_argument("--num_beams", type=int, help="beam search width (commonsense defaults to 4, others to 1)")
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback of an error (also `milora --debug eval ...`)"
-    )
-    for runner in (lm_eval_suite, open_ended, alpaca_eval_suite, followbench_suite, vqa_suite):
+    for runner in ARGUMENT_GROUPS:
         runner.add_arguments(parser)
     return parser
 
@@ -89,7 +90,7 @@ def build_report(args: argparse.Namespace, result: SuiteResult) -> dict[str, Any
         "metrics": result.metrics,
         "skipped": result.skipped,
         "data_sources": result.data_sources,
-        "settings": {k: v for k, v in vars(args).items() if k not in SECRET_SETTINGS},
+        "settings": {k: v for k, v in vars(args).items() if k not in (*SECRET_SETTINGS, "model_source")},
     }
 
 
@@ -111,11 +112,12 @@ def evaluate(args: argparse.Namespace) -> int:
         check_model_argument("--model", args.model)
     except (OSError, GGUFError) as error:
         raise UsageError(str(error)) from error
+    args.model_source = model_source(args.model)  # what --model names, decided once for the loaders
     args.device = args.device or default_device()
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.suite)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    result = SUITE_RUNNERS[args.suite].run(args, output_dir)
+    result = SUITE_RUNNERS[args.suite](args, output_dir)
     if result is None:  # a process of a data-parallel run other than rank 0, which writes the report
         return EXIT_OK
     json_path, md_path = write_report(output_dir, build_report(args, result))
@@ -147,8 +149,8 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``milora eval`` on `argv`: the exit status. Bad input raises (ValueError, OSError; `UsageError` is a
-    ValueError) and any other failure of a suite raises `CommandFailed` naming it, for `milora.cli.main` (also
-    when this module runs as a script) to report as one line, or with ``--debug`` to re-raise as it was raised."""
+    ValueError) and any other failure of a suite raises `CommandFailed` naming it, for
+    `milora.reporting.run_reporting_errors` to report as one line, or with ``--debug`` to re-raise as it was raised."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return evaluate(args)
@@ -159,6 +161,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import milora.cli
-
-    sys.exit(milora.cli.main(["eval", *sys.argv[1:]]))
+    sys.exit(run_command(PROG, main))

@@ -1,6 +1,6 @@
 """The error `milora eval` reports as one line (``milora eval: error: <problem>; <fix>``, exit status 2).
 
-A ValueError, as all of milora's bad-input errors are: `milora.cli.run_reporting_errors` reports it.
+A ValueError, as all of milora's bad-input errors are: `milora.reporting.run_reporting_errors` reports it.
 """
 
 from __future__ import annotations

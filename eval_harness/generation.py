@@ -15,20 +15,22 @@ import torch
 from tqdm.auto import tqdm
 
 from milora.loading import default_device, resolve_dtype
+from milora.model_source import ModelSource, model_source
 from milora.prompts import alpaca_prompt
 
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
 __all__ = ["PROMPT_FORMATS", "GenerationConfig", "format_prompt", "generate", "load_causal_lm", "truncate_at_stop"]
 
 
-def load_causal_lm(path: str, device: str | None = None, dtype: str = "auto"):
+def load_causal_lm(path: str | ModelSource, device: str | None = None, dtype: str = "auto"):
     """Model (eval mode, on device) and a tokenizer that left-pads and has a pad token, from a checkpoint
-    directory, a hub id, a `.gguf` file or `tiny:<kind>`; dtype `auto` is bfloat16 on a GPU that supports it,
-    float32 elsewhere."""
+    directory, a hub id, a `.gguf` file or `tiny:<kind>` (or its `ModelSource`); dtype `auto` is bfloat16 on a
+    GPU that supports it, float32 elsewhere."""
     from transformers import ProcessorMixin
 
     from milora.loading import load_model, load_processing_class
 
+    path = model_source(path)
     device = device or default_device()
     # The model first: load_model names the mistake of a folder without config.json (an adapter folder, say).
     model = load_model(path, dtype=resolve_dtype(dtype, device))

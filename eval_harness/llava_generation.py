@@ -13,23 +13,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from eval_harness.errors import UsageError
 from eval_harness.vqa import VisualQuestion
-from milora.loading import default_device, resolve_dtype
+from milora.loading import default_device, load_model, load_processing_class, resolve_dtype
+from milora.model_source import ModelSource, model_source
 from milora.prompts import VICUNA_V1_SYSTEM_PROMPT
 
 PROMPT_STYLES = ("llava_v1", "chat")
 
 
-def load_llava(path: str, device: str | None = None, dtype: str = "auto"):
-    """Model (eval mode, on device) and processor with a left-padding tokenizer."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+def load_llava(path: str | ModelSource, device: str | None = None, dtype: str = "auto"):
+    """Model (eval mode, on device) and processor with a left-padding tokenizer, loaded as every model is
+    (`milora.loading.load_model`, `load_processing_class`)."""
+    source = model_source(path)
+    if not source.vision_language:
+        raise UsageError(f"--model {source.name} is not a LLaVA checkpoint", "the vqa suite evaluates LLaVA models")
     device = device or default_device()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processing_class(source)
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    model = load_model(source, dtype=resolve_dtype(dtype, device))
     model.to(device).eval()
     return model, processor
 

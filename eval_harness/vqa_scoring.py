@@ -259,7 +259,11 @@ MMBENCH_REFUSALS = (
 )
 _API_FAILURE = "Failed to obtain answer via API"
 _WORD_SEPARATORS = str.maketrans({char: " " for char in ".()[],:;!*#{}"})
-_ANSWER_IS_LETTER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+# The letter must stand alone: "answer is cat" names no letter (the "c" of "cat" is not option C). A lower-case
+# letter counts only where it ends the response ("answer is b."), so that the article of "answer is a dog" does not.
+_ANSWER_IS_LETTER = re.compile(
+    r"(?i:(?:correct\s+)?answer\s+is)\s+\**\(?(?:([ABCD])|([abcd])(?=[)*\s.!]*$))\)?\**(?![\w'-])"
+)
 REFUSAL = "Z"
 
 
@@ -277,9 +281,8 @@ def _letter_from_words(response: str, choices: dict[str, str]) -> str | None:
     if not named and REFUSAL in words:
         return REFUSAL
     match = _ANSWER_IS_LETTER.search(response)
-    if match and match.group(1).upper() in choices:
-        return match.group(1).upper()
-    return None
+    letter = (match.group(1) or match.group(2)).upper() if match else None
+    return letter if letter in choices else None
 
 
 def _letter_from_option_text(response: str, choices: dict[str, str]) -> str | None:

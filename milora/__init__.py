@@ -2,8 +2,8 @@
 
 `apply_milora(model, targets, r, method="milora")` patches a model and returns an ordinary PEFT model whose
 adapters start from the minor singular components of the weights they adapt (MiLoRA), or the principal ones
-(PiSSA), or PEFT's default (LoRA). `method` names the family (`METHODS`), `mode=` the same choice by the slice
-of the spectrum (`MODES`: minor, principal, mid, random), and `solver=` the SVD algorithm (`SOLVERS`).
+(PiSSA), or PEFT's default (LoRA). `method` names that choice (`METHODS`; `mode=` is its deprecated alias), and
+`solver=` the SVD algorithm (`SOLVERS`).
 """
 
 import importlib

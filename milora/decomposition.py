@@ -38,6 +38,7 @@ import torch
 
 MODES = ("minor", "principal", "mid", "random")
 SOLVERS = ("auto", "gram", "svd", "subspace")
+DEFAULT_SOLVER = "auto"
 
 
 @dataclass
@@ -75,7 +76,7 @@ def singular_components(
     r: int,
     mode: str = "minor",
     *,
-    solver: str = "auto",
+    solver: str = DEFAULT_SOLVER,
     generator: torch.Generator | None = None,
 ) -> SingularComponents:
     """The `r` singular triplets of `weight` (out x in) that `mode` selects, in float64 on `weight`'s device."""

@@ -94,7 +94,7 @@ def load_gguf_model(path, dtype="auto", attn_implementation: str | None = None, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from milora.loading import resolve_dtype
+    from milora.dtypes import resolve_dtype
 
     dtype = resolve_dtype(dtype)
     if attn_implementation:
@@ -138,10 +138,9 @@ def _convert_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m milora.gguf`: bad input is reported as one line with exit status 2, as by the `milora`
     subcommands (`--debug` shows the traceback)."""
-    from milora.cli import run_reporting_errors, split_debug_flag
+    from milora.reporting import run_command
 
-    argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
-    return run_reporting_errors("milora.gguf", _convert_command, argv, debug)
+    return run_command("milora.gguf", _convert_command, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The adapters are ordinary PEFT LoRA layers; only their initial values and the fr
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -17,7 +18,7 @@ from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
 from milora.autocast import skip_input_casts_under_autocast
-from milora.decomposition import MODES
+from milora.decomposition import DEFAULT_SOLVER, MODES
 from milora.distributed import initialize_layers, is_zero3_partitioned, lora_layers
 from milora.errors import MiLoRAError
 from milora.quantization import is_quantized_module, quantize_base, refit_for, refuse_quantized, requantize_residual
@@ -25,10 +26,19 @@ from milora.quantization import is_quantized_module, quantize_base, refit_for, r
 # The method families a recipe or `apply_milora(method=...)` names, and the slice of the spectrum each one
 # initialises from (`milora.decomposition.MODES`; None = PEFT's default LoRA init, base weights untouched).
 METHODS = ("milora", "pissa", "lora", "mid", "random")
+DEFAULT_METHOD = "milora"
 METHOD_MODES = {"milora": "minor", "pissa": "principal", "lora": None, "mid": "mid", "random": "random"}
-# Every name `mode=` accepts: the spectrum slices and the family names.
+# Every name the deprecated `mode=` accepts: the spectrum slices and the method names.
 MODE_ALIASES = {**{mode: mode for mode in MODES}, **METHOD_MODES}
 _REGEX_CHARS = set("^$*+?[](){}|\\")
+
+
+def check_method(method: str) -> str:
+    """The method name, lower-cased; a `MiLoRAError` naming the choices for any other name."""
+    key = str(method).lower()
+    if key not in METHODS:
+        raise MiLoRAError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return key
 
 
 def normalize_mode(mode: str) -> str | None:
@@ -43,19 +53,33 @@ def normalize_mode(mode: str) -> str | None:
 
 
 def method_of_mode(mode: str | None) -> str:
-    """The method family for a mode or method name (`minor` -> `milora`, None -> `lora`)."""
+    """The method for a mode or method name (`minor` -> `milora`, None -> `lora`); reads what older versions
+    wrote, where the choice was named by its spectrum slice."""
     slice_ = None if mode is None else normalize_mode(mode)
     return next(method for method, m in METHOD_MODES.items() if m == slice_)
 
 
-def _resolve_mode(mode: str | None, method: str | None) -> tuple[str, str | None]:
-    """(the name to show, the spectrum slice) from `apply_milora`'s `mode=` or its alias `method=`."""
-    if method is not None and str(method).lower() not in METHOD_MODES:
-        raise MiLoRAError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if mode is not None and method is not None and normalize_mode(mode) != normalize_mode(method):
-        raise MiLoRAError(f"mode={mode!r} and method={method!r} disagree; pass one of them")
-    name = mode if mode is not None else method if method is not None else "minor"
-    return str(name), normalize_mode(name)
+def resolve_method(method: str | None, mode: str | None = None) -> str:
+    """The method from `method=`, or from `mode=`, its deprecated alias (warns; removed in the next release)."""
+    if mode is not None:
+        warnings.warn(
+            f"mode={mode!r} is deprecated and will be removed in the next release; pass method="
+            f"{method_of_mode(mode)!r} instead (one of {', '.join(METHODS)})", FutureWarning, stacklevel=3,
+        )
+        if method is not None and check_method(method) != method_of_mode(mode):
+            raise MiLoRAError(f"mode={mode!r} and method={method!r} disagree; pass method only")
+        return method_of_mode(mode)
+    return check_method(method) if method is not None else DEFAULT_METHOD
+
+
+def record_method(peft_model, method: str | None) -> None:
+    """Remember on the model which method initialised it (`save_init_dir` records it; `method_of_model`)."""
+    peft_model.milora_method = method
+
+
+def method_of_model(peft_model) -> str | None:
+    """The method `apply_milora` (or `load_init_dir`) initialised `peft_model` with; None for other models."""
+    return peft_model.__dict__.get("milora_method")
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
@@ -185,7 +209,7 @@ def wrap_model(
     targets: str | Iterable[str],
     r: int,
     *,
-    mode: str | None = None,
+    method: str = DEFAULT_METHOD,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     device: torch.device | str | None = None,
@@ -194,7 +218,7 @@ def wrap_model(
     """`model` checked and wrapped in PEFT LoRA layers as `apply_milora` configures them, not yet initialised
     (PEFT's default LoRA init, base weights untouched). The weights may be on the meta device (their values are
     then not checked): `milora.sharded_init` builds the adapter that way. Arguments as in `apply_milora`."""
-    _, component_mode = _resolve_mode(mode, None)
+    method = check_method(method)
     if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
         raise MiLoRAError("the model already carries LoRA layers; pass the plain base model to apply_milora")
     if not isinstance(r, int) or r < 1:
@@ -202,14 +226,14 @@ def wrap_model(
     names = resolve_target_modules(model, targets)
     for name in names:
         module = model.get_submodule(name)
-        if component_mode is None and is_quantized_module(module):
+        if method == "lora" and is_quantized_module(module):
             continue  # QLoRA on a model loaded in 4 bits: nothing to decompose
         refuse_quantized(name, module)
         weight = transpose(module.weight, isinstance(module, Conv1D))
         check_weight(name, weight, r, values=_check_values_on_host(module.weight, device))
 
     if lora_alpha is None:
-        lora_alpha = r if component_mode is not None else 2 * r
+        lora_alpha = 2 * r if method == "lora" else r
     task_type = lora_kwargs.pop("task_type", _default_task_type(model))
     uses_conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
     config = LoraConfig(
@@ -231,12 +255,11 @@ def apply_milora(
     targets: str | Iterable[str],
     r: int,
     *,
-    mode: str | None = None,
     method: str | None = None,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     device: torch.device | str | None = None,
-    solver: str = "auto",
+    solver: str = DEFAULT_SOLVER,
     seed: int = 0,
     show_progress: bool = True,
     cache_dir: str | None = None,
@@ -245,9 +268,10 @@ def apply_milora(
     quantization=None,
     quantization_iterations: int = 0,
     quantize_residual: bool = True,
+    mode: str | None = None,
     **lora_kwargs,
 ) -> PeftModel:
-    """Wrap `model` in a PEFT LoRA model (adapter `default`) initialised by `mode`.
+    """Wrap `model` in a PEFT LoRA model (adapter `default`) initialised by `method`.
 
     Args:
         model: any Hugging Face model with linear (or GPT-2 Conv1D) layers; for LLaVA only the language
@@ -255,17 +279,15 @@ def apply_milora(
         targets: module name suffixes (`["q_proj", "v_proj"]` or `"q_proj,v_proj"`), a regex matched
             against full module names, or `"all-linear"`.
         r: adapter rank.
-        mode: `minor`/`milora` (last r triplets, the default), `principal`/`pissa` (first r), `mid`,
-            `random`, or `lora` (PEFT's default init; the base weights stay untouched).
-        method: the same choice by family name (`milora`, `pissa`, `lora`, `mid`, `random`), as recipes
-            name it; give `mode` or `method`, not two different ones.
+        method: `milora` (the last r singular triplets, the default), `pissa` (the first r), `mid`, `random`
+            (paper Table 6), or `lora` (PEFT's default init; the base weights stay untouched).
         lora_alpha: defaults to `r` (scaling 1) for the SVD modes and `2 * r` for plain LoRA, the
             paper's settings. Any alpha keeps the output unchanged at init (S is divided by the scaling).
         device: where to run the decomposition (e.g. "cuda" for a model still on CPU); defaults to each
             weight's device.
         solver: the algorithm: `auto` (default), `gram`, `subspace` or `svd`; see `milora.decomposition`.
         seed: seeds the `random` mode.
-        cache_dir: reuse (or store) the computed factors there, keyed by weights, targets, r, mode, seed.
+        cache_dir: reuse (or store) the computed factors there, keyed by weights, targets, r, method, seed.
         workers: decompositions in flight at once on a GPU, each on its own CUDA stream (default 4; 1 on CPU).
             Weights that live off `device` (a model in CPU memory, `device="cuda"`) are streamed there and back
             through pinned buffers, so the GPU holds about `workers` matrices at a time (`milora.streaming`).
@@ -277,29 +299,32 @@ def apply_milora(
             (`milora.quantization.refit_factors`); 0 keeps the chosen singular components exactly.
         quantize_residual: False refits the factors for `quantization` but leaves the residual in full precision
             (`milora init`, whose residual a recipe quantizes on loading).
+        mode: deprecated alias of `method` (also by spectrum slice: `minor`, `principal`); warns, and goes in
+            the next release.
         **lora_kwargs: passed to `peft.LoraConfig` (`modules_to_save`, `use_rslora`, `task_type`, ...).
 
     Under torch.distributed the layers are split across ranks and broadcast; under DeepSpeed ZeRO-3
     they are gathered group by group (see `milora.distributed`). Every rank ends with the same factors.
     Under autocast the LoRA layers skip PEFT's float32 copy of their input (`milora.autocast`).
     """
-    mode, component_mode = _resolve_mode(mode, method)
-    if quantization_iterations and (quantization is None or component_mode is None):
+    method = resolve_method(method, mode)
+    if quantization_iterations and (quantization is None or method == "lora"):
         raise MiLoRAError("quantization_iterations refit SVD factors to a 4-bit residual: pass quantization= and an "
                           "SVD method (pissa, milora, ...)")
-    if quantization is not None and quantize_residual and component_mode is None:
+    if quantization is not None and quantize_residual and method == "lora":
         quantize_base(model, quantization, device, lora_kwargs.get("modules_to_save"))  # QLoRA
-    peft_model = wrap_model(model, targets, r, mode=mode, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+    peft_model = wrap_model(model, targets, r, method=method, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             device=device, **lora_kwargs)
-    if component_mode is None:
+    record_method(peft_model, method)
+    if method == "lora":
         return peft_model
     storage_dtype = lora_layers(peft_model)[0][1].get_base_layer().weight.dtype
 
     unchecked = any(not _check_values_on_host(layer.get_base_layer().weight, device)
                     for _, layer in lora_layers(peft_model))
     initialize_layers(
-        lora_layers(peft_model), component_mode, device=device, solver=solver, seed=seed,
-        show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({mode}, r={r})",
+        lora_layers(peft_model), METHOD_MODES[method], device=device, solver=solver, seed=seed,
+        show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({method}, r={r})",
         workers=workers, stats=transfer_stats, check_values=unchecked,
         refit=refit_for(quantization, quantization_iterations, storage_dtype),
     )
@@ -321,16 +346,21 @@ def _default_task_type(model: torch.nn.Module) -> str | None:
 
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "METHOD_MODES",
     "MODES",
     "MODE_ALIASES",
     "MiLoRAError",
     "apply_milora",
+    "check_method",
     "check_weight",
     "language_model_prefix",
     "method_of_mode",
+    "method_of_model",
     "normalize_mode",
+    "record_method",
+    "resolve_method",
     "resolve_target_modules",
     "wrap_model",
 ]

@@ -113,7 +113,7 @@ def shardable_reason(model: str) -> str | None:
     return None
 
 
-def _skeleton(model_dir: Path, targets, r: int, mode: str, lora_alpha, stored: dict[str, StoredTensor]):
+def _skeleton(model_dir: Path, targets, r: int, method: str, lora_alpha, stored: dict[str, StoredTensor]):
     """The PEFT model `apply_milora` would build, its base on the meta device, its LoRA factors in CPU memory."""
     from transformers import AutoConfig
 
@@ -125,7 +125,7 @@ def _skeleton(model_dir: Path, targets, r: int, mode: str, lora_alpha, stored: d
     dtype = next((d for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64) if d in dtypes), None)
     with torch.device("meta"):
         model = model_class(config).from_config(config, dtype=dtype)
-    peft_model = wrap_model(model, targets, r, mode=mode, lora_alpha=lora_alpha)
+    peft_model = wrap_model(model, targets, r, method=method, lora_alpha=lora_alpha)
     for _, layer in lora_layers(peft_model):
         layer.lora_A[ADAPTER_NAME].to_empty(device="cpu")
         layer.lora_B[ADAPTER_NAME].to_empty(device="cpu")
@@ -160,14 +160,14 @@ def init_by_shards(
     targets,
     r: int,
     *,
-    mode: str = "minor",
+    method: str = "milora",
     lora_alpha: float | None = None,
     device: torch.device | str | None = None,
     solver: str = "auto",
     seed: int = 0,
     workers: int | None = None,
     processing_class=None,
-    metadata: dict | None = None,
+    source_model: str | None = None,
     show_progress: bool = True,
     stats: TransferStats | None = None,
 ) -> Path:
@@ -178,7 +178,7 @@ def init_by_shards(
     """
     from tqdm.auto import tqdm
 
-    from milora.model import normalize_mode
+    from milora.model import METHOD_MODES, check_method
 
     model_dir = Path(model_dir)
     reason = shardable_reason(str(model_dir))
@@ -186,10 +186,10 @@ def init_by_shards(
         raise NotShardable(f"{model_dir}: {reason}")
     files = checkpoint_files(model_dir)
     stored = {name: tensor for file in files for name, tensor in read_header(file).items()}
-    component_mode = normalize_mode(mode)
+    component_mode = METHOD_MODES[check_method(method)]
     if component_mode is None:
-        raise MiLoRAError("plain LoRA needs no precomputed init; use mode minor, principal, mid or random")
-    peft_model = _skeleton(model_dir, targets, r, mode, lora_alpha, stored)
+        raise MiLoRAError("plain LoRA needs no precomputed init; use method milora, pissa, mid or random")
+    peft_model = _skeleton(model_dir, targets, r, method, lora_alpha, stored)
     layers = lora_layers(peft_model)
 
     def write_base(tmp: Path) -> None:
@@ -199,7 +199,7 @@ def init_by_shards(
                 shutil.copyfile(model_dir / name, tmp / name)
         for file in files:
             shutil.copyfile(file, tmp / file.name)
-        progress = tqdm(total=len(matrices), desc=f"MiLoRA init by shards ({mode}, r={r})", unit="layer",
+        progress = tqdm(total=len(matrices), desc=f"MiLoRA init by shards ({method}, r={r})", unit="layer",
                         disable=not show_progress)
 
         def done(index, B, A):
@@ -210,6 +210,5 @@ def init_by_shards(
                            stats=stats, check_values=True)
         progress.close()
 
-    if metadata is not None:
-        metadata = {**metadata, "lora_alpha": peft_model.peft_config[ADAPTER_NAME].lora_alpha}
-    return save_init_dir(peft_model, out_dir, processing_class, metadata, write_base=write_base)
+    return save_init_dir(peft_model, out_dir, processing_class, method=method, source_model=source_model,
+                         targets=targets, solver=solver, seed=seed, write_base=write_base)

@@ -46,6 +46,29 @@ def load_script(path: Path | str, name: str | None = None) -> ModuleType:
     return module
 
 
+def imported_modules(path: str | Path) -> set[str]:
+    """The modules a source file imports (at the top or inside functions), by name: `from a.b import c` gives
+    `a.b` and `a.b.c`, so a submodule imported that way counts."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
+def pytest_collection_modifyitems(items):
+    """Several processes and a real model are end-to-end runs too: `-m "not end_to_end"` is the fast lane."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") or item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.end_to_end)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The public benchmark data kept beside the checkout (`../shared/data`); the test is skipped without it."""

@@ -1,7 +1,8 @@
 """The runners behind ``milora eval --suite ...``, one module per kind of evaluation.
 
-Each module offers ``add_arguments(parser)`` (its command-line flags) and ``run(args, output_dir) ->
-SuiteResult``; heavy imports (torch, lm-eval, alpaca_eval) happen inside ``run``.
+Each module offers ``add_arguments(parser)`` (its argument group: the flags of its suites) and a ``run(args,
+output_dir) -> SuiteResult`` per suite (`lm_eval_suite.SUITES`: one `LmEvalSuite` value per suite, carrying its
+tasks); heavy imports (torch, lm-eval, alpaca_eval) happen inside ``run``.
 
 - `lm_eval_suite`: commonsense, math, gsm8k, competition_math, ifeval and any lm-eval tasks (lm_eval);
 - `alpaca_eval_suite`, `followbench_suite`: open-ended generation judged on an OpenAI-compatible server

@@ -14,6 +14,7 @@ import argparse
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,29 @@ COMMONSENSE_TASKS = [
 ]
 # fmt: on
 COMMONSENSE_GROUP = "milora_commonsense"
-SUITE_TASKS = {
-    "commonsense": COMMONSENSE_TASKS,
-    "math": ["milora_gsm8k", "milora_math"],
-    "gsm8k": ["milora_gsm8k"],
-    "competition_math": ["milora_math"],
-    "ifeval": ["ifeval"],  # lm-eval's own task
-}
-SUITES = (*SUITE_TASKS, "lm_eval")
+
+
+@dataclass(frozen=True)
+class LmEvalSuite:
+    """One `--suite` lm-eval runs: the tasks it stands for and how they run."""
+
+    name: str
+    tasks: tuple[str, ...] = ()  # none: the tasks --tasks names (the lm_eval suite)
+    group: str | None = None  # run as this lm-eval group (its mean accuracy); task by task if one cannot load
+    lm_eval_tasks: bool = False  # index lm-eval's own tasks too, so that --tasks may name them
+
+    def run(self, args: argparse.Namespace, output_dir: Path) -> SuiteResult | None:
+        return run(self, args, output_dir)
+
+
+SUITES = (
+    LmEvalSuite("commonsense", tuple(COMMONSENSE_TASKS), group=COMMONSENSE_GROUP),
+    LmEvalSuite("math", ("milora_gsm8k", "milora_math")),
+    LmEvalSuite("gsm8k", ("milora_gsm8k",)),
+    LmEvalSuite("competition_math", ("milora_math",)),
+    LmEvalSuite("ifeval", ("ifeval",)),  # lm-eval's own task
+    LmEvalSuite("lm_eval", lm_eval_tasks=True),
+)
 # task -> (entry of the data folder layout, its explicit file flag)
 TASK_DATA = {
     "milora_gsm8k": ("gsm8k", "gsm8k_file"),
@@ -66,12 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def suite_tasks(args: argparse.Namespace) -> list[str]:
-    if args.suite != "lm_eval":
-        return list(SUITE_TASKS[args.suite])
+def suite_tasks(suite: LmEvalSuite, args: argparse.Namespace) -> list[str]:
+    if suite.tasks:
+        return list(suite.tasks)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not tasks:
-        raise UsageError("--suite lm_eval needs the tasks to run", "pass --tasks, e.g. --tasks boolq,piqa,arc_easy")
+        raise UsageError(f"--suite {suite.name} needs the tasks to run",
+                         "pass --tasks, e.g. --tasks boolq,piqa,arc_easy")
     return tasks
 
 
@@ -148,16 +165,16 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult | None:
+def run(suite: LmEvalSuite, args: argparse.Namespace, output_dir: Path) -> SuiteResult | None:
     """The suite's result; None in the processes of a data-parallel run other than rank 0 (which reports)."""
     from eval_harness import lm_eval_runner
 
-    tasks = suite_tasks(args)
+    tasks = suite_tasks(suite, args)
     files = local_data_files(args, tasks, data_root(args.data_dir))
     rank = process_rank()  # each process writes its own task variants: one must not delete another's
     variant_dir = output_dir / ("local_tasks" if rank == 0 else f"local_tasks.rank{rank}")
     include = task_include_paths(files, tasks, variant_dir) + list(args.include_path)
-    manager = lm_eval_runner.task_manager(include, include_defaults=args.suite == "lm_eval")
+    manager = lm_eval_runner.task_manager(include, include_defaults=suite.lm_eval_tasks)
     lm = lm_eval_runner.build_lm(
         args.model,
         device=args.device,
@@ -181,9 +198,9 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult | None:
             apply_chat_template=args.apply_chat_template,
         )
 
-    if args.suite == "commonsense":
-        # The group in one pass (lm-eval averages the 8 accuracies); set by set if some set cannot be loaded.
-        outcome = evaluate([COMMONSENSE_GROUP])
+    if suite.group:
+        # The group in one pass (lm-eval averages the accuracies); set by set if some set cannot be loaded.
+        outcome = evaluate([suite.group])
         outcome = outcome if not outcome.skipped else evaluate(tasks)
     else:
         outcome = evaluate(tasks)
@@ -195,8 +212,8 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult | None:
         data_sources={task: str(files[task]) if task in files else HUB for task in tasks},
         records=outcome.samples,
     )
-    if args.suite == "commonsense" and COMMONSENSE_GROUP not in result.metrics:
-        accuracies = [result.metrics[t]["acc"] for t in COMMONSENSE_TASKS if "acc" in result.metrics.get(t, {})]
+    if suite.group and suite.group not in result.metrics:
+        accuracies = [result.metrics[t]["acc"] for t in tasks if "acc" in result.metrics.get(t, {})]
         if accuracies:
-            result.metrics[COMMONSENSE_GROUP] = {"acc": sum(accuracies) / len(accuracies), "n_tasks": len(accuracies)}
+            result.metrics[suite.group] = {"acc": sum(accuracies) / len(accuracies), "n_tasks": len(accuracies)}
     return result

@@ -35,7 +35,7 @@ def generate_for_instructions(args: argparse.Namespace, instructions: Sequence[s
     """The checkpoint's answer to each instruction, in --prompt_format, cut at the next Alpaca instruction."""
     from eval_harness import generation
 
-    model, tokenizer = generation.load_causal_lm(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = generation.load_causal_lm(args.model_source, device=args.device, dtype=args.dtype)
     prompts = [generation.format_prompt(i, tokenizer, args.prompt_format) for i in instructions]
     config = generation.GenerationConfig(
         max_new_tokens=args.max_gen_toks or DEFAULT_MAX_NEW_TOKENS,

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
     if not vqa_file.is_file():
         raise UsageError(f"--vqa_file {args.vqa_file} does not exist", "give the benchmark's question file (jsonl)")
     records = vqa.load_records(vqa_file, limit=args.limit)
-    model, processor = load_llava(args.model, device=args.device, dtype=args.dtype)
+    model, processor = load_llava(args.model_source, device=args.device, dtype=args.dtype)
 
     def answer(questions: list) -> list[str]:
         return answer_questions(

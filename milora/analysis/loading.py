@@ -22,9 +22,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from milora.init_dir import is_init_dir
+from milora.init_dir import is_init_dir, read_init_record
 from milora.io import read_json
-from milora.layout import ADAPTER_CONFIG_FILE, INIT_SUBDIR, METADATA_FILE
+from milora.layout import ADAPTER_CONFIG_FILE, INIT_SUBDIR
 
 DEFAULT_RANK = 8
 
@@ -61,11 +61,10 @@ class ModelSource:
     kind: str = "checkpoint"  # checkpoint | milora_init_dir | checkpoint+adapter
 
     def describe(self) -> dict:
-        """JSON form, with the `milora.json` that `milora init` writes beside its adapter (mode, r, ...) if any."""
+        """JSON form, with how a `milora init` directory was made (method, r, ...) for one."""
         description = asdict(self)
-        metadata_file = Path(self.adapter) / METADATA_FILE if self.adapter else None
-        if metadata_file is not None and metadata_file.is_file():
-            description["init_metadata"] = read_json(metadata_file)
+        if self.kind == "milora_init_dir":
+            description["init_metadata"] = asdict(read_init_record(self.model))
         return description
 
 

@@ -7,16 +7,17 @@ import os
 import re
 
 from milora.data import is_local_data_path
-from milora.gguf import GGUFError, checked_gguf_file, is_gguf_path, require_gguf_package
+from milora.gguf import GGUFError, checked_gguf_file, require_gguf_package
+from milora.model_source import GGUF, TINY, ModelSource
 from milora.sft.config import RecipeError
-from milora.tiny import TINY_KINDS, TINY_PREFIX, is_tiny
+from milora.tiny import TINY_KINDS, TINY_PREFIX
 
 
 def check_recipe(recipe) -> None:
     """Every check, in the order a reader meets the keys: model, data, chat template."""
     where = f" in {recipe.path}" if recipe.path else ""
     if recipe.model.milora_init_dir is None:
-        check_model_source(recipe.model.model_name_or_path, where)
+        check_model_source(recipe.model.model_source, where)
     else:
         check_init_dir_targets(recipe.model, recipe.training.trust_remote_code)
     check_dataset(recipe.data.dataset_name, recipe.path, where)
@@ -25,16 +26,17 @@ def check_recipe(recipe) -> None:
     check_4bit_launch(recipe.model, recipe.training)
 
 
-def check_model_source(name: str | None, where: str = "") -> None:
+def check_model_source(source: ModelSource | None, where: str = "") -> None:
     """A tiny causal LM, a saved model directory, a `.gguf` file, or (anything else) a hub id."""
-    if name is None:
+    if source is None:
         raise RecipeError(f"no model{where}: set model_name_or_path (hub id, local directory or tiny:KIND)")
-    if is_tiny(name):
+    name = source.name
+    if source.kind == TINY:
         kind = name[len(TINY_PREFIX):]
         if kind not in TINY_KINDS or kind == "bert":
             causal = [TINY_PREFIX + k for k in TINY_KINDS if k != "bert"]
             raise RecipeError(f"model_name_or_path {name!r} is not a tiny causal LM; use one of {', '.join(causal)}")
-    elif is_gguf_path(name):
+    elif source.kind == GGUF:
         try:
             checked_gguf_file(name)
             require_gguf_package()
@@ -67,9 +69,8 @@ def check_init_dir_targets(model, trust_remote_code: bool = False) -> None:
         recipe_modules = []
     if sorted(recipe_modules) == sorted(init_modules):
         return
-    from milora.init_dir import read_metadata
-
-    built_as = read_metadata(init_dir).get("targets") or _describe_targets(built)
+    recorded = model.init_record.targets if model.init_record is not None else None
+    built_as = _describe_targets(recorded or built)
     wanted = requested if isinstance(requested, str) else ",".join(requested)
     selects = f"selects {len(recipe_modules)} modules" if recipe_modules else "selects no module"
     raise RecipeError(

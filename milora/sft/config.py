@@ -25,12 +25,13 @@ import torch
 from trl import SFTConfig
 
 from milora.data import FORMATS
+from milora.init_dir import InitRecord
 from milora.loading import default_dtype
-from milora.model import METHODS, method_of_mode
+from milora.model import DEFAULT_METHOD, METHODS
+from milora.model_source import ModelSource, model_source
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "milora"
 DEFAULT_RANK = 16
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -148,6 +149,11 @@ class ModelArguments:
     # Not a recipe key: lora_target_modules as the recipe gave it (None: not given) when a milora_init_dir's targets
     # replaced it; milora.sft.checks refuses one that selects other modules than the init directory's adapter.
     recipe_target_modules: list[str] | str | None = field(default=None, init=False, repr=False, compare=False)
+    # Not a recipe key: how the milora_init_dir was made (`milora.init_dir.InitRecord`), read once here.
+    init_record: InitRecord | None = field(default=None, init=False, repr=False, compare=False)
+    # Not a recipe key: what the run loads (the milora_init_dir, else model_name_or_path), decided once here and
+    # handed to the loaders (`milora.model_source`).
+    model_source: ModelSource | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.method is not None:
@@ -166,6 +172,8 @@ class ModelArguments:
             self.lora_alpha = 2 * self.lora_r if self.method == "lora" else self.lora_r
         if self.dtype is None:
             self.dtype = str(default_dtype()).removeprefix("torch.")
+        loaded = self.milora_init_dir or self.model_name_or_path
+        self.model_source = model_source(loaded) if loaded is not None else None
         self._check_4bit_keys()
 
     def _check_4bit_keys(self) -> None:
@@ -184,7 +192,7 @@ class ModelArguments:
         differs is refused (a PiSSA recipe pointed at a MiLoRA init, a rank-32 recipe at a rank-64 init). Targets
         set here are kept in `recipe_target_modules` and compared by `milora.sft.checks.check_init_dir_targets`,
         on the modules they select (that needs the model's structure)."""
-        from milora.init_dir import is_init_dir
+        from milora.init_dir import is_init_dir, read_init_record
 
         if not is_init_dir(self.milora_init_dir):
             raise RecipeError(
@@ -199,7 +207,8 @@ class ModelArguments:
                 "directory's adapter trains only its LoRA layers); drop milora_init_dir so the method is applied at "
                 "start-up (under ZeRO-3 too), or drop lora_modules_to_save"
             )
-        found = init_dir_settings(self.milora_init_dir)
+        record = self.init_record = read_init_record(self.milora_init_dir)
+        found = {"method": record.method, "lora_r": record.r, "lora_alpha": record.lora_alpha}
         for key in ("method", "lora_r", "lora_alpha"):
             ours = getattr(self, key)
             if ours is not None and found[key] is not None and ours != found[key]:
@@ -209,26 +218,7 @@ class ModelArguments:
                 )
             setattr(self, key, found[key] if found[key] is not None else ours)
         self.recipe_target_modules = self.lora_target_modules
-        self.lora_target_modules = found["lora_target_modules"]
-
-
-def init_dir_settings(init_dir: str) -> dict:
-    """The method, rank, alpha and targets a `milora init` directory was made with."""
-    from pathlib import Path
-
-    from milora.init_dir import INIT_SUBDIR, read_metadata
-    from milora.io import read_json
-    from milora.layout import ADAPTER_CONFIG_FILE
-
-    adapter = read_json(Path(init_dir) / INIT_SUBDIR / ADAPTER_CONFIG_FILE)
-    targets = adapter.get("target_modules")
-    mode = read_metadata(init_dir).get("mode")  # `milora init` records the spectrum slice; recipes name the method
-    return {
-        "method": method_of_mode(mode) if mode else None,
-        "lora_r": adapter["r"],
-        "lora_alpha": adapter["lora_alpha"],
-        "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets,
-    }
+        self.lora_target_modules = record.target_modules
 
 
 @dataclass

@@ -26,10 +26,7 @@ class TrainingData:
 
 def load_training_data(recipe, processing_class) -> TrainingData:
     """The data for a recipe: LLaVA conversations for a vision-language model, formatted text rows otherwise."""
-    from milora.loading import is_vision_language
-
-    model_args = recipe.model
-    if is_vision_language(model_args.milora_init_dir or model_args.model_name_or_path):
+    if recipe.model.model_source.vision_language:
         return load_llava_data(recipe, processing_class)
     return load_text_data(recipe)
 

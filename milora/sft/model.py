@@ -9,18 +9,19 @@ import torch
 
 from milora.distributed import ADAPTER_NAME, lora_layers
 from milora.layout import INIT_SUBDIR
+from milora.model_source import TINY
 from milora.sft.config import MiloraSFTConfig, ModelArguments, RecipeError
-from milora.tiny import is_tiny
 
 
 def load_tokenizer(model_args: ModelArguments):
     """The tokenizer (processor for vision-language models): the init directory's when it saved one."""
     from milora.loading import load_processing_class
 
-    source = model_args.model_name_or_path
-    init_dir = model_args.milora_init_dir
-    if init_dir is not None and (source is None or os.path.isfile(os.path.join(init_dir, "tokenizer_config.json"))):
-        source = init_dir
+    source = model_args.model_source  # the init directory's, else the model's
+    init_dir, name = model_args.milora_init_dir, model_args.model_name_or_path
+    saved_one = init_dir is not None and os.path.isfile(os.path.join(init_dir, "tokenizer_config.json"))
+    if init_dir is not None and name is not None and not saved_one:
+        source = name  # an init directory saved without a tokenizer: the original model's
     try:
         return load_processing_class(source)
     except (OSError, ValueError) as error:
@@ -32,9 +33,10 @@ def load_base_model(model_args: ModelArguments, training: MiloraSFTConfig):
     from milora.loading import load_model
 
     hub_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training.trust_remote_code}
+    source = model_args.model_source
     return load_model(
-        model_args.model_name_or_path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
-        **({} if is_tiny(model_args.model_name_or_path) else hub_kwargs),
+        source, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+        **({} if source.kind == TINY else hub_kwargs),
     )
 
 
@@ -65,7 +67,7 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         base,
         model_args.lora_target_modules,
         model_args.lora_r,
-        mode=model_args.method,
+        method=model_args.method,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         seed=training.seed,

@@ -110,10 +110,8 @@ def prepare_initial_adapter(peft_model, model_args: ModelArguments, training: Mi
 
 def original_base_model(model_args: ModelArguments) -> str | None:
     """The model the standard-LoRA conversion applies to: the original model, never the residual one."""
-    if model_args.milora_init_dir is not None:
-        from milora.init_dir import read_metadata
-
-        return read_metadata(model_args.milora_init_dir).get("source_model") or model_args.model_name_or_path
+    if model_args.init_record is not None:
+        return model_args.init_record.source_model or model_args.model_name_or_path
     return model_args.model_name_or_path
 
 

@@ -1,16 +1,18 @@
 """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into a checked `Recipe`, with TRL's `TrlParser`.
 
 The YAML sets the parser's defaults and the command line overrides them (TrlParser's design); the dataclasses
-resolve their own defaults as they are built (`milora.sft.config`). This module adds three things, each in one
+resolve their own defaults as they are built (`milora.sft.config`). This module adds four things, each in one
 place: a leading recipe path means `--config PATH`; keys the dataclasses do not have (TrlParser's remaining
 strings) are an error listing the valid keys; input paths not found from the current directory are looked up
-beside the recipe file, so recipes can name their bundled data as `data/...` from anywhere.
+beside the recipe file, so recipes can name their bundled data as `data/...` from anywhere; a list key takes
+its values space- or comma-separated.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 
@@ -23,18 +25,17 @@ from milora.tiny import is_tiny
 RECIPE_TYPES = (DataArguments, ModelArguments, MiloraSFTConfig)
 # Keys naming local inputs, resolved beside the recipe file when not found from the current directory.
 INPUT_PATH_KEYS = ("model_name_or_path", "milora_init_dir", "dataset_name", "chat_template_path", "image_folder")
+_COMMA_SEPARATED_NAMES = re.compile(r"\s*[\w.\-/]*(?:\s*,\s*[\w.\-/]*)+\s*")
 
 
 @dataclass
 class Recipe:
-    """A parsed recipe: the three dataclasses, the YAML it came from and the keys the YAML or the command line
-    set (a command-line value equal to the one it replaces is not counted)."""
+    """A parsed recipe: the three dataclasses and the YAML it came from."""
 
     data: DataArguments
     model: ModelArguments
     training: MiloraSFTConfig
     path: str | None = None
-    explicit_keys: frozenset[str] = frozenset()
 
 
 class RecipeParser(TrlParser):
@@ -44,25 +45,30 @@ class RecipeParser(TrlParser):
     def __init__(self, recipe_path: str | None = None):
         super().__init__(RECIPE_TYPES, allow_abbrev=False)
         self.recipe_path = recipe_path
-        self.recipe_keys: frozenset[str] = frozenset()
-        self.command_line_keys: frozenset[str] = frozenset()
 
     def error(self, message):  # argparse would print usage and exit; a recipe error is more useful to callers
         raise RecipeError(message)
 
-    def set_defaults_with_config(self, **config) -> list[str]:
-        self.recipe_keys = frozenset(config)
-        return super().set_defaults_with_config(**config)
-
     def parse_known_args(self, args=None, namespace=None):
         namespace, remaining = super().parse_known_args(args, namespace)
-        self.command_line_keys = frozenset(
-            action.dest for action in self._actions
-            if hasattr(namespace, action.dest) and getattr(namespace, action.dest) != action.default
-        )
         for key in INPUT_PATH_KEYS:
             setattr(namespace, key, resolve_input_path(getattr(namespace, key), self.recipe_path))
+        for action in self._actions:
+            if action.nargs in ("+", "*") and isinstance(getattr(namespace, action.dest, None), list):
+                setattr(namespace, action.dest, split_comma_lists(getattr(namespace, action.dest)))
         return namespace, remaining
+
+
+def split_comma_lists(values: list) -> list:
+    """A list key's values with comma-separated names split (`--lora_target_modules q_proj,v_proj` as
+    `q_proj v_proj`); anything else, a regex with a comma among them, stays as given."""
+    split = []
+    for value in values:
+        if isinstance(value, str) and _COMMA_SEPARATED_NAMES.fullmatch(value):
+            split.extend(name.strip() for name in value.split(",") if name.strip())
+        else:
+            split.append(value)
+    return split
 
 
 def valid_keys() -> dict[str, list[str]]:
@@ -145,6 +151,6 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         raise unknown_key_error(option_names(recipe_rest[0::2]), recipe_path)
     if command_line_rest:
         raise unknown_key_error(option_names(command_line_rest), "the command line")
-    recipe = Recipe(data, model, training, recipe_path, parser.recipe_keys | parser.command_line_keys)
+    recipe = Recipe(data, model, training, recipe_path)
     check_recipe(recipe)
     return recipe

@@ -41,9 +41,8 @@ def check_4bit_keys(model_args) -> None:
         )
     init_dir = model_args.milora_init_dir
     if model_args.load_in_4bit and init_dir is not None:
-        from milora.init_dir import read_metadata
-
-        made = read_metadata(init_dir).get("quantization") or {}
+        record = getattr(model_args, "init_record", None)
+        made = (record.quantization if record is not None else None) or {}
         ours = {"quant_type": model_args.bnb_4bit_quant_type, "nested": bool(model_args.use_bnb_nested_quant)}
         if made and any(made.get(k) != v for k, v in ours.items()):
             raise RecipeError(

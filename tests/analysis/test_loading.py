@@ -130,7 +130,7 @@ def test_init_dir_written_by_milora_core(tmp_path):
     model = tiny_model("llama")
     names = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj")
     original = {name: weight_of(model, name) for name in names}
-    peft_model = apply_milora(model, ["q_proj", "v_proj"], r=4, mode="minor", lora_alpha=8, show_progress=False)
+    peft_model = apply_milora(model, ["q_proj", "v_proj"], r=4, method="milora", lora_alpha=8, show_progress=False)
     save_init_dir(peft_model, tmp_path / "init", tiny_tokenizer())
     generator = torch.Generator().manual_seed(3)
     expected_update = {}

@@ -58,7 +58,7 @@ def test_linear_weight_counts_split_frozen_base_and_adapters():
     from milora.tiny import tiny_config, tiny_model
 
     config = tiny_config("llama")
-    model = apply_milora(tiny_model("llama"), tt.TARGETS, 4, mode="lora", show_progress=False)
+    model = apply_milora(tiny_model("llama"), tt.TARGETS, 4, method="lora", show_progress=False)
     frozen, trainable = mfu.linear_weight_counts(model)
     d, ff = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * d // config.num_attention_heads
@@ -124,6 +124,7 @@ def test_table_medians_ratios_and_batch_check(tmp_path):
     assert "lora_recipe repeat 0 FAILED: OOM" in table
 
 
+@pytest.mark.end_to_end
 def test_command_line_smoke_run_resumes_and_refuses_bad_input(tmp_path):
     script = str(BENCHMARKS / "train_throughput.py")
     out = tmp_path / "out"
@@ -154,6 +155,7 @@ def test_lora_twin_and_paired_step_ratio():
     assert table.step_ratio(milora, lora) == pytest.approx((1.0 + 1.1) / 2)  # rounds: 3/3 and 4.4/4
 
 
+@pytest.mark.end_to_end
 def test_cached_init_and_profile_runs(tmp_path):
     """milora_fast_cached: one process computes the factors, the timed run loads them; --profile writes the
     kernel table of two steps."""

@@ -284,6 +284,7 @@ def test_a_failing_suite_is_one_line_and_debug_shows_its_traceback(pope_args_wit
         assert raised.traceback[-1].name == "question_text"  # the failure's own traceback, not a wrapper's
 
 
+@pytest.mark.end_to_end
 def test_a_failing_suite_run_as_a_script_with_debug_prints_its_traceback(pope_args_without_questions):
     command = [sys.executable, "-m", "eval_harness.cli", *pope_args_without_questions]
     plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -292,3 +293,13 @@ def test_a_failing_suite_run_as_a_script_with_debug_prints_its_traceback(pope_ar
     debugged = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300)
     assert debugged.returncode == 1 and "Traceback" in debugged.stderr
     assert "in question_text" in debugged.stderr and debugged.stderr.rstrip().endswith("KeyError: 'question'")
+
+
+def test_imports_go_one_way_and_the_parser_has_no_debug_flag():
+    """`milora.cli` dispatches into `eval_harness.cli`, which does not import it back; `--debug` is taken by
+    `milora.reporting` before the parser sees the arguments, so the parser does not offer it."""
+    from tests.conftest import imported_modules
+
+    assert "milora.cli" not in imported_modules(eval_cli.__file__)
+    assert "milora.reporting" in imported_modules(eval_cli.__file__)
+    assert "--debug" not in eval_cli.build_parser().format_help()

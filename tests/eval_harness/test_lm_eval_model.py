@@ -136,6 +136,7 @@ def test_vllm_engine_without_the_package_is_a_one_line_error(tiny_llama_dir, tmp
     assert line == "milora eval: error: --engine vllm needs the vllm package, which is not installed; pip install vllm"
 
 
+@pytest.mark.end_to_end
 def test_lm_eval_command_line_runs_the_milora_model(tmp_path, fixtures_dir):
     """`python -m eval_harness.lm_eval_cli run --model milora ...` from a foreign folder: lm-eval's own command
     line, the model registered; its answers are HFLM's."""

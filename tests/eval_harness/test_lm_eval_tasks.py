@@ -242,6 +242,7 @@ def test_oracle_on_real_math_rows(tmp_path, shared_data_dir, correct):
 # --------------------------------------------------------------------------- the real lm_eval command
 
 
+@pytest.mark.end_to_end
 def test_lm_eval_command_runs_a_project_task_from_outside_the_repository(tiny_llama_dir, tmp_path, fixtures_dir):
     """`lm_eval run --include_path ...` in a foreign working directory, milora not installed: the task's
     utils.py must still find eval_harness, and lm-eval must write its results file."""

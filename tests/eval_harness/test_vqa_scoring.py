@@ -184,10 +184,24 @@ def test_circular_shifts_move_the_gold_letter():
         ("A's", None),  # audit
         ("B because it purrs and meows a lot", None),  # the letter is not among the last four words
         ("answer is b", "B"),  # VLMEvalKit's "answer is X" pattern ignores case
+        ("The answer is b.", "B"),
+        ("The answer is cat", "B"),  # the option text, not the "c" of "cat" read as option C
+        ("The answer is a bird", "C"),  # the article "a" is not option A
+        ("The answer is B-cell", None),  # a letter inside a word names no option
     ],
 )
 def test_mmbench_letter_matching(text, expected):
     assert vs.parse_mmbench_letter(text, ["dog", "cat", "bird"]) == expected
+
+
+@pytest.mark.parametrize("options,_", vs.circular_shifts(["apple tree", "birch", "cedar", "dogwood"], "A"))
+@pytest.mark.parametrize("template", ["The answer is {}", "The answer is {}.", "The correct answer is **{}**"])
+def test_mmbench_answer_is_an_option_text_starting_with_a_letter(options, _, template):
+    """Option texts that start with each of the letters A-D, in every circular order: "the answer is <text>"
+    picks the option whose text it is, never the option its first letter names."""
+    for letter, text in zip("ABCD", options, strict=True):
+        assert vs.parse_mmbench_letter(template.format(text), options) == letter, (template, text, options)
+        assert vs.parse_mmbench_letter(template.format(text.capitalize()), options) == letter
 
 
 def test_mmbench_refusal_is_never_right():

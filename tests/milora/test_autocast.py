@@ -14,7 +14,7 @@ from tests.milora.conftest import LLAMA_TARGETS
 
 def _bf16_model_with_fp32_adapters(dropout: float):
     torch.manual_seed(0)
-    model = apply_milora(tiny_model("llama").to(torch.bfloat16), LLAMA_TARGETS, 4, mode="milora",
+    model = apply_milora(tiny_model("llama").to(torch.bfloat16), LLAMA_TARGETS, 4, method="milora",
                          lora_dropout=dropout, show_progress=False)
     adapter = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert adapter.dtype == torch.float32  # PEFT's autocast_adapter_dtype: the mixed-precision setting
@@ -82,7 +82,7 @@ def test_outside_autocast_peft_still_casts(input_ids):
 def test_installed_once_by_apply_milora_and_load_init_dir(method, tmp_path):
     from milora import load_init_dir, save_init_dir
 
-    model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode=method, show_progress=False)
+    model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, method=method, show_progress=False)
     assert skip_input_casts_under_autocast(model) == 5 * 2  # idempotent: no second hook
     hooks = [m for m in model.modules() if getattr(m, "_milora_autocast_cast_hook", None) is not None]
     assert len(hooks) == 10 and all(len(m._forward_pre_hooks) == 1 for m in hooks)

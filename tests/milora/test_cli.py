@@ -24,6 +24,7 @@ def stderr_lines(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
+@pytest.mark.end_to_end
 def test_rank_too_large_is_one_line_without_traceback(tmp_path):
     result = run_milora(*TOO_LARGE_RANK, "--out", str(tmp_path / "init"))
     assert result.returncode == 2, result.stderr
@@ -34,6 +35,7 @@ def test_rank_too_large_is_one_line_without_traceback(tmp_path):
     assert not (tmp_path / "init").exists()
 
 
+@pytest.mark.end_to_end
 def test_debug_shows_the_traceback(tmp_path):
     result = run_milora("--debug", *TOO_LARGE_RANK, "--out", str(tmp_path / "init"))
     assert result.returncode != 0 and result.returncode != 2
@@ -48,10 +50,26 @@ def test_debug_reraises_in_process(tmp_path, position):
         milora_cli(argv)
 
 
-def test_plain_lora_mode_is_refused(tmp_path, capsys):
-    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--mode", "lora", "--out", str(tmp_path)]) == 2
+def test_plain_lora_is_refused(tmp_path, capsys):
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--method", "lora", "--out", str(tmp_path)]) == 2
     [line] = stderr_lines(capsys)
-    assert line.startswith("milora init: error: plain LoRA needs no precomputed init;") and "--mode minor" in line
+    assert line.startswith("milora init: error: plain LoRA needs no precomputed init;")
+    assert "--method milora, pissa, mid, random" in line
+
+
+def test_unknown_method_is_refused(tmp_path, capsys):
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--method", "minor", "--out", str(tmp_path)]) == 2
+    [line] = stderr_lines(capsys)
+    assert line.startswith("milora init: error: unknown method 'minor'; choose one of milora, pissa")
+
+
+def test_deprecated_mode_flag_still_works(tmp_path, capsys):
+    from milora.init_dir import read_init_record
+
+    out = tmp_path / "init"
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "4", "--mode", "principal", "--out", str(out)]) == 0
+    assert "--mode is deprecated and goes in the next release; use --method pissa" in capsys.readouterr().err
+    assert read_init_record(out).method == "pissa" and read_init_record(out).solver == "auto"
 
 
 def test_missing_model_directory_is_named(tmp_path, capsys):
@@ -121,6 +139,7 @@ EVAL_ENTRY_POINTS = {"milora eval": [sys.executable, "-m", "milora.cli", "eval"]
                      "python -m eval_harness.cli": [sys.executable, "-m", "eval_harness.cli"]}  # fmt: skip
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("entry_point", EVAL_ENTRY_POINTS)
 def test_eval_reports_bad_input_like_every_command_and_debug_shows_the_traceback(tmp_path, entry_point):
     command = [*EVAL_ENTRY_POINTS[entry_point], "--suite", "gsm8k", "--model", str(tmp_path / "missing")]

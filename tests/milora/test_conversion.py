@@ -28,9 +28,9 @@ def train_a_few_steps(peft_model, input_ids, steps=5):
     return losses
 
 
-@pytest.mark.parametrize("mode,use_rslora", [("minor", False), ("principal", False), ("minor", True)])
-def test_converted_lora_on_original_base_matches_trained_model(tmp_path, input_ids, mode, use_rslora):
-    peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode=mode, lora_alpha=8,
+@pytest.mark.parametrize("method,use_rslora", [("milora", False), ("pissa", False), ("milora", True)])
+def test_converted_lora_on_original_base_matches_trained_model(tmp_path, input_ids, method, use_rslora):
+    peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, method=method, lora_alpha=8,
                               use_rslora=use_rslora, show_progress=False)
     peft_model.save_pretrained(tmp_path / "initial")
     losses = train_a_few_steps(peft_model, input_ids)
@@ -76,7 +76,7 @@ def test_init_dir_reloads_identically_and_trains(tmp_path, input_ids, tokenizer)
     peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, show_progress=False)
     with torch.no_grad():
         expected = peft_model(input_ids).logits
-    save_init_dir(peft_model, tmp_path / "init", tokenizer, {"mode": "minor"})
+    save_init_dir(peft_model, tmp_path / "init", tokenizer)
     loaded = load_init_dir(tmp_path / "init", dtype=torch.float32)
     with torch.no_grad():
         assert relative_error(loaded(input_ids).logits, expected) <= 1e-6
@@ -97,7 +97,7 @@ def test_cli_init_merge_convert(tmp_path, input_ids, capsys):
     assert milora_cli(["init", "--model", "tiny:llama", "--targets", "q_proj,v_proj", "--r", "4",
                        "--out", str(tmp_path / "init")]) == 0
     metadata = json.loads((tmp_path / "init" / "milora_init" / "milora.json").read_text())
-    assert metadata["mode"] == "minor" and metadata["r"] == 4
+    assert metadata["method"] == "milora" and metadata["r"] == 4 and metadata["source_model"] == "tiny:llama"
     model = load_init_dir(tmp_path / "init")
     train_a_few_steps(model, input_ids)
     model.save_pretrained(tmp_path / "trained")

@@ -63,9 +63,9 @@ def test_cache_reuses_factors_and_keys_on_inputs(tmp_path, monkeypatch, input_id
     for name, tensor in adapter_and_residual_state(first).items():
         torch.testing.assert_close(adapter_and_residual_state(second)[name], tensor, atol=1e-6, rtol=1e-5)
     monkeypatch.undo()
-    # another rank, mode or set of weights is another key
+    # another rank, method or set of weights is another key
     apply_milora(tiny_model("llama"), LLAMA_TARGETS, 2, cache_dir=tmp_path, show_progress=False)
-    apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode="pissa", cache_dir=tmp_path, show_progress=False)
+    apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, method="pissa", cache_dir=tmp_path, show_progress=False)
     apply_milora(tiny_model("llama", seed=5), LLAMA_TARGETS, 4, cache_dir=tmp_path, show_progress=False)
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 4
 
@@ -80,7 +80,7 @@ def _zero3_peft_model(deepspeed, partition_lora: bool):
     # PEFT creates the LoRA layers after zero.Init (plain tensors), or inside one (partitioned too)
     creation = deepspeed.zero.Init(config_dict_or_path=config) if partition_lora else contextlib.nullcontext()
     with creation:
-        return apply_milora(model, LLAMA_TARGETS, 4, mode="random", show_progress=False)
+        return apply_milora(model, LLAMA_TARGETS, 4, method="random", show_progress=False)
 
 
 def _zero3_worker(rank, world_size, init_file, out_dir):
@@ -110,7 +110,7 @@ def test_zero3_gathered_init_on_two_ranks_equals_single_process(tmp_path, monkey
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.set_num_threads(1)  # as on the ranks: bitwise equality needs the same float64 arithmetic
     single = adapter_and_residual_state(
-        apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, mode="random", show_progress=False)
+        apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, method="random", show_progress=False)
     )
     for partition_lora in (False, True):
         partitioned = ranks[0][partition_lora]["partitioned"]

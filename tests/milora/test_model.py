@@ -14,6 +14,7 @@ from milora import (
     resolve_target_modules,
 )
 from milora.init_dir import residual_state_dict
+from milora.model import method_of_model
 from milora.tiny import tiny_model
 
 from .conftest import LLAMA_TARGETS, relative_error
@@ -23,12 +24,12 @@ def lora_layers(peft_model):
     return {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
 
 
-@pytest.mark.parametrize("mode", ["minor", "principal", "mid", "random"])
-def test_output_unchanged_at_init_float32(llama, input_ids, mode):
+@pytest.mark.parametrize("method", ["milora", "pissa", "mid", "random"])
+def test_output_unchanged_at_init_float32(llama, input_ids, method):
     with torch.no_grad():
         reference = llama(input_ids).logits
     original = {n: m.weight.detach().double().clone() for n, m in llama.named_modules() if n.endswith("q_proj")}
-    peft_model = apply_milora(llama, LLAMA_TARGETS, 4, mode=mode, show_progress=False)
+    peft_model = apply_milora(llama, LLAMA_TARGETS, 4, method=method, show_progress=False)
     with torch.no_grad():
         logits = peft_model(input_ids).logits
     assert relative_error(logits, reference) <= 1e-5
@@ -81,9 +82,9 @@ def test_only_lora_factors_are_trainable(llama):
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
-def test_plain_lora_mode_keeps_base_weights(llama, input_ids):
+def test_plain_lora_keeps_base_weights(llama, input_ids):
     before = {n: p.detach().clone() for n, p in llama.named_parameters()}
-    peft_model = apply_milora(llama, LLAMA_TARGETS, 4, mode="lora", show_progress=False)
+    peft_model = apply_milora(llama, LLAMA_TARGETS, 4, method="lora", show_progress=False)
     assert peft_model.peft_config["default"].lora_alpha == 8  # 2r, the paper's LoRA baseline
     for name, layer in lora_layers(peft_model).items():
         key = name.removeprefix("base_model.model.") + ".weight"
@@ -166,18 +167,22 @@ def test_adapter_reloads_with_peft(llama, input_ids, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_names_the_family_like_mode(method, input_ids):
-    by_mode = apply_milora(tiny_model("llama"), ["q_proj"], 4, mode=method, show_progress=False)
+def test_deprecated_mode_alias_warns_and_builds_the_same_model(method, input_ids):
+    mode = {"milora": "minor", "pissa": "principal"}.get(method, method)  # mode= also took spectrum slices
+    with pytest.warns(FutureWarning, match=f"mode='{mode}' is deprecated .* pass method='{method}'"):
+        by_mode = apply_milora(tiny_model("llama"), ["q_proj"], 4, mode=mode, show_progress=False)
     by_method = apply_milora(tiny_model("llama"), ["q_proj"], 4, method=method, show_progress=False)
     state = dict(by_mode.named_parameters())
     for name, param in by_method.named_parameters():
         assert torch.equal(param, state[name]), name  # plain LoRA too: tiny_model seeds PEFT's random A
     assert method_of_mode(normalize_mode(method)) == method
+    assert method_of_model(by_mode) == method_of_model(by_method) == method
 
 
 class TestErrors:
     def test_mode_and_method_that_disagree(self, llama):
-        with pytest.raises(MiLoRAError, match="mode='principal' and method='milora' disagree"):
+        with pytest.raises(MiLoRAError, match="mode='principal' and method='milora' disagree"), \
+                pytest.warns(FutureWarning):
             apply_milora(llama, ["q_proj"], 4, mode="principal", method="milora", show_progress=False)
 
     def test_unknown_method(self, llama):

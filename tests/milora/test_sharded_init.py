@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from milora.commands import init as init_command
 from milora.errors import MiLoRAError
-from milora.init_dir import load_init_dir, read_metadata
+from milora.init_dir import load_init_dir, read_init_record
 from milora.sharded_init import checkpoint_files, init_by_shards, shardable_reason
 
 LLAMA = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -35,11 +35,11 @@ def state(init_dir):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("dtype", "mode"), [(torch.float32, "minor"), (torch.bfloat16, "random")])
-def test_sharded_llama_init_equals_the_in_memory_init(tmp_path, dtype, mode):
+@pytest.mark.parametrize(("dtype", "method"), [(torch.float32, "milora"), (torch.bfloat16, "random")])
+def test_sharded_llama_init_equals_the_in_memory_init(tmp_path, dtype, method):
     source = llama_checkpoint(tmp_path / "source", dtype)
     assert len(checkpoint_files(Path(source))) > 5
-    common = ["--model", source, "--r", "4", "--mode", mode, "--lora_alpha", "8"]
+    common = ["--model", source, "--r", "4", "--method", method, "--lora_alpha", "8"]
     assert init_command.main([*common, "--out", str(tmp_path / "shards")]) == 0
     assert init_command.main([*common, "--out", str(tmp_path / "memory"), "--in_memory"]) == 0
     # the file-by-file init kept the checkpoint's files; the in-memory one wrote its own
@@ -54,7 +54,7 @@ def test_sharded_llama_init_equals_the_in_memory_init(tmp_path, dtype, mode):
     changed = [n for n in memory if ".base_layer." in n and not torch.equal(
         memory[n], original[n.removeprefix("base_model.model.").replace(".base_layer", "")])]
     assert len(changed) == 3 * 5  # every target is a residual now
-    assert read_metadata(tmp_path / "shards") == read_metadata(tmp_path / "memory")
+    assert read_init_record(tmp_path / "shards") == read_init_record(tmp_path / "memory")
 
 
 def test_gpt2_conv1d_weights_are_decomposed_transposed(tmp_path):
@@ -127,6 +127,7 @@ print(json.dumps({
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+@pytest.mark.end_to_end
 def test_peak_memory_stays_bounded_whatever_the_checkpoint_size(tmp_path):
     llama_checkpoint(tmp_path / "warm")
     torch.manual_seed(0)

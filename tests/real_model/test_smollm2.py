@@ -100,7 +100,7 @@ def init_dir(gguf_file, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2") / "init"
     code = milora_cli(["init", "--model", str(gguf_file), "--targets", ",".join(TARGETS), "--r", str(RANK),
-                       "--mode", "minor", "--dtype", "float32", "--out", str(out)])
+                       "--method", "milora", "--dtype", "float32", "--out", str(out)])
     assert code == 0
     return out
 
@@ -191,8 +191,10 @@ def test_math_recipe_trains_on_the_response_only_with_one_eos(trainer, shared_da
 def test_merged_checkpoint_matches_and_scores_with_lm_eval(trainer, shared_data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from eval_harness.commonsense import is_commonsense_correct
     from eval_harness.lm_eval_runner import build_lm, run_tasks, task_manager
     from eval_harness.local_tasks import project_task_yaml, write_local_task_yaml
+    from eval_harness.math_grading import extract_gsm8k_answer, gsm8k_is_correct
 
     merged_dir = Path(trainer.args.output_dir) / "merged"
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -207,8 +209,15 @@ def test_merged_checkpoint_matches_and_scores_with_lm_eval(trainer, shared_data_
     lm = build_lm(str(merged_dir), device="cpu", batch_size=2, dtype="float32")
     run = run_tasks(lm, ["milora_gsm8k", "milora_arc_easy"], task_manager([tmp_path]), limit=2,
                     gen_kwargs={"max_gen_toks": 32, "num_beams": 1}, keep_going=False)
-    for task, metric in (("milora_gsm8k", "exact_match"), ("milora_arc_easy", "acc")):
-        assert run.metrics[task]["n"] == 2
-        assert 0.0 <= run.metrics[task][metric] <= 1.0
-        assert all(sample["prompt"].count("### Instruction:") == 1 for sample in run.samples[task])
-        assert all(sample["response"] for sample in run.samples[task])
+    # each score is exactly the share of the model's two answers that the paper's answer checks accept
+    correct = {
+        "milora_gsm8k": ("exact_match", lambda doc, text: gsm8k_is_correct(extract_gsm8k_answer(text), doc["gold"])),
+        "milora_arc_easy": ("acc", lambda doc, text: is_commonsense_correct("arc_easy", text, doc["answer"])),
+    }
+    for task, (metric, is_correct) in correct.items():
+        samples = run.samples[task]
+        assert run.metrics[task]["n"] == len(samples) == 2
+        assert all(sample["prompt"].count("### Instruction:") == 1 for sample in samples)
+        assert all(sample["response"] for sample in samples)
+        right = [is_correct(sample["doc"], sample["response"][0]) for sample in samples]
+        assert run.metrics[task][metric] == sum(right) / len(right)

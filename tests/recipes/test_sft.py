@@ -40,7 +40,7 @@ def logits(model, input_ids):
 
 def residual_base(method: str):
     """The frozen base a pissa/milora adapter applies to, rebuilt the way the run built it."""
-    return apply_milora(tiny_model("llama"), TARGETS, 8, mode=method, show_progress=False).unload()
+    return apply_milora(tiny_model("llama"), TARGETS, 8, method=method, show_progress=False).unload()
 
 
 @pytest.fixture(scope="module", params=["lora", "pissa", "milora"])
@@ -196,7 +196,7 @@ def test_trains_from_a_milora_init_directory(sft, tmp_path, input_ids):
     from milora.cli import main as milora_cli
 
     init_dir = tmp_path / "init"
-    assert milora_cli(["init", "--model", "tiny:llama", "--r", "8", "--mode", "milora", "--out", str(init_dir)]) == 0
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "8", "--method", "milora", "--out", str(init_dir)]) == 0
     out = tmp_path / "run"
     trainer = sft.train([
         str(RECIPES / "tiny_milora.yaml"), "--output_dir", str(out), "--milora_init_dir", str(init_dir), *FAST,
@@ -264,6 +264,7 @@ def test_padding_free_gives_the_padded_loss(sft, tmp_path):
     assert losses(free)[0] == pytest.approx(losses(padded)[0], rel=1e-5)
 
 
+@pytest.mark.end_to_end
 def test_command_line_run_and_resume_in_new_processes(tmp_path):
     """`python recipes/sft.py RECIPE` as a user runs it; the resumed run is a new process (another hash seed,
     so Python sets iterate in another order) and still converts its adapter against the first run's init."""

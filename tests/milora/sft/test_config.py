@@ -64,6 +64,7 @@ def test_the_recipe_is_parsed_once(monkeypatch):
     assert built == [None] and recipe.training.gradient_accumulation_steps == 1
 
 
+@pytest.mark.end_to_end
 def test_deepspeed_auto_values_use_the_derived_accumulation():
     """TrainingArguments fills DeepSpeed's "auto" batch sizes while it is built: they must already see the
     accumulation derived from effective_batch_size (own process: DeepSpeed's state is global)."""
@@ -106,6 +107,7 @@ def test_liger_is_off_without_cuda(tmp_path):
     assert training.use_liger_kernel is False and training.bf16 is False
 
 
+@pytest.mark.end_to_end
 def test_zero3_merge_without_gathered_weights_is_refused_before_training(tmp_path):
     """merge: true under ZeRO-3 needs the 16-bit weights gathered on save; without it the recipe stops at once."""
     config = read_json(REPO_ROOT / "deepspeed_configs" / "ds_zero3.json")

@@ -43,13 +43,24 @@ def test_command_line_overrides_any_key():
     assert recipe.training.learning_rate == 1e-4 and recipe.training.num_train_epochs == 5
     assert recipe.model.lora_r == 4 and recipe.model.method == "pissa"
     assert recipe.model.lora_target_modules == ["q_proj", "v_proj"]
-    assert {"learning_rate", "lora_r", "num_train_epochs", "model_name_or_path"} <= recipe.explicit_keys
+
+
+@pytest.mark.parametrize("given", [["q_proj,v_proj"], ["q_proj", "v_proj"], ["q_proj, v_proj"], ["q_proj,", "v_proj"]])
+def test_list_keys_take_comma_or_space_separated_values(given):
+    """`--lora_target_modules q_proj,v_proj` selects the two modules, as the space-separated form does."""
+    recipe = parse_recipe([TINY, "--lora_target_modules", *given, "--lora_modules_to_save", "lm_head,embed_tokens"])
+    assert recipe.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert recipe.model.lora_modules_to_save == ["lm_head", "embed_tokens"]
+
+
+def test_a_regex_with_a_comma_stays_whole():
+    recipe = parse_recipe([TINY, "--lora_target_modules", r"model\.layers\.[0-9]{1,2}\.self_attn\.(q|v)_proj"])
+    assert recipe.model.lora_target_modules == [r"model\.layers\.[0-9]{1,2}\.self_attn\.(q|v)_proj"]
 
 
 def test_dashed_and_negated_flags():
     recipe = parse_recipe([TINY, "--lora-r", "4", "--no_step0_check", "--merge", "false"])
     assert recipe.model.lora_r == 4 and not recipe.training.merge and not recipe.training.step0_check
-    assert {"lora_r", "merge", "step0_check"} <= recipe.explicit_keys
     with pytest.raises(RecipeError, match="unknown recipe key.*no_merge"):
         parse_recipe([TINY, "--no_merge"])
 
@@ -152,8 +163,8 @@ def init_dir(tmp_path_factory):
     from milora.tiny import tiny_model, tiny_tokenizer
 
     out = tmp_path_factory.mktemp("init")
-    peft_model = apply_milora(tiny_model("llama"), "q_proj,v_proj", 4, mode="pissa", show_progress=False)
-    save_init_dir(peft_model, out, tiny_tokenizer(), {"mode": "principal", "source_model": "tiny:llama", "r": 4})
+    peft_model = apply_milora(tiny_model("llama"), "q_proj,v_proj", 4, method="pissa", show_progress=False)
+    save_init_dir(peft_model, out, tiny_tokenizer(), source_model="tiny:llama")
     return out
 
 
@@ -206,7 +217,7 @@ def test_all_linear_init_dir_targets(tmp_path):
 
     init = tmp_path / "init"
     peft_model = apply_milora(tiny_model("llama"), "all-linear", 4, show_progress=False)
-    save_init_dir(peft_model, init, tiny_tokenizer(), {"mode": "minor", "r": 4, "targets": "all-linear"})
+    save_init_dir(peft_model, init, tiny_tokenizer(), targets="all-linear")
     recipe = parse_recipe([write(tmp_path, milora_init_dir=str(init), lora_target_modules="all-linear")])
     assert len(recipe.model.lora_target_modules) == 14  # 7 linear layers x 2 decoder layers, not lm_head
     linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -240,3 +251,13 @@ def test_initial_adapter_comparison_is_sign_invariant(tmp_path, init_dir):
         layer.lora_B["default"].weight[:, 0] *= 1.5
     assert "layers.0.self_attn.q_proj" in initial_adapter_mismatch(model, saved)
     assert isinstance(model, PeftModel)
+
+
+def test_the_model_source_is_decided_once_where_the_recipe_is_parsed(tmp_path, init_dir):
+    """What the run loads: model_name_or_path, or the milora_init_dir when one is given."""
+    from milora import model_source
+
+    plain = parse_recipe([TINY]).model.model_source
+    assert (plain.name, plain.kind, plain.vision_language) == ("tiny:llama", model_source.TINY, False)
+    from_init = parse_recipe([write(tmp_path, milora_init_dir=str(init_dir))]).model.model_source
+    assert (from_init.name, from_init.kind) == (str(init_dir), model_source.LOCAL)
