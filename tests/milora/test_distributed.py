@@ -22,8 +22,8 @@ def adapter_and_residual_state(peft_model):
     }
 
 
-def _worker(rank, world_size, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+def _count_decompositions() -> list:
+    """A list that gets one entry per decomposition this process runs (streaming.singular_components patched)."""
     calls = []
     original = streaming.singular_components
 
@@ -32,6 +32,12 @@ def _worker(rank, world_size, init_file, out_dir):
         return original(*args, **kwargs)
 
     streaming.singular_components = counting
+    return calls
+
+
+def _worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    calls = _count_decompositions()
     peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, show_progress=False)
     torch.save({"state": adapter_and_residual_state(peft_model), "calls": len(calls)}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -131,14 +137,7 @@ def _cache_on_one_node_worker(rank, world_size, init_file, out_dir):
     # a short timeout: ranks that disagreed about the cache would wait in a broadcast until it expires
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
-    calls = []
-    original = streaming.singular_components
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    streaming.singular_components = counting
+    calls = _count_decompositions()
     cache_dir = f"{out_dir}/cache_node{rank}"
     peft_model = apply_milora(tiny_model("llama"), LLAMA_TARGETS, 4, cache_dir=cache_dir, show_progress=False)
     torch.save({"state": adapter_and_residual_state(peft_model), "calls": len(calls)}, f"{out_dir}/rank{rank}.pt")
