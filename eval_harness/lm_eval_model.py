@@ -129,7 +129,7 @@ class MiloraLM(HFLM):
             todo = self.store.fill(requests, results)
             self.cache_hook = StoringCacheHook(hook, self.store, [requests[i] for i in todo])
         try:
-            engine_groups: dict[str, list[int]] = {}
+            engine_groups: dict[str, tuple[dict[str, Any], list[int]]] = {}  # settings -> (settings, requests)
             hf_requests: list[int] = []
             for i in todo:
                 context, gen_kwargs = requests[i].args[:2]
@@ -137,13 +137,13 @@ class MiloraLM(HFLM):
                 if settings is None:
                     hf_requests.append(i)
                 else:
-                    engine_groups.setdefault(json.dumps(settings, sort_keys=True, default=str), []).append(i)
+                    key = json.dumps(settings, sort_keys=True, default=str)
+                    engine_groups.setdefault(key, (settings, []))[1].append(i)
             if hf_requests:
                 answers = super().generate_until([requests[i] for i in hf_requests], disable_tqdm=disable_tqdm)
                 for i, answer in zip(hf_requests, answers, strict=True):
                     results[i] = answer
-            for group in engine_groups.values():
-                settings = greedy_settings(requests[group[0]].args[1], self.max_gen_toks)
+            for settings, group in engine_groups.values():
 
                 def answered(position: int, answer: str, group=group) -> None:  # stored as soon as it is made
                     i = group[position]

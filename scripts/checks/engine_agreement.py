@@ -20,7 +20,7 @@ def compare(run_a: Path, run_b: Path, show: int) -> dict:
     metrics_a, metrics_b = read_json(run_a / "results.json")["metrics"], read_json(run_b / "results.json")["metrics"]
     for samples_a in sorted((run_a / "samples").glob("*.jsonl")):
         samples_b = run_b / "samples" / samples_a.name
-        if not samples_b.is_file() or samples_a.name.endswith(".generations.jsonl"):
+        if not samples_b.is_file() or ".generations" in samples_a.name:  # the store of `generation_store`
             continue
         rows_a = {row["doc_id"]: row for row in read_jsonl(samples_a)}
         rows_b = {row["doc_id"]: row for row in read_jsonl(samples_b)}
