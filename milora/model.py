@@ -22,6 +22,7 @@ from milora.decomposition import DEFAULT_SOLVER, MODES
 from milora.distributed import initialize_layers, is_zero3_partitioned, lora_layers
 from milora.errors import MiLoRAError
 from milora.quantization import is_quantized_module, quantize_base, refit_for, refuse_quantized, requantize_residual
+from milora.streaming import check_finite
 
 # The method families a recipe or `apply_milora(method=...)` names, and the slice of the spectrum each one
 # initialises from (`milora.decomposition.MODES`; None = PEFT's default LoRA init, base weights untouched).
@@ -193,8 +194,8 @@ def check_weight(name: str, weight: torch.Tensor, r: int, values: bool = True) -
             f"{name}: rank r={r} is larger than the layer's smaller dimension {smaller} "
             f"(weight shape {shape}); choose r <= {smaller} or leave this layer out of the targets."
         )
-    if values and not is_zero3_partitioned(weight) and not torch.isfinite(weight).all():
-        raise MiLoRAError(f"{name}: the weight holds NaN or inf values; fix the checkpoint before initialising.")
+    if values and not is_zero3_partitioned(weight):
+        check_finite(name, weight)
 
 
 def _check_values_on_host(weight: torch.Tensor, device) -> bool:
@@ -318,12 +319,13 @@ def apply_milora(
     record_method(peft_model, method)
     if method == "lora":
         return peft_model
-    storage_dtype = lora_layers(peft_model)[0][1].get_base_layer().weight.dtype
+    layers = lora_layers(peft_model)
+    storage_dtype = layers[0][1].get_base_layer().weight.dtype
 
     unchecked = any(not _check_values_on_host(layer.get_base_layer().weight, device)
-                    for _, layer in lora_layers(peft_model))
+                    for _, layer in layers)
     initialize_layers(
-        lora_layers(peft_model), METHOD_MODES[method], device=device, solver=solver, seed=seed,
+        layers, METHOD_MODES[method], device=device, solver=solver, seed=seed,
         show_progress=show_progress, cache_dir=cache_dir, description=f"MiLoRA init ({method}, r={r})",
         workers=workers, stats=transfer_stats, check_values=unchecked,
         refit=refit_for(quantization, quantization_iterations, storage_dtype),

@@ -177,9 +177,7 @@ def quantize_linear_layers(model: torch.nn.Module, settings: FourBitSettings, ke
     names = [name for name, module in model.named_modules()
              if type(module) is torch.nn.Linear and name and not keep(name)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(getattr(parent, child), settings, device))
+        _replace(model, name, quantize_linear(model.get_submodule(name), settings, device))
     model.is_loaded_in_4bit = True
     return names
 

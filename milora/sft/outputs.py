@@ -195,7 +195,7 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
         write_record(out, applies_to="original", base_model=info["base_model"], fingerprint=root_fingerprint,
                      r=(2 if svd else 1) * model_args.lora_r, lora_alpha=_root_alpha(out), **common)
         info["standard_lora_adapter"] = str(out)
-        if model_args.load_in_4bit and "standard_lora_adapter" in info:
+        if model_args.load_in_4bit:
             from milora.sft.quantized import note_standard_lora_difference
 
             info["quantization"] = model_args.four_bit_settings().describe()

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from milora.io import atomic_write_text
+from milora.layout import MODEL_CARD_FILE
 from milora.sft.config import RecipeError
 
-CARD_FILE = "README.md"
 CARD_HEADING = "## Trained on a 4-bit base"
 PROBE_ROWS = 2
 PROBE_TOKENS = 128
@@ -111,7 +111,7 @@ def standard_lora_difference(trained_model, base_model: str, adapter_dir: str | 
 
 def write_card_note(adapter_dir: str | Path, base_model: str, settings: dict, difference: dict) -> None:
     """Append (or replace) the 4-bit section of the adapter's model card."""
-    card = Path(adapter_dir) / CARD_FILE
+    card = Path(adapter_dir) / MODEL_CARD_FILE
     text = card.read_text() if card.is_file() else ""
     text = text.split(CARD_HEADING)[0].rstrip() + "\n\n" if text else ""
     text += (
