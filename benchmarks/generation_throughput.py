@@ -66,10 +66,10 @@ def bound_ms(model, contexts_per_step: float, bandwidth_tbs: float) -> float:
     return (model_bytes(model) + contexts_per_step * kv_bytes_per_token(model)) / (bandwidth_tbs * 1e12) * 1e3
 
 
-def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_attention="matmul"):
+def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_attention="flash", compile=True):
     from eval_harness.engine import EngineConfig, GenerationEngine
 
-    config = EngineConfig(max_slots=slots, decode_attention=decode_attention)
+    config = EngineConfig(max_slots=slots, decode_attention=decode_attention, compile=compile)
     engine = GenerationEngine(model, eos_token_ids=(), config=config)
     engine.generate(prompts[: max(4, len(prompts) // 16)], 8, desc="warm-up")  # graph captures, kernels
     engine.stats = dict.fromkeys(engine.stats, 0)
@@ -87,7 +87,7 @@ def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_attention="m
     mean_context = sum(len(p) + new_tokens / 2 for p in prompts) / len(prompts)
     concurrent = tokens / steps  # new tokens per decode step ~ sequences in flight
     return {
-        "variant": f"engine ({decode_attention} decode, slots {slots or 'auto'})",
+        "variant": f"engine ({decode_attention} decode, {'compiled' if compile else 'eager'}, slots {slots or 'auto'})",
         "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "step_ms": step_ms,
         "concurrent": concurrent, "bound_ms": bound_ms(model, concurrent * mean_context, bandwidth),
         "prefill_s": engine.stats["prefill_seconds"], "capture_s": engine.stats["capture_seconds"],
@@ -166,8 +166,9 @@ def main(argv=None):
     parser.add_argument("--prompt_max", type=int, default=260)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument(
-        "--engines", nargs="*", default=["matmul:128", "matmul:0", "sdpa:128"],
-        help="engine variants as DECODE_ATTENTION:SLOTS (0 slots: as many as free memory holds)",
+        "--engines", nargs="*", default=["flash:128", "flash:0", "flash:128:eager", "sdpa:128"],
+        help="engine variants as DECODE_ATTENTION:SLOTS[:eager] (0 slots: as many as free memory holds; eager: "
+        "decoder layers not compiled)",
     )  # fmt: skip
     parser.add_argument("--hf_batches", type=int, nargs="*", default=[8, 64, 128])
     parser.add_argument("--hf_new_tokens", type=int, default=128, help="new tokens of the timed hf batch")
@@ -184,8 +185,10 @@ def main(argv=None):
     prompts = make_prompts(args.requests, args.prompt_min, args.prompt_max, model.config.vocab_size)
     rows = []
     for variant in args.engines:
-        attention, _, slots = variant.partition(":")
-        rows.append(run_engine(model, prompts, args.new_tokens, int(slots or 0) or None, args.bandwidth, attention))
+        attention, *options = variant.split(":")
+        slots = int(options[0]) if options and options[0] else None
+        compiled = "eager" not in options[1:]
+        rows.append(run_engine(model, prompts, args.new_tokens, slots, args.bandwidth, attention, compiled))
         print_table(rows[-1:])
     for batch in args.hf_batches:
         rows.append(run_hf(model, prompts, args.hf_new_tokens, batch, args.bandwidth))

@@ -100,3 +100,21 @@ def test_each_request_is_handed_over_as_soon_as_it_finishes():
         prompts, limits, on_finish=lambda request, tokens: finished.append((request, list(tokens)))
     )
     assert sorted(finished) == [(i, out) for i, out in enumerate(outputs)]  # once each, with its tokens
+
+
+def test_compiled_decoder_layers_give_the_same_tokens_and_leave_the_model_eager():
+    model = tiny_model("llama").eval()
+    prompts, limits = random_requests(5, seed=5)
+    engine = GenerationEngine(model, config=EngineConfig(max_slots=3, compile=True))
+    assert engine.generate(prompts, limits) == reference(model, prompts, limits, eos=None)
+    # compiled for the engine's decode steps only: afterwards every layer runs its ordinary call again
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+
+
+def test_decode_attention_is_checked():
+    model = tiny_model("llama").eval()
+    assert GenerationEngine(model).decode_attention == "sdpa"  # flash needs CUDA and half precision
+    with pytest.raises(ValueError, match="decode_attention='sdpa'"):
+        GenerationEngine(model, config=EngineConfig(decode_attention="flash"))
+    with pytest.raises(ValueError, match="not one of"):
+        GenerationEngine(model, config=EngineConfig(decode_attention="paged"))
