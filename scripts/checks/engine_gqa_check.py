@@ -1,5 +1,5 @@
-"""Greedy generations of the engine (both decode attentions) against `model.generate` on a small random
-grouped-query Llama in bfloat16 on the GPU: prints how many of 40 requests match token for token."""
+"""Greedy generations of the engine (each decode attention, compiled and eager) against `model.generate` on a
+small random grouped-query Llama in bfloat16 on the GPU: prints how many of 40 requests match token for token."""
 
 import random
 
@@ -22,8 +22,8 @@ reference = [
                    pad_token_id=0)[0, len(p):].tolist()
     for p in prompts
 ]  # fmt: skip
-for attention in ("matmul", "sdpa"):
-    engine = GenerationEngine(model, (), EngineConfig(max_slots=16, decode_attention=attention))
-    got = engine.generate(prompts, 40)
+for attention, compiled in (("flash", True), ("flash", False), ("sdpa", True), ("matmul", False)):
+    config = EngineConfig(max_slots=16, decode_attention=attention, compile=compiled)
+    got = GenerationEngine(model, (), config).generate(prompts, 40)
     equal = sum(a == b for a, b in zip(got, reference, strict=True))
-    print(f"{attention}: {equal} of {len(prompts)} equal to model.generate")
+    print(f"{attention} ({'compiled' if compiled else 'eager'}): {equal} of {len(prompts)} equal to model.generate")
