@@ -66,7 +66,7 @@ def bound_ms(model, contexts_per_step: float, bandwidth_tbs: float) -> float:
     return (model_bytes(model) + contexts_per_step * kv_bytes_per_token(model)) / (bandwidth_tbs * 1e12) * 1e3
 
 
-def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_attention="flash", compile=True):
+def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_attention="sdpa", compile=True):
     from eval_harness.engine import EngineConfig, GenerationEngine
 
     config = EngineConfig(max_slots=slots, decode_attention=decode_attention, compile=compile)
@@ -166,7 +166,7 @@ def main(argv=None):
     parser.add_argument("--prompt_max", type=int, default=260)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument(
-        "--engines", nargs="*", default=["flash:128", "flash:0", "flash:128:eager", "sdpa:128"],
+        "--engines", nargs="*", default=["sdpa:128", "sdpa:0", "sdpa:128:eager"],
         help="engine variants as DECODE_ATTENTION:SLOTS[:eager] (0 slots: as many as free memory holds; eager: "
         "decoder layers not compiled)",
     )  # fmt: skip

@@ -20,11 +20,12 @@ A *solver* computes the triplets, always in float64 (the family names milora/pis
   float64 round-off).
 - ``svd``: `torch.linalg.svd`, the reference (and what the paper's code runs per matrix).
 - ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (the shifted matrix
-  inverted once through its Cholesky factor, then matrix products: all GEMM-shaped work, which GPUs run far faster than the tridiagonalisation inside `eigh`), with a
-  shift towards the smallest eigenvalue and a final Rayleigh-Ritz step. It stops when every wanted Ritz
-  pair's residual `||G v - theta v||` is below `1e-7` of the mean eigenvalue, and falls back to the
-  `gram` solver when that does not happen within its iteration budget or the Gram matrix is singular,
-  so the result is always the exact minor subspace up to float64 round-off.
+  inverted once through its Cholesky factor, then matrix products: all GEMM-shaped work, which GPUs run far
+  faster than the tridiagonalisation inside `eigh`), with a shift towards the smallest eigenvalue and a final
+  Rayleigh-Ritz step. It stops when every wanted Ritz pair's residual `||G v - theta v||` is below `1e-7` of
+  the mean eigenvalue, and falls back to the `gram` solver when that does not happen within its iteration
+  budget or the Gram matrix is singular, so the result is always the exact minor subspace up to float64
+  round-off.
 
 ``auto`` (the default) picks ``subspace`` for the minor mode on a GPU when r is small against the matrix
 (the case of real models), and ``gram`` otherwise.

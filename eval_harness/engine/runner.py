@@ -6,9 +6,9 @@ packed in one row, up to ``prefill_tokens``), and then every slot advances by on
 sequence leaves its slot at an end-of-sequence token, at its new-token limit, or when the caller's ``stop``
 check says so (stop strings), and the next prompt takes the slot at once.
 
-On CUDA each decode step is replayed from a CUDA graph (one for all steps with the flash decode, else one per
-key-length bucket, captured on first use), so a step costs the GPU's time rather than Python's; the prefill
-runs eagerly. Elsewhere the same code runs
+On CUDA each decode step is replayed from a CUDA graph (one per key-length bucket, captured on first use), so
+a step costs the GPU's time rather than Python's, and runs through decoder layers compiled by `torch.compile`
+(`EngineConfig.compile`), which fuses a step's small kernels; the prefill runs eagerly. Elsewhere the same code runs
 eagerly: on CPU in float32 it gives the tokens of `model.generate(do_sample=False)` (tested).
 """
 
@@ -29,7 +29,6 @@ from eval_harness.engine.attention import (
     ENGINE_ATTENTION,
     SlotCache,
     StepPlan,
-    flash_decode_available,
     register_engine_attention,
 )
 
@@ -42,9 +41,8 @@ class EngineConfig:
     """max_slots: concurrent sequences (default: as many as free memory holds, at most 256; 32 on CPU).
     prefill_tokens: prompt tokens per prefill forward. cuda_graphs: replay decode steps from CUDA graphs
     (default: on CUDA). memory_fraction: share of the free accelerator memory the cache may take.
-    decode_attention: how a decode step reads the cache (`DECODE_ATTENTION`): "flash" (each slot's own keys
-    and no more; the default where available: CUDA, half precision), "sdpa" (the default elsewhere) or
-    "matmul", which read a key-length bucket of every slot.
+    decode_attention: how a decode step reads the cache: "sdpa" (closest to `model.generate` in half
+    precision) or "matmul".
     compile: run decode steps through decoder layers compiled by `torch.compile` (default: on CUDA), which
     fuses the many small kernels of a step (norms, rotary embedding, activation, residual adds); the first
     step of a process pays the compilation (tens of seconds)."""
@@ -53,7 +51,7 @@ class EngineConfig:
     prefill_tokens: int = 16384
     cuda_graphs: bool | None = None
     memory_fraction: float = 0.8
-    decode_attention: str | None = None
+    decode_attention: str = "sdpa"
     compile: bool | None = None
 
 
@@ -99,26 +97,14 @@ class GenerationEngine:
         )
         self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         register_engine_attention()
-        self.decode_attention = self._decode_attention(self.config.decode_attention)
+        if self.config.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention={self.config.decode_attention!r} is not one of {DECODE_ATTENTION}")
         use_graphs = self.config.cuda_graphs
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.use_compile = self.device.type == "cuda" if self.config.compile is None else self.config.compile
         self._compiled_layers: list | None = None
         stats = ("decode_steps", "decode_seconds", "prefill_seconds", "capture_seconds", "tokens")
         self.stats = dict.fromkeys(stats, 0)
-
-    def _decode_attention(self, chosen: str | None) -> str:
-        flash = self.device.type == "cuda" and flash_decode_available(self.dtype, self.head_dim)
-        if chosen is None:
-            return "flash" if flash else "sdpa"
-        if chosen not in DECODE_ATTENTION:
-            raise ValueError(f"decode_attention={chosen!r} is not one of {', '.join(DECODE_ATTENTION)}")
-        if chosen == "flash" and not flash:
-            raise ValueError(
-                "decode_attention='flash' needs CUDA, bfloat16/float16 weights and a torch whose flash kernel takes "
-                "per-sequence key counts; use decode_attention='sdpa'"
-            )
-        return chosen
 
     # -- sizing ------------------------------------------------------------------------------------------
     def slot_count(self, requests: int, max_context: int) -> int:
@@ -156,23 +142,17 @@ class GenerationEngine:
             "lengths": torch.zeros(slots, dtype=torch.long, device=device),
             "slot_ids": torch.arange(slots, device=device),
             "out": torch.zeros(slots, dtype=torch.long, device=device),
-            # the flash decode's packed layout: one query per slot, slot s's keys from row s * max_context
-            "query_starts": torch.arange(slots + 1, dtype=torch.int32, device=device),
-            "slot_starts": torch.arange(slots + 1, dtype=torch.int32, device=device) * cache.max_context,
         }
 
     def _decode_step(self, cache: SlotCache, buffers: dict[str, torch.Tensor], key_len: int) -> None:
         """One token for every slot, read from and written to `buffers` only (so it can be captured)."""
         lengths = buffers["lengths"]
         plan = StepPlan(
-            cache, buffers["slot_ids"], lengths, prefill=False, key_len=key_len, decode_attention=self.decode_attention
-        )
-        if self.decode_attention == "flash":
-            plan.key_counts = (lengths + 1).to(torch.int32)
-            plan.cu_seqlens, plan.slot_starts = buffers["query_starts"], buffers["slot_starts"]
-        else:
-            key_positions = torch.arange(key_len, device=lengths.device)
-            plan.key_mask = (key_positions.unsqueeze(0) <= lengths.unsqueeze(1)).view(cache.slots, 1, 1, key_len)
+            cache, buffers["slot_ids"], lengths, prefill=False, key_len=key_len,
+            decode_attention=self.config.decode_attention,
+        )  # fmt: skip
+        key_positions = torch.arange(key_len, device=lengths.device)
+        plan.key_mask = (key_positions.unsqueeze(0) <= lengths.unsqueeze(1)).view(cache.slots, 1, 1, key_len)
         hidden = self.decoder(
             input_ids=buffers["input_ids"], position_ids=lengths.unsqueeze(0), use_cache=False, milora_step=plan
         )
@@ -195,11 +175,6 @@ class GenerationEngine:
         finally:
             for layer in layers:
                 layer._compiled_call_impl = None
-
-    def _key_len(self, lengths: list[int], width: int) -> int:
-        """The key length a decode step is run (and captured) at: flash reads each slot's own keys, so one
-        length (one CUDA graph) serves every step; the others read every slot up to a 64-position bucket."""
-        return width if self.decode_attention == "flash" else min(width, _round_up(max(lengths) + 1, KEY_BUCKET))
 
     def _decoder_runner(self, cache: SlotCache, buffers: dict) -> Callable[[int], None]:
         """A function key_len -> run one decode step: a CUDA graph replay per key length, or eager."""
@@ -310,7 +285,7 @@ class GenerationEngine:
                 buffers["input_ids"].copy_(torch.tensor([next_tokens]))
                 buffers["lengths"].copy_(torch.tensor(lengths))
                 tick = time.perf_counter()
-                decode(self._key_len(lengths, width))
+                decode(min(width, _round_up(max(lengths) + 1, KEY_BUCKET)))
                 tokens = buffers["out"].tolist()
                 self.stats["decode_seconds"] += time.perf_counter() - tick
                 self.stats["decode_steps"] += 1
