@@ -19,13 +19,12 @@ A *solver* computes the triplets, always in float64 (the family names milora/pis
   exact in float64 for the spectra of trained weights (the squared condition number stays far above
   float64 round-off).
 - ``svd``: `torch.linalg.svd`, the reference (and what the paper's code runs per matrix).
-- ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (the shifted matrix
-  inverted once through its Cholesky factor, then matrix products: all GEMM-shaped work, which GPUs run far
-  faster than the tridiagonalisation inside `eigh`), with a shift towards the smallest eigenvalue and a final
-  Rayleigh-Ritz step. It stops when every wanted Ritz pair's residual `||G v - theta v||` is below `1e-7` of
-  the mean eigenvalue, and falls back to the `gram` solver when that does not happen within its iteration
-  budget or the Gram matrix is singular, so the result is always the exact minor subspace up to float64
-  round-off.
+- ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (Cholesky solves,
+  all GEMM-shaped work, which GPUs run far faster than the tridiagonalisation inside `eigh`), with a
+  shift towards the smallest eigenvalue and a final Rayleigh-Ritz step. It stops when every wanted Ritz
+  pair's residual `||G v - theta v||` is below `1e-7` of the mean eigenvalue, and falls back to the
+  `gram` solver when that does not happen within its iteration budget or the Gram matrix is singular,
+  so the result is always the exact minor subspace up to float64 round-off.
 
 ``auto`` (the default) picks ``subspace`` for the minor mode on a GPU when r is small against the matrix
 (the case of real models), and ``gram`` otherwise.
@@ -204,17 +203,6 @@ def _shifted_cholesky(gram: torch.Tensor, shift: float) -> tuple[torch.Tensor | 
     return (factor, 0.0) if int(info) == 0 else (None, 0.0)
 
 
-def _shifted_inverse(gram: torch.Tensor, shift: float) -> tuple[torch.Tensor | None, float]:
-    """The inverse of `gram - shift I` (from `_shifted_cholesky`'s factor) and the shift used; None if singular.
-
-    Formed once per shift, so that each inverse iteration is one matrix product: two triangular solves with a
-    right-hand side only `block` columns wide run far below a GPU's matrix-product speed (measured ~30x slower
-    at 8192 x 8192). The iteration is self-correcting and its result is checked by the Ritz residuals, so
-    the inverse's round-off does not reach the factors."""
-    factor, shift = _shifted_cholesky(gram, shift)
-    return (None if factor is None else torch.cholesky_inverse(factor)), shift
-
-
 def _minor_components_by_subspace_iteration(w, gram, wide, r: int) -> SingularComponents | None:
     """The last `r` singular triplets of `w` by shifted block inverse iteration on its smaller Gram matrix
     (`gram`, `wide` as `smaller_gram` returns them).
@@ -224,20 +212,19 @@ def _minor_components_by_subspace_iteration(w, gram, wide, r: int) -> SingularCo
     """
     n = gram.shape[0]
     block = min(n, SUBSPACE_BLOCK * r)
-    inverse, _ = _shifted_inverse(gram, 0.0)
-    if inverse is None:
+    factor, _ = _shifted_cholesky(gram, 0.0)
+    if factor is None:
         return None
     generator = torch.Generator(device=w.device).manual_seed(0)
     basis = _orthonormal(torch.randn(n, block, dtype=gram.dtype, device=w.device, generator=generator))
     mean_eigenvalue = float(torch.diagonal(gram).mean())
     for iteration in range(1, SUBSPACE_MAX_ITERATIONS + 1):
-        basis = _orthonormal(inverse @ basis)
+        basis = _orthonormal(torch.cholesky_solve(basis, factor))
         if iteration == 3:
             # shift towards the smallest eigenvalue: convergence goes as (lambda_r - s) / (lambda_block - s)
             values, basis = _rayleigh_ritz(gram, basis)
-            del inverse  # (n x n) each: one at a time
-            inverse, _ = _shifted_inverse(gram, 0.9 * float(values[0]))
-            if inverse is None:
+            factor, _ = _shifted_cholesky(gram, 0.9 * float(values[0]))
+            if factor is None:
                 return None
         if iteration >= 4 and iteration % 2 == 0:
             values, basis = _rayleigh_ritz(gram, basis)
