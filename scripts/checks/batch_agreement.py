@@ -158,38 +158,35 @@ def compare_pair(first: list[list[int]], second: list[list[int]], prompts, model
             for name, model in models.items():
                 margin, choice = logit_margin(model, context, a[position], b[position])
                 record[f"margin_{name}"], record[f"choice_{name}"] = margin, choice
+            record["shift"] = record["margin_dtype"] - record["margin_float32"]  # the run's dtype's rounding
         differences.append(record)
     return differences
 
 
 def summarize(differences: list[dict], items: int) -> dict:
-    margins = {name: [abs(d[f"margin_{name}"]) for d in differences if f"margin_{name}" in d]
-               for name in ("dtype", "float32")}  # fmt: skip
-    float32_choice = [("first" if d["choice_float32"] == d["first_token"] else
-                       "second" if d["choice_float32"] == d["second_token"] else "neither")
-                      for d in differences if "choice_float32" in d]  # fmt: skip
+    def median_abs(key: str) -> float | None:
+        values = [abs(d[key]) for d in differences if key in d]
+        return statistics.median(values) if values else None
+
+    measured = [d for d in differences if "choice_float32" in d]  # not where one answer is a prefix of the other
+    first = sum(d["choice_float32"] == d["first_token"] for d in measured)
+    second = sum(d["choice_float32"] == d["second_token"] for d in measured)
     return {
         "items": items,
         "identical": items - len(differences),
         "identical_share": (items - len(differences)) / max(1, items),
         "median_position": statistics.median([d["position"] for d in differences]) if differences else None,
-        "median_abs_margin_dtype": statistics.median(margins["dtype"]) if margins["dtype"] else None,
-        "median_abs_margin_float32": statistics.median(margins["float32"]) if margins["float32"] else None,
-        "max_abs_margin_float32": max(margins["float32"], default=None),
-        "float32_picks": {k: float32_choice.count(k) for k in ("first", "second", "neither")},
+        "median_abs_margin_dtype": median_abs("margin_dtype"),
+        "median_abs_margin_float32": median_abs("margin_float32"),
+        "max_abs_margin_float32": max((abs(d["margin_float32"]) for d in measured), default=None),
+        "median_abs_shift": median_abs("shift"),
+        "float32_picks": {"first": first, "second": second, "neither": len(measured) - first - second},
     }
 
 
-TABLE_COLUMNS = (
-    "pair",
-    "identical",
-    "share",
-    "median first diff",
-    "median abs margin (dtype)",
-    "median abs margin (float32)",
-    "max abs margin (float32)",
-    "float32 picks first/second/neither",
-)
+TABLE_COLUMNS = ("pair", "identical", "share", "median first diff", "median abs margin (dtype)",
+                 "median abs margin (float32)", "median abs shift (dtype - float32)",
+                 "float32 picks first/second/neither")  # fmt: skip
 
 
 def format_table(report: dict) -> str:
@@ -201,7 +198,7 @@ def format_table(report: dict) -> str:
         s = entry["summary"]
         cells = [pair, f"{s['identical']}/{s['items']}", f"{s['identical_share']:.1%}", cell(s["median_position"]),
                  cell(s["median_abs_margin_dtype"]), cell(s["median_abs_margin_float32"]),
-                 cell(s["max_abs_margin_float32"]), "/".join(str(n) for n in s["float32_picks"].values())]  # fmt: skip
+                 cell(s["median_abs_shift"]), "/".join(str(n) for n in s["float32_picks"].values())]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -216,15 +213,11 @@ def run_check(model, tokenizer, requests: list[dict], hf_batch: int) -> dict:
     for request in requests:  # lm-eval adds the EOS text to every request's stop strings
         request["until"] = [s for s in dict.fromkeys([*request["until"], eos_text]) if s]
     prompts = [tokenizer(r["prompt"]).input_ids for r in requests]
-    runs = {
-        "engine": lambda: generate_engine(model, requests, prompts, tokenizer, eos),
-        "hf_batch1": lambda: generate_hf(model, requests, prompts, 1, tokenizer, eos),
-        "hf_batchB": lambda: generate_hf(model, requests, prompts, hf_batch, tokenizer, eos),
-    }
     raw, seconds = {}, {}
-    for name, run in runs.items():
+    for name, batch in (("engine", None), ("hf_batch1", 1), ("hf_batchB", hf_batch)):
         tick = time.perf_counter()
-        raw[name] = run()
+        raw[name] = (generate_engine(model, requests, prompts, tokenizer, eos) if batch is None
+                     else generate_hf(model, requests, prompts, batch, tokenizer, eos))  # fmt: skip
         seconds[name] = round(time.perf_counter() - tick, 2)
 
     def decode(tokens):
