@@ -14,8 +14,9 @@ Every answer is cut as lm-eval cuts it (at the first end-of-sequence token or st
 past the end do not count. For each pair of generators: the share of identical answers and, for each differing
 item, the first position where they part and the margin logit(first's token) - logit(second's token) there,
 from one forward pass of prompt + common prefix at batch 1, in the run's dtype and in float32 (the same weights
-upcast). Small float32 margins mean the difference starts at a near-tie. Prints a table and writes
-OUT/batch_agreement.json.
+upcast). A float32 margin no larger than the shift the run's dtype puts on it (dtype margin - float32 margin)
+means the difference starts at a near-tie. Prints a table and writes OUT/batch_agreement.json (generators
+`engine`, `hf_batch1`, `hf_batchB`; every difference, every answer's text and tokens, each generator's seconds).
 """
 
 from __future__ import annotations
