@@ -8,9 +8,9 @@ sequence runs to its new-token limit). Prints one table and writes ``OUT/generat
   backend (`--engine hf`; batch 8 is `milora eval`'s default), timed on one batch of the longest prompts;
 - ``transformers_cb``: transformers' own continuous batching (`model.generate_batch`), with --cb.
 
-Per row: tokens/s (new tokens over the wall clock, prefill included), the mean decode step, the bandwidth
-bound of that step (the weights plus the KV cache the step's sequences must read, at --bandwidth TB/s) and
-the share of it reached, and peak memory.
+Per row: tokens/s (new tokens over the wall clock, prefill and CUDA-graph captures included), the mean decode
+step, the bandwidth bound of that step (the weights plus the KV cache the step's sequences must read, at
+--bandwidth TB/s) and the share of it reached, and peak memory.
 
     python benchmarks/generation_throughput.py --out OUT                       # the recorded configuration
     python benchmarks/generation_throughput.py --out OUT --requests 64 --new_tokens 32 --hf_batches 8  # quick look
@@ -71,7 +71,8 @@ def run_engine(model, prompts, new_tokens, slots, bandwidth, decode_attention="s
 
     config = EngineConfig(max_slots=slots, decode_attention=decode_attention, compile=compile)
     engine = GenerationEngine(model, eos_token_ids=(), config=config)
-    engine.generate(prompts[: max(4, len(prompts) // 16)], 8, desc="warm-up")  # graph captures, kernels
+    # compilation, kernels and the first graphs, at the timed run's slot count (a new count recompiles)
+    engine.generate(prompts, 8, desc="warm-up")
     engine.stats = dict.fromkeys(engine.stats, 0)
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
