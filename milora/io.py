@@ -26,13 +26,21 @@ def atomic_directory(out_dir: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+    replace_directory(tmp, out_dir)
+
+
+def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the fully written directory `source` to `target` in one rename; an existing `target` is replaced
+    (moved aside first, then deleted), so `target` is never missing or half written."""
+    source, target = Path(source), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)  # left by a crashed earlier process with this pid
+        os.replace(target, old)
+        os.replace(source, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out_dir)
+        os.replace(source, target)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

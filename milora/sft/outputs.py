@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from milora.conversion import standard_lora, write_adapter_files
 from milora.distributed import lora_layers
 from milora.fingerprint import write_record
-from milora.io import DamagedFileError, atomic_directory, read_json, read_safetensors, write_json
+from milora.io import DamagedFileError, atomic_directory, read_json, read_safetensors, replace_directory, write_json
 from milora.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -173,7 +172,7 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
     if main:
         common = {"method": model_args.method, "original_model": info["base_model"]}
         if svd:
-            _promote(staging, out / RESIDUAL_ADAPTER_DIR)
+            replace_directory(staging, out / RESIDUAL_ADAPTER_DIR)
             for folder in (out / RESIDUAL_ADAPTER_DIR, out / INIT_ADAPTER_DIR):
                 _set_adapter_base(folder, residual_dir)
                 write_record(folder, applies_to="residual", base_model=residual_dir, fingerprint=base_fingerprint,
@@ -225,18 +224,6 @@ def final_training_loss(log_history: list[dict]) -> float | None:
 
 def _root_alpha(out: Path) -> float:
     return read_json(out / ADAPTER_CONFIG_FILE)["lora_alpha"]
-
-
-def _promote(staging: Path, final: Path) -> None:
-    """Move a fully written directory into place in one rename (an older one is replaced)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
 
 
 def _set_adapter_base(adapter_dir: Path, base: str | None) -> None:
