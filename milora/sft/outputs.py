@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from milora.conversion import standard_lora, write_adapter_files
-from milora.distributed import lora_layers
+from milora.distributed import ADAPTER_NAME, lora_layers
 from milora.fingerprint import write_record
 from milora.io import DamagedFileError, atomic_directory, read_json, read_safetensors, replace_directory, write_json
 from milora.layout import (
@@ -148,9 +148,13 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
     adapted = [name.removeprefix("base_model.model.") for name, _ in lora_layers(model)]
     # every process: gathers each weight under ZeRO-3. A 4-bit base holds packed bytes: its residual folders
     # record no fingerprint (not checked), and the root applies to the original model, fingerprinted before
-    # it was quantized (`build_peft_model`)
+    # it was quantized or adapted (`build_peft_model`). Plain LoRA trains on that original model unchanged, so
+    # only a run without a record of it fingerprints it here.
     four_bit = bool(getattr(model_args, "load_in_4bit", False))
-    base_fingerprint = None if four_bit else model_fingerprint(model, adapted)
+    residual_fingerprint = model_fingerprint(model, adapted) if svd and not four_bit else None
+    root_fingerprint = original_fingerprint
+    if root_fingerprint is None and not svd and not four_bit:
+        root_fingerprint = model_fingerprint(model, adapted)
     residual_dir = residual_base_path(model_args, training) if svd else None
     # ZeRO-3 leaves every process with shards: all of them gather the weights onto the main process to write them
     needs_full = training.merge or (svd and training.save_residual_base and model_args.milora_init_dir is None)
@@ -175,7 +179,7 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
             replace_directory(staging, out / RESIDUAL_ADAPTER_DIR)
             for folder in (out / RESIDUAL_ADAPTER_DIR, out / INIT_ADAPTER_DIR):
                 _set_adapter_base(folder, residual_dir)
-                write_record(folder, applies_to="residual", base_model=residual_dir, fingerprint=base_fingerprint,
+                write_record(folder, applies_to="residual", base_model=residual_dir, fingerprint=residual_fingerprint,
                              r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                              original_fingerprint=original_fingerprint, **common)
             if residual_dir is not None and model_args.milora_init_dir is None:
@@ -187,12 +191,12 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
             if trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(out)
             info.update(residual_adapter=str(out / RESIDUAL_ADAPTER_DIR), initial_adapter=str(out / INIT_ADAPTER_DIR))
-            root_fingerprint = original_fingerprint
+            root_alpha = config["lora_alpha"]
         else:
             _set_adapter_base(out, info["base_model"])
-            root_fingerprint = original_fingerprint if four_bit else base_fingerprint
+            root_alpha = model.peft_config[ADAPTER_NAME].lora_alpha
         write_record(out, applies_to="original", base_model=info["base_model"], fingerprint=root_fingerprint,
-                     r=(2 if svd else 1) * model_args.lora_r, lora_alpha=_root_alpha(out), **common)
+                     r=(2 if svd else 1) * model_args.lora_r, lora_alpha=root_alpha, **common)
         info["standard_lora_adapter"] = str(out)
         if model_args.load_in_4bit:
             from milora.sft.quantized import note_standard_lora_difference
@@ -220,10 +224,6 @@ def final_training_loss(log_history: list[dict]) -> float | None:
     """The last logged training loss."""
     losses = [entry["loss"] for entry in log_history if "loss" in entry]
     return losses[-1] if losses else None
-
-
-def _root_alpha(out: Path) -> float:
-    return read_json(out / ADAPTER_CONFIG_FILE)["lora_alpha"]
 
 
 def _set_adapter_base(adapter_dir: Path, base: str | None) -> None:

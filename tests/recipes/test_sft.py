@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from milora import apply_milora
+from milora.fingerprint import adapter_module_names, model_fingerprint
 from milora.tiny import tiny_model, tiny_tokenizer
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -106,7 +107,9 @@ def test_root_is_the_standard_lora_and_residual_adapter_needs_the_residual(run, 
     config = json.loads((out / "adapter_config.json").read_text())
     record = json.loads((out / "milora_adapter.json").read_text())
     assert config["base_model_name_or_path"] == "tiny:llama" and record["applies_to"] == "original"
-    assert config["r"] == (8 if method == "lora" else 16)
+    assert config["r"] == (8 if method == "lora" else 16) and record["lora_alpha"] == config["lora_alpha"]
+    original = tiny_model("llama")
+    assert record["fingerprint"] == model_fingerprint(original, adapter_module_names(out))  # the original model's
     if method == "lora":
         return
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
