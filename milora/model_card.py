@@ -3,7 +3,8 @@ tables `milora eval` appends to it.
 
 The card has Hub metadata (`base_model`, `library_name: peft`, tags with the method), what was trained and how
 (method, r, alpha, targets, data, steps, final loss, the step-0 check), which folder to load on which base with
-code for PEFT, transformers and a LoRA-serving engine, and why the converted adapter has rank 2r.
+code for PEFT, transformers and a LoRA-serving engine, why the converted adapter has rank 2r, and, for a run on a
+4-bit base, how far its standard LoRA on the full-precision base is from the trained model.
 """
 
 from __future__ import annotations
@@ -141,6 +142,27 @@ it is the adapter to share; the rank-r adapter in `residual_adapter/` is only ri
 """
 
 
+FOUR_BIT_HEADING = "## Trained on a 4-bit base"
+
+
+def _four_bit_text(info: dict) -> str:
+    """What the standard LoRA of a run on a 4-bit base carries of the base's quantization error, as measured
+    (`milora.sft.quantized.note_standard_lora_difference`)."""
+    settings, difference = info["quantization"], info["standard_lora_difference"]
+    return (
+        f"{FOUR_BIT_HEADING}\n\n"
+        f"This adapter was trained on a 4-bit ({settings['quant_type']}, nested: {settings['nested']}) base and is "
+        f"written for the full-precision `{info.get('base_model')}`. There it carries the quantization error of the "
+        f"frozen base, which training does not remove. Measured on {difference['tokens']} tokens of the training "
+        "data against the trained 4-bit model:\n\n"
+        f"- relative logits difference ||z - z_4bit|| / ||z||: {difference['relative_logits_difference']:.4f}\n"
+        f"- largest |log p - log p_4bit|: {difference['max_abs_logprob_difference']:.4f}\n"
+        f"- same most likely next token: {100 * difference['top1_agreement']:.1f}% of positions\n\n"
+        "To reproduce the trained model exactly, load the base in 4 bits with the same settings "
+        "(the residual base for milora/pissa: `merged/` holds the dequantized result).\n"
+    )
+
+
 def model_card(info: dict, name: str) -> str:
     """The card's Markdown for a run summary `info` (`milora.sft.outputs.save_outputs`) of the folder `name`."""
     svd = info["method"] != "lora"
@@ -152,6 +174,8 @@ def model_card(info: dict, name: str) -> str:
     text += "\n## Which folder to load on which base\n\n" + _folders_table(info, svd) + "\n" + _usage(info, name, svd)
     if svd:
         text += "\n" + WHY_2R
+    if info.get("standard_lora_difference"):
+        text += "\n" + _four_bit_text(info)
     return text
 
 

@@ -211,10 +211,6 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
                 merge_adapter(model, out / MERGED_DIR, trainer.processing_class)
             info["merged"] = str(out / MERGED_DIR)
         write_model_card(out, info)
-        if info.get("standard_lora_difference"):  # a 4-bit base: what the standard LoRA carries of its error
-            from milora.sft.quantized import write_card_note
-
-            write_card_note(out, info["base_model"], info["quantization"], info["standard_lora_difference"])
         write_json(out / RUN_INFO_FILE, info)
     trainer.accelerator.wait_for_everyone()
     return info

@@ -13,11 +13,8 @@ from pathlib import Path
 
 import torch
 
-from milora.io import atomic_write_text
-from milora.layout import MODEL_CARD_FILE
 from milora.sft.config import RecipeError
 
-CARD_HEADING = "## Trained on a 4-bit base"
 PROBE_ROWS = 2
 PROBE_TOKENS = 128
 
@@ -109,29 +106,9 @@ def standard_lora_difference(trained_model, base_model: str, adapter_dir: str | 
     return logits_difference(reference, trained)
 
 
-def write_card_note(adapter_dir: str | Path, base_model: str, settings: dict, difference: dict) -> None:
-    """Append (or replace) the 4-bit section of the adapter's model card."""
-    card = Path(adapter_dir) / MODEL_CARD_FILE
-    text = card.read_text() if card.is_file() else ""
-    text = text.split(CARD_HEADING)[0].rstrip() + "\n\n" if text else ""
-    text += (
-        f"{CARD_HEADING}\n\n"
-        f"This adapter was trained on a 4-bit ({settings['quant_type']}, nested: {settings['nested']}) base and is "
-        f"written for the full-precision `{base_model}`. There it carries the quantization error of the frozen base, "
-        f"which training does not remove. Measured on {difference['tokens']} tokens of the training data against "
-        "the trained 4-bit model:\n\n"
-        f"- relative logits difference ||z - z_4bit|| / ||z||: {difference['relative_logits_difference']:.4f}\n"
-        f"- largest |log p - log p_4bit|: {difference['max_abs_logprob_difference']:.4f}\n"
-        f"- same most likely next token: {100 * difference['top1_agreement']:.1f}% of positions\n\n"
-        "To reproduce the trained model exactly, load the base in 4 bits with the same settings "
-        "(the residual base for milora/pissa: `merged/` holds the dequantized result).\n"
-    )
-    atomic_write_text(card, text)
-
-
 def note_standard_lora_difference(trainer, recipe, adapter_dir: str | Path, base_model: str | None) -> dict | None:
     """Measure the difference for a `load_in_4bit` run (text models with a known base); None when it cannot be
-    measured. `write_card_note` states it in the model card."""
+    measured. The model card states it (`milora.model_card`)."""
     from milora.loading import is_vision_language, resolve_dtype
     from milora.quantization import compute_dtype_of
 

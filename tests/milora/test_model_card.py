@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from milora.model_card import append_evaluation, model_card, run_directory_of, write_model_card
+from milora.model_card import FOUR_BIT_HEADING, append_evaluation, model_card, run_directory_of, write_model_card
 
 INFO = {
     "method": "pissa", "base_model": "meta-llama/Llama-2-7b-hf", "milora_init_dir": None, "lora_r": 64,
@@ -63,3 +63,26 @@ def test_other_model_folders_are_left_untouched(tmp_path):
     assert (plain / "README.md").read_text() == "their card\n"
     assert append_evaluation(tmp_path / "merged", "math", "| t |\n") is None  # a merged/ outside a run
     assert append_evaluation("org/hub-model", "math", "| t |\n") is None
+
+
+FOUR_BIT = {"quantization": {"quant_type": "nf4", "compute_dtype": "bfloat16", "nested": False},
+            "standard_lora_difference": {"relative_logits_difference": 0.01234, "max_abs_logprob_difference": 0.5678,
+                                         "top1_agreement": 0.975, "tokens": 256}}
+
+
+def test_a_4bit_run_states_the_standard_lora_difference_once_before_the_evaluations(tmp_path):
+    info = {**INFO, **FOUR_BIT}
+    card = model_card(info, "outputs/run")
+    for text in ("4-bit (nf4, nested: False)", "`meta-llama/Llama-2-7b-hf`", "on 256 tokens", "||z||: 0.0123",
+                 "log p_4bit|: 0.5678", "97.5% of positions"):
+        assert text in card, text
+    assert FOUR_BIT_HEADING not in model_card(INFO, "outputs/run")  # a bf16 run, or the difference not measured
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "milora_run.json").write_text(json.dumps(info))
+    write_model_card(run, info)
+    append_evaluation(run, "math", "| t |\n")
+    write_model_card(run, info)  # a resumed run writes its card again
+    again = (run / "README.md").read_text()
+    assert again.count(FOUR_BIT_HEADING) == 1 and again.count("## Evaluation") == 1
+    assert again.index(FOUR_BIT_HEADING) < again.index("## Evaluation")

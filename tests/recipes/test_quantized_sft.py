@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM
 
 from milora import apply_milora
 from milora.conversion import merge_adapter
+from milora.model_card import FOUR_BIT_HEADING
 from milora.quantization import FourBitSettings
 from milora.sft.config import RecipeError
 from milora.sft.parsing import parse_recipe
-from milora.sft.quantized import CARD_HEADING, logits_difference
+from milora.sft.quantized import logits_difference
 from milora.tiny import tiny_model, tiny_tokenizer
 
 pytest.importorskip("bitsandbytes")
@@ -115,7 +116,7 @@ def test_standard_lora_carries_the_quantization_error_stated_in_the_card(run):
     assert 1e-4 < measured["relative_logits_difference"] < 0.5
     assert 1e-4 < recorded["relative_logits_difference"] < 0.5 and recorded["tokens"] > 0
     card = (adapter_dir / "README.md").read_text()
-    assert CARD_HEADING in card and f"{recorded['relative_logits_difference']:.4f}" in card
+    assert FOUR_BIT_HEADING in card and f"{recorded['relative_logits_difference']:.4f}" in card
 
 
 def test_an_init_directory_trains_in_4bit(sft, tmp_path, input_ids):
