@@ -31,6 +31,7 @@ from peft.utils.other import transpose
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from milora.fingerprint import base_module_name
 from milora.io import DamagedFileError, atomic_directory, read_safetensors
 from milora.streaming import Matrix, TransferStats, decompose_matrices
 
@@ -55,6 +56,11 @@ def lora_layers(peft_model, adapter_name: str = ADAPTER_NAME) -> list[tuple[str,
         for name, module in peft_model.named_modules()
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A
     ]
+
+
+def adapted_module_names(peft_model) -> list[str]:
+    """The names of the modules `peft_model` adapts, as the plain base model has them."""
+    return [base_module_name(name) for name, _ in lora_layers(peft_model)]
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:

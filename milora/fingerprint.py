@@ -27,12 +27,17 @@ from milora.layout import ADAPTER_RECORD_FILE
 
 FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EDGE, SPREAD = 16, 64
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # what a PEFT model puts before the names of its base model's modules
 RECORD_FORMAT = 1
 
 
 class BaseMismatchError(MiLoRAError):
     """An adapter given a base whose weights are not the ones it applies to; the message names the right base."""
+
+
+def base_module_name(name: str) -> str:
+    """A PEFT model's module or state-dict name as the plain base model has it."""
+    return name.removeprefix(PEFT_PREFIX)
 
 
 def _slices(weight: torch.Tensor) -> torch.Tensor:
@@ -111,7 +116,7 @@ def adapter_module_names(adapter_dir: str | Path) -> list[str]:
     from milora.layout import ADAPTER_WEIGHTS_FILE
 
     keys = safetensors_keys(Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
-    return sorted({k.removeprefix(PEFT_PREFIX).split(".lora_A.")[0] for k in keys if ".lora_A." in k})
+    return sorted({base_module_name(k).split(".lora_A.")[0] for k in keys if ".lora_A." in k})
 
 
 def read_record(adapter_dir: str | Path) -> dict | None:

@@ -21,6 +21,7 @@ import torch
 from peft.utils.other import transpose
 
 from milora.distributed import ADAPTER_NAME, lora_layers
+from milora.fingerprint import base_module_name
 from milora.io import atomic_directory
 
 
@@ -114,7 +115,7 @@ def zero3_consolidated_state_dict(trainer) -> dict[str, torch.Tensor] | None:
 
 def _base_model_key(key: str) -> str:
     """A PEFT model's state-dict key as the plain base model names it."""
-    key = key.removeprefix("base_model.model.")
+    key = base_module_name(key)
     return key.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
 
 

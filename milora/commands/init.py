@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from milora.distributed import lora_layers
+    from milora.distributed import adapted_module_names
     from milora.fingerprint import model_fingerprint, write_record
     from milora.init_dir import INIT_SUBDIR, save_init_dir
     from milora.loading import load_model, load_processing_class
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     save_init_dir(peft_model, args.out, processing_class, source_model=args.model, targets=args.targets,
                   solver=args.solver, seed=args.seed, quantization=refit_for)
     lora_alpha = peft_model.peft_config["default"].lora_alpha
-    names = [name.removeprefix("base_model.model.") for name, _ in lora_layers(peft_model)]
+    names = adapted_module_names(peft_model)
     write_record(Path(args.out) / INIT_SUBDIR, applies_to="residual", base_model=str(Path(args.out).resolve()),
                  fingerprint=model_fingerprint(peft_model, names), method=method, r=args.r,
                  lora_alpha=lora_alpha, original_model=args.model, original_fingerprint=original)

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from milora.distributed import ADAPTER_NAME, lora_layers
+from milora.distributed import ADAPTER_NAME, adapted_module_names, lora_layers
 from milora.layout import INIT_SUBDIR
 from milora.model_source import TINY
 from milora.sft.config import MiloraSFTConfig, ModelArguments, RecipeError
@@ -105,7 +105,7 @@ def check_init_dir_residual(peft_model, init_dir: str, record: dict) -> None:
 
     if not record.get("fingerprint"):
         return
-    names = [name.removeprefix("base_model.model.") for name, _ in lora_layers(peft_model)]
+    names = adapted_module_names(peft_model)
     found = model_fingerprint(peft_model, names)
     if not same_base(record["fingerprint"], found, fingerprint_dtype(peft_model, names)):
         raise RecipeError(

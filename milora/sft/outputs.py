@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from milora.conversion import standard_lora, write_adapter_files
-from milora.distributed import ADAPTER_NAME, lora_layers
-from milora.fingerprint import write_record
+from milora.distributed import ADAPTER_NAME, adapted_module_names
+from milora.fingerprint import base_module_name, write_record
 from milora.io import DamagedFileError, atomic_directory, read_json, read_safetensors, replace_directory, write_json
 from milora.layout import (
     ADAPTER_CONFIG_FILE,
@@ -145,7 +145,7 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
     trainer.save_model(str(staging) if svd else training.output_dir)
     trainer.save_state()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    adapted = [name.removeprefix("base_model.model.") for name, _ in lora_layers(model)]
+    adapted = adapted_module_names(model)
     # every process: gathers each weight under ZeRO-3. A 4-bit base holds packed bytes: its residual folders
     # record no fingerprint (not checked), and the root applies to the original model, fingerprinted before
     # it was quantized or adapted (`build_peft_model`). Plain LoRA trains on that original model unchanged, so
@@ -238,7 +238,7 @@ def save_residual_base(model, full_state: dict | None, out_dir: Path, processing
         state = residual_state_dict(model)
     else:  # ZeRO-3: the gathered state dict of the PEFT model, keys as residual_state_dict names them
         state = {
-            key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", "."): value
+            base_module_name(key).replace(".base_layer.", ".").replace(".original_module.", "."): value
             for key, value in full_state.items() if ".lora_" not in key and ".modules_to_save." not in key
         }
     with atomic_directory(out_dir) as tmp:

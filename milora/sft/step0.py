@@ -81,11 +81,11 @@ def worst_layer(peft_model, original) -> tuple[str, float]:
     from peft.utils.other import transpose
 
     from milora.distributed import ADAPTER_NAME, lora_layers
-    from milora.fingerprint import base_weight
+    from milora.fingerprint import base_module_name, base_weight
 
     worst = ("", -1.0)
     for name, layer in lora_layers(peft_model):
-        plain = name.removeprefix("base_model.model.")
+        plain = base_module_name(name)
         B = layer.lora_B[ADAPTER_NAME].weight.double()
         A = layer.lora_A[ADAPTER_NAME].weight.double()
         rebuilt = layer.get_base_layer().weight.double() + transpose(B @ A, layer.fan_in_fan_out) * layer.scaling[
