@@ -22,8 +22,9 @@ def check_recipe(recipe) -> None:
         check_init_dir_targets(recipe.model, recipe.training.trust_remote_code)
     check_dataset(recipe.data.dataset_name, recipe.path, where)
     check_chat_template(recipe.training.chat_template_path)
-    check_zero3_merge(recipe.training)
-    check_4bit_launch(recipe.model, recipe.training)
+    zero = zero_settings(recipe.training)
+    check_zero3_merge(recipe.training.merge, zero)
+    check_4bit_launch(recipe.model, zero)
 
 
 def check_model_source(source: ModelSource | None, where: str = "") -> None:
@@ -136,15 +137,16 @@ def check_chat_template(path: str | None) -> None:
         raise RecipeError(f"chat_template_path {path}: no such file")
 
 
-def check_zero3_merge(training) -> None:
+def zero_settings(training) -> dict:
+    """The `zero_optimization` section of the run's DeepSpeed config; empty without DeepSpeed."""
+    config = getattr(getattr(training, "deepspeed_plugin", None), "deepspeed_config", None)
+    return (config.get("zero_optimization") or {}) if isinstance(config, dict) else {}
+
+
+def check_zero3_merge(merge: bool, zero: dict) -> None:
     """`merge: true` under ZeRO-3 gathers the full 16-bit state dict after training, which DeepSpeed only allows
     with `stage3_gather_16bit_weights_on_model_save`; refuse now rather than after the training run."""
-    plugin = getattr(training, "deepspeed_plugin", None)
-    config = getattr(plugin, "deepspeed_config", None)
-    if not training.merge or not isinstance(config, dict):
-        return
-    zero = config.get("zero_optimization") or {}
-    if str(zero.get("stage")) == "3" and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+    if merge and str(zero.get("stage")) == "3" and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
         raise RecipeError(
             "merge: true under DeepSpeed ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in the "
             "DeepSpeed config (deepspeed_configs/ds_zero3.json sets it); set it, or set merge: false and run "
@@ -152,7 +154,7 @@ def check_zero3_merge(training) -> None:
         )
 
 
-def check_4bit_launch(model_args, training) -> None:
+def check_4bit_launch(model_args, zero: dict) -> None:
     """A 4-bit base needs bitsandbytes and cannot be partitioned by ZeRO-3 (its packed weights are not float
     parameters); refuse before anything loads."""
     if not model_args.load_in_4bit:
@@ -162,9 +164,6 @@ def check_4bit_launch(model_args, training) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError("load_in_4bit: true needs bitsandbytes: `pip install bitsandbytes>=0.50` "
                           "(or `pip install -e .[quantization]`)")
-    plugin = getattr(training, "deepspeed_plugin", None)
-    config = getattr(plugin, "deepspeed_config", None)
-    zero = (config.get("zero_optimization") or {}) if isinstance(config, dict) else {}
     if str(zero.get("stage")) == "3":
         raise RecipeError("load_in_4bit: true does not run under DeepSpeed ZeRO-3 (4-bit weights are not partitioned); "
                           "use plain data parallel or ZeRO-2")
