@@ -7,6 +7,14 @@ adapters start from the minor singular components of the weights they adapt (MiL
 """
 
 import importlib
+import logging
+
+# bitsandbytes, which peft imports whenever it is installed, logs on every import on a CPU with AVX512-BF16 that the
+# optional `kernels` package is missing (its own CPU code runs instead). Only that message is dropped.
+BITSANDBYTES_CPU_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith(BITSANDBYTES_CPU_KERNELS_NOTICE)
+)
 
 # Public names and the module each lives in. They load on first use (PEP 562), so that `import milora.prompts`
 # or `milora --help` does not pay for torch, transformers and peft.

@@ -188,3 +188,27 @@ def test_an_init_directory_loaded_in_4bit_is_the_same_model(tmp_path):
         assert torch.equal(dequantized_weight(ours[name].get_base_layer(), torch.float32),
                            dequantized_weight(theirs[name].get_base_layer(), torch.float32)), name
         assert torch.allclose(ours[name].lora_A["default"].weight, theirs[name].lora_A["default"].weight)
+
+
+def test_only_bitsandbytes_missing_kernels_notice_is_dropped(caplog):
+    import logging
+
+    from milora import BITSANDBYTES_CPU_KERNELS_NOTICE
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(f"{BITSANDBYTES_CPU_KERNELS_NOTICE}: No module named 'kernels'. Please ...")
+        logger.warning("another bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["another bitsandbytes warning"]
+
+
+def test_importing_peft_after_milora_prints_no_bitsandbytes_notice():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import milora, peft, bitsandbytes; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert "kernels-community" not in result.stderr
