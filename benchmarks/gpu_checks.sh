@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU-machine checks recorded in docs/benchmarks.md, in one call (from the repository root, $OUT set):
-#   bash benchmarks/gpu_checks.sh [init_speed] [init_70b] [varlen] [throughput] [step_ratio] [llava] [zero]
+#   bash benchmarks/gpu_checks.sh [init_speed] [init_70b] [varlen] [throughput] [step_ratio] [q4] [llava] [zero]
 # Each step's full log goes to $OUT/<step>.log; this prints each return code, time and the lines that matter.
 set -uo pipefail
 source scripts/gpu_env.sh || exit 1
@@ -38,6 +38,19 @@ step_ratio)
     # MiLoRA/PiSSA vs LoRA step time, the three models trained in turn in one process
     step step_ratio python3 benchmarks/step_ratio.py --out "$OUT/step_ratio"
     cat "$OUT/step_ratio/step_ratio.md" ;;
+q4)
+    # 4-bit bases (QLoRA, QPiSSA, QMiLoRA; docs/benchmarks.md): the step ratio interleaved in one process first,
+    # then the quantized throughput variants, one process per run, starting no new run once Q4_BUDGET_S (default
+    # 380 s) have passed since this step began; rerunning it resumes the throughput runs in $Q4_OUT
+    q4_began=$SECONDS
+    step q4_ratio python3 benchmarks/step_ratio.py --load_in_4bit --methods lora,milora,pissa --out "$OUT/q4_ratio"
+    cat "$OUT/q4_ratio/step_ratio.md"
+    q4_out=${Q4_OUT:-/tmp/q4}
+    q4_left=$(( ${Q4_BUDGET_S:-380} - (SECONDS - q4_began) ))
+    step q4 python3 benchmarks/train_throughput.py --variants quantized --repeats 2 --out "$q4_out" \
+        --time_budget_s "$(( q4_left > 1 ? q4_left : 1 ))"
+    grep -E "rc=|time budget" "$OUT/q4.log"; cat "$q4_out/table.md"
+    mkdir -p "$OUT/q4" && cp "$q4_out"/*.json "$q4_out"/*.log "$q4_out"/table.md "$OUT/q4/" ;;
 varlen)
     # torch's varlen kernel against padded sdpa in bf16 (the CUDA tests of milora.attention)
     step varlen python3 -m pytest -q -p no:cacheprovider tests/milora/test_attention.py
