@@ -2,10 +2,10 @@
 
 One row per variant, the median over its repeats; the spread is (max - min) / 2 / median of tokens/s over
 the repeats. "vs TRL defaults" is the tokens/s ratio. "step vs LoRA" compares a MiLoRA or PiSSA variant with
-the LoRA variant of the same settings (lora_X for milora_X, pissa_X and milora_X_cached), on the same batches:
-per repeat round, the total time of its timed steps over the LoRA run's of that round (the same steps, so
-the varying batch sizes cancel), then the median over the rounds. "SM MHz" is the median SM clock during the
-timed steps (nvidia-smi), where it was sampled.
+the LoRA variant of the same settings (lora_X for milora_X, pissa_X and milora_X_cached; qlora_X for the 4-bit
+qmilora_X and qpissa_X), on the same batches: per repeat round, the total time of its timed steps over the LoRA
+run's of that round (the same steps, so the varying batch sizes cancel), then the median over the rounds.
+"SM MHz" is the median SM clock during the timed steps (nvidia-smi), where it was sampled.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def _settings(run: dict) -> str:
 
 
 def lora_twin(name: str) -> str | None:
-    """The LoRA variant with the same settings as a MiLoRA/PiSSA variant."""
+    """The LoRA variant with the same settings as a MiLoRA/PiSSA variant (QLoRA's for a 4-bit QMiLoRA/QPiSSA)."""
+    quantized = name.startswith("q")
     for method in ("milora", "pissa"):
-        if name.startswith(method + "_"):
-            return "lora" + name[len(method):].removesuffix("_cached")
+        if name.removeprefix("q" if quantized else "").startswith(method + "_"):
+            return ("qlora" if quantized else "lora") + name[len(method) + quantized:].removesuffix("_cached")
     return None
 
 

@@ -149,6 +149,8 @@ def test_lora_twin_and_paired_step_ratio():
     table = load_script(BENCHMARKS / "throughput_table.py")
     assert table.lora_twin("milora_fast") == "lora_fast" and table.lora_twin("pissa_fast") == "lora_fast"
     assert table.lora_twin("milora_fast_cached") == "lora_fast" and table.lora_twin("lora_fast") is None
+    assert table.lora_twin("qmilora_lowmem") == "qlora_lowmem" and table.lora_twin("qpissa_lowmem") == "qlora_lowmem"
+    assert table.lora_twin("qlora_fast") is None
     lora = [{"repeat": 0, "step_times_s": [1.0, 2.0]}, {"repeat": 1, "step_times_s": [2.0, 2.0]}]
     milora = [{"repeat": 0, "step_times_s": [1.5, 1.5]}, {"repeat": 1, "step_times_s": [2.0, 2.4]},
               {"repeat": 2, "step_times_s": [9.0, 9.0]}]  # no LoRA run in round 2: not compared
