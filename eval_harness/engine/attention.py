@@ -42,6 +42,30 @@ class SlotCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_context = slots, max_context
 
+    def copy_positions(self, src_slots, dst_slots, start, stop) -> None:
+        """Keys and values of positions ``start[i] <= p < stop[i]`` of slot ``src_slots[i]`` into the same
+        positions of slot ``dst_slots[i]``, in every layer (one indexed copy per cache tensor). Arguments are
+        int sequences or tensors of one length; a slot may be a source and a destination in one call (all
+        sources are read before anything is written)."""
+        device = self.keys[0].device
+        src, dst, first, last = (
+            torch.as_tensor(x, dtype=torch.long).to(device) for x in (src_slots, dst_slots, start, stop)
+        )
+        counts = (last - first).clamp(min=0)
+        if not int(counts.sum()):
+            return
+        offsets = counts.cumsum(0) - counts  # where each pair's run begins among all copied positions
+        positions = torch.arange(int(counts.sum()), device=device) - (offsets - first).repeat_interleave(counts)
+        src, dst = src.repeat_interleave(counts), dst.repeat_interleave(counts)
+        for tensor in (*self.keys, *self.values):
+            by_position = self._by_position(tensor)
+            by_position[dst, positions] = by_position[src, positions]
+
+    @staticmethod
+    def _by_position(tensor: torch.Tensor) -> torch.Tensor:
+        """A (slots, max_context, kv_heads, dim) view of one layer's keys or values."""
+        return tensor.transpose(1, 2)
+
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

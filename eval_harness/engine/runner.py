@@ -124,6 +124,10 @@ class GenerationEngine:
 
     def _prefill(self, cache: SlotCache, entries: list[tuple[int, Sequence[int]]]) -> list[int]:
         """Prompts into their slots; the first new token of each."""
+        return self._logits_argmax(self._prefill_hidden(cache, entries)).tolist()
+
+    def _prefill_hidden(self, cache: SlotCache, entries: list[tuple[int, Sequence[int]]]) -> torch.Tensor:
+        """Prompts into their slots; the last hidden state of each, (prompts, hidden)."""
         device = self.device
         lengths = [len(prompt) for _, prompt in entries]
         tokens = torch.tensor([t for _, prompt in entries for t in prompt], device=device).unsqueeze(0)
@@ -133,7 +137,7 @@ class GenerationEngine:
         plan = StepPlan(cache, slots, positions, prefill=True, cu_seqlens=cu_seqlens, max_len=max(lengths))
         hidden = self.decoder(input_ids=tokens, position_ids=positions.unsqueeze(0), use_cache=False, milora_step=plan)
         last = cu_seqlens[1:].long() - 1
-        return self._logits_argmax(hidden.last_hidden_state[0, last]).tolist()
+        return hidden.last_hidden_state[0, last]
 
     def _decode_buffers(self, cache: SlotCache) -> dict[str, torch.Tensor]:
         slots, device = cache.slots, self.device
@@ -156,7 +160,11 @@ class GenerationEngine:
         hidden = self.decoder(
             input_ids=buffers["input_ids"], position_ids=lengths.unsqueeze(0), use_cache=False, milora_step=plan
         )
-        buffers["out"].copy_(self._logits_argmax(hidden.last_hidden_state[0]))
+        self._decode_output(hidden.last_hidden_state[0], buffers)
+
+    def _decode_output(self, hidden: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+        """What a decode step leaves in `buffers` from each slot's last hidden state: greedy, the next token."""
+        buffers["out"].copy_(self._logits_argmax(hidden))
 
     @contextmanager
     def _compiled_decoder(self):
@@ -211,10 +219,13 @@ class GenerationEngine:
     # -- the loop ----------------------------------------------------------------------------------------
     def generate(self, *args, **kwargs) -> list[list[int]]:
         """`generate_greedy` with the engine's attention set on the model for the call, and restored after."""
+        return self._with_engine_attention(self.generate_greedy, *args, **kwargs)
+
+    def _with_engine_attention(self, run: Callable, *args, **kwargs):
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(ENGINE_ATTENTION)
         try:
-            return self.generate_greedy(*args, **kwargs)
+            return run(*args, **kwargs)
         finally:
             self.model.set_attn_implementation(previous)
 
