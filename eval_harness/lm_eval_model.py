@@ -2,11 +2,20 @@
 
 `MiloraLM` is lm-eval's `HFLM` (loading, tokenisation, loglikelihood, the split of requests across processes
 under ``accelerate launch``: all HFLM's) whose ``generate_until`` sends greedy requests (``do_sample`` false,
-one beam) to `eval_harness.engine.GenerationEngine`, grouped by identical generation settings, and every other
-request (beam search, sampling, settings the engine does not implement) to HFLM's own ``generate_until``.
-A greedy answer is made as HFLM makes it: the context left-truncated to ``max_length - max_gen_toks`` tokens,
-generation ended by an end-of-sequence token, ``max_gen_toks`` or a stop string (``until`` plus the EOS text),
-the new tokens decoded and cut at the first stop string, and reported to ``cache_hook.add_partial``.
+one beam) and beam-search requests (``do_sample`` false, ``num_beams`` > 1, optionally ``length_penalty`` and
+``early_stopping``) to milora's generation engine (`eval_harness.engine.BeamSearchEngine`), grouped by
+identical generation settings, and every other request (sampling, settings the engine does not implement, or
+any request when the model's generation config adds logits processors, e.g. a ``repetition_penalty``) to
+HFLM's own ``generate_until``. An answer is made as HFLM makes it: the context left-truncated to
+``max_length - max_gen_toks`` tokens, generation ended by an end-of-sequence token, ``max_gen_toks`` or a stop
+string (``until`` plus the EOS text), the new tokens decoded and cut at the first stop string, and reported to
+``cache_hook.add_partial``.
+
+Beam search honours stop strings as HFLM's ``model.generate`` does with lm-eval's stop-sequence criterion in a
+batch of one prompt: at every step the best candidate's last new tokens are decoded, and a stop string there
+ends the search (`lookback_stop`). In larger batches that criterion watches only the first rows of the batch and
+ends all of them together, so HFLM's beam-search answers depend on its batch size; the engine's equal HFLM's
+with ``batch_size=1``.
 
 Options (``--model_args`` of lm-eval, keywords here): ``engine`` ("milora", or "hf" for HFLM's path
 throughout), ``max_slots`` (concurrent sequences; default from free memory), ``max_gen_toks_cap`` (lower every
@@ -29,7 +38,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from eval_harness.engine import EngineConfig, GenerationEngine, supports
+from eval_harness.engine import BeamSearchEngine, EngineConfig, supports
+from eval_harness.engine.beam_state import EARLY_STOPPING
 from eval_harness.generation_store import GenerationStore, StoringCacheHook
 from eval_harness.lm_eval_runner import capped_generation_kwargs
 
@@ -39,7 +49,19 @@ ENGINES = ("milora", "hf")
 ENGINE_SETTINGS = frozenset(
     {"do_sample", "temperature", "top_p", "top_k", "min_p", "num_beams", "until", "max_gen_toks"}
 )
-STOP_EVERY = 8  # new tokens between two checks for stop strings
+# ... and a beam-search request besides: transformers' beam search reads these two.
+BEAM_SETTINGS = ENGINE_SETTINGS | {"length_penalty", "early_stopping"}
+STOP_EVERY = 8  # new tokens between two checks for stop strings (greedy)
+# Generation-config fields that add logits processors or stopping criteria to greedy or beam search, with the
+# values that add none (transformers' `GenerationMixin._get_logits_processor` and `_get_stopping_criteria`).
+NEUTRAL_GENERATION_CONFIG = {
+    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "bad_words_ids": (None,), "sequence_bias": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (None, False),
+    "remove_invalid_values": (None, False), "watermarking_config": (None,), "max_time": (None,),
+    "stop_strings": (None,),
+}  # fmt: skip
 
 
 def greedy_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
@@ -49,6 +71,38 @@ def greedy_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> di
     if settings.get("do_sample") or int(settings.get("num_beams") or 1) != 1 or set(settings) - ENGINE_SETTINGS:
         return None
     return dict(settings)
+
+
+def beam_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
+    """lm-eval's normalised settings of a beam-search request the engine can answer (``num_beams`` > 1, no
+    sampling, nothing else that changes the tokens), else None."""
+    settings = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks)
+    if settings.get("do_sample") or int(settings.get("num_beams") or 1) < 2 or set(settings) - BEAM_SETTINGS:
+        return None
+    if settings.get("early_stopping", False) not in EARLY_STOPPING:
+        return None
+    return dict(settings)
+
+
+def token_changing_settings(generation_config) -> list[str]:
+    """The fields of a model's generation config that make `model.generate` add logits processors or stopping
+    criteria (which the engine does not implement)."""
+    return sorted(
+        name
+        for name, neutral in NEUTRAL_GENERATION_CONFIG.items()
+        if getattr(generation_config, name, None) not in neutral
+    )
+
+
+def lookback_stop(tokenizer, stops: Sequence[str]) -> Callable[[int, list[int]], bool]:
+    """lm-eval's stop-sequence criterion for one sequence: whether a stop string is in the text of its last
+    (tokens of that string + 2) new tokens, special tokens decoded (`lm_eval.models.utils_hf.MultiTokenEOSCriteria`)."""
+    windows = [(stop, len(tokenizer.encode(stop, add_special_tokens=False)) + 2) for stop in stops]
+
+    def stop(_: int, tokens: list[int]) -> bool:
+        return any(text in tokenizer.decode(tokens[-window:]) for text, window in windows)
+
+    return stop
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -76,7 +130,7 @@ class MiloraLM(HFLM):
         super().__init__(*args, **kwargs)
         self._adopt_process_group()
         self.engine = engine
-        self._engine = None
+        self._engine, self._beams_on_engine = None, None
         self.engine_config = EngineConfig(max_slots=int(max_slots) if max_slots else None)
         self.max_gen_toks_cap = int(max_gen_toks_cap) if max_gen_toks_cap is not None else None
         if engine == "milora" and not self._engine_usable():
@@ -100,6 +154,8 @@ class MiloraLM(HFLM):
             reason = f"it cannot drive {type(self.model).__name__}"
         elif getattr(self, "mixed_precision_dtype", None) is not None:
             reason = "it does not run under autocast (mixed_precision_dtype)"
+        elif changing := token_changing_settings(self.model.generation_config):
+            reason = f"the model's generation config sets {', '.join(changing)}, which it does not implement"
         if reason:
             LOGGER.warning("milora's generation engine is not used (%s): generating with HFLM's path", reason)
         return reason is None
@@ -133,7 +189,7 @@ class MiloraLM(HFLM):
             hf_requests: list[int] = []
             for i in todo:
                 context, gen_kwargs = requests[i].args[:2]
-                settings = greedy_settings(gen_kwargs, self.max_gen_toks) if self.engine == "milora" else None
+                settings = self._engine_settings(gen_kwargs) if self.engine == "milora" else None
                 if settings is None:
                     hf_requests.append(i)
                 else:
@@ -155,11 +211,33 @@ class MiloraLM(HFLM):
             self.cache_hook = hook
         return results
 
+    def _engine_settings(self, gen_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The normalised settings of a request the engine answers, else None (HFLM's path)."""
+        settings = greedy_settings(gen_kwargs, self.max_gen_toks)
+        if settings is not None:
+            return settings
+        settings = beam_settings(gen_kwargs, self.max_gen_toks)
+        if settings is None or not self._engine_searches_beams():
+            return None
+        return settings
+
+    def _engine_searches_beams(self) -> bool:
+        if self._beams_on_engine is None:
+            self._beams_on_engine = self._get_engine().can_search()
+            if not self._beams_on_engine:
+                LOGGER.warning("beam search on milora's engine cannot drive this model: beams go to HFLM's path")
+        return self._beams_on_engine
+
+    def _get_engine(self) -> BeamSearchEngine:
+        if self._engine is None:  # sets its attention on the model only while it generates
+            self._engine = BeamSearchEngine(self.model, eos_token_ids(self.model, self.tokenizer), self.engine_config)
+        return self._engine
+
     def _engine_generate(
         self, contexts: Sequence[str], settings: dict[str, Any], answered: Callable[[int, str], None]
     ) -> None:
-        """Greedy answers to `contexts` under one request's normalised `settings`, as HFLM makes them, each
-        handed to `answered(position in contexts, answer)` as soon as it is generated."""
+        """Greedy or beam-search answers to `contexts` under one request's normalised `settings`, as HFLM makes
+        them, each handed to `answered(position in contexts, answer)` as soon as it is generated."""
         eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(list(settings["until"]), eos=eos_text)
         max_gen_toks = int(settings["max_gen_toks"])
@@ -170,6 +248,18 @@ class MiloraLM(HFLM):
                 f"sequence length ({self.max_length})"
             )
         prompts = [self._encode_context(context, max_context) for context in contexts]
+        finish = lambda position, tokens: answered(position, self._continuation_text(tokens, until))  # noqa: E731
+        num_beams = int(settings.get("num_beams") or 1)
+        if num_beams > 1:  # unset, these two are the model's generation config's, as in model.generate
+            config = self.model.generation_config
+            penalty = settings.get("length_penalty", config.length_penalty)
+            early = settings.get("early_stopping", config.early_stopping)
+            self._get_engine().beam_search(
+                prompts, max_gen_toks, num_beams, length_penalty=1.0 if penalty is None else float(penalty),
+                early_stopping=False if early is None else early,
+                stop=lookback_stop(self.tokenizer, until), desc="generate_until (beam search)", on_finish=finish,
+            )  # fmt: skip
+            return
         stops = [s for s in until if s]
         # The tokens since the last check and enough before them to hold a stop string that ends in them (HF's
         # stop criterion also decodes a window). Only an early end: the answer is cut on the full text below.
@@ -179,11 +269,9 @@ class MiloraLM(HFLM):
             text = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
             return any(s in text for s in stops)
 
-        if self._engine is None:  # sets its attention on the model only while it generates
-            self._engine = GenerationEngine(self.model, eos_token_ids(self.model, self.tokenizer), self.engine_config)
-        self._engine.generate(
+        self._get_engine().generate(
             prompts, max_gen_toks, stop=stop if stops else None, desc="generate_until", stop_every=STOP_EVERY,
-            on_finish=lambda position, tokens: answered(position, self._continuation_text(tokens, until)),
+            on_finish=finish,
         )  # fmt: skip
 
     def _encode_context(self, context: str, max_context: int) -> list[int]:

@@ -4,11 +4,22 @@
     engine = GenerationEngine(model, eos_token_ids=[tokenizer.eos_token_id])
     new_tokens = engine.generate([tokenizer(p).input_ids for p in prompts], max_new_tokens=256)
 
-Greedy decoding only; beam search stays with `model.generate`. `supports(model)` says whether a model can be
+    engine = BeamSearchEngine(model, eos_token_ids=[tokenizer.eos_token_id])
+    new_tokens = engine.beam_search(prompts_ids, max_new_tokens=32, num_beams=4)  # transformers' beam search
+
+Greedy decoding (`runner`) and beam search (`beams`, `beam_state`). `supports(model)` says whether a model can be
 driven (decoders using transformers' attention interface).
 """
 
 from eval_harness.engine.attention import ENGINE_ATTENTION, register_engine_attention
+from eval_harness.engine.beams import BeamSearchEngine
 from eval_harness.engine.runner import EngineConfig, GenerationEngine, supports
 
-__all__ = ["ENGINE_ATTENTION", "EngineConfig", "GenerationEngine", "register_engine_attention", "supports"]
+__all__ = [
+    "ENGINE_ATTENTION",
+    "BeamSearchEngine",
+    "EngineConfig",
+    "GenerationEngine",
+    "register_engine_attention",
+    "supports",
+]

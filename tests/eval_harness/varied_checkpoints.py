@@ -18,7 +18,7 @@ from milora.tiny import tiny_model, tiny_tokenizer
 QUESTIONS = ["What is 2+3?", "Janet has ducks.", "Hello there", "A long question about trains and stations", "Zz"]
 
 
-def save_varied_checkpoint(kind: str, path: Path) -> Path:
+def varied_model(kind: str):
     """The tiny model with embeddings and output layer scaled (answers that depend on the prompt) and the EOS
     row of the output layer raised (some answers end early)."""
     model = tiny_model(kind)
@@ -27,6 +27,12 @@ def save_varied_checkpoint(kind: str, path: Path) -> Path:
         head = model.get_output_embeddings().weight
         head.mul_(8)
         head[model.config.eos_token_id].add_(0.8 * head.std())
+    return model
+
+
+def save_varied_checkpoint(kind: str, path: Path) -> Path:
+    """`varied_model(kind)` and the tiny tokenizer, saved to `path`."""
+    model = varied_model(kind)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
