@@ -2,7 +2,9 @@
 
 The checkpoints are the tiny llama and qwen2 with their weights scaled up, so that greedy answers differ from
 prompt to prompt, some end with EOS and some run into the stop strings; the engine's calls are recorded, so a
-test knows which requests it answered. On CPU in float32 every greedy answer must be the HF path's, to the byte.
+test knows which requests it answered. On CPU in float32 every greedy answer must be the HF path's, to the byte,
+and so must every beam-search answer (against HFLM with batch size 1: in larger batches lm-eval's stop criterion
+ties the prompts of a batch together).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from eval_harness import lm_eval_runner
-from eval_harness.engine import GenerationEngine
+from eval_harness.engine import BeamSearchEngine, GenerationEngine
 from eval_harness.local_tasks import project_task_yaml, write_local_task_yaml
 from milora.cli import main as milora_main
 from milora.io import read_jsonl, write_jsonl
@@ -65,6 +67,21 @@ def engine_calls(monkeypatch) -> list[tuple[list, list]]:
         return outputs
 
     monkeypatch.setattr(GenerationEngine, "generate", recording)
+    return calls
+
+
+@pytest.fixture
+def beam_calls(monkeypatch) -> list[tuple[list, list]]:
+    """(prompts, new tokens) of every beam-search call of the engine."""
+    calls: list[tuple[list, list]] = []
+    original = BeamSearchEngine.beam_search
+
+    def recording(self, prompts, *args, **kwargs):
+        outputs = original(self, prompts, *args, **kwargs)
+        calls.append(([list(p) for p in prompts], outputs))
+        return outputs
+
+    monkeypatch.setattr(BeamSearchEngine, "beam_search", recording)
     return calls
 
 
@@ -116,13 +133,24 @@ def test_stop_strings_and_eos_end_answers_as_in_hf(varied_dir, stop_task_dir, en
         assert any(tokenizer.eos_token_id in tokens for tokens, _ in raw.values())
 
 
-def test_beam_search_requests_go_to_hf(varied_dir, tmp_path, fixtures_dir, engine_calls):
-    data = fixtures_dir / "commonsense" / "ARC-Challenge" / "test.json"
-    write_local_task_yaml(project_task_yaml("milora_arc_challenge"), data, tmp_path)
-    outcome = run_both(varied_dir, ["milora_arc_challenge"], lm_eval_runner.task_manager([tmp_path]), limit=2)
-    assert engine_calls == []  # the task's own 4 beams
-    assert outcome["milora"] == outcome["hf"]
-    assert [row["generation_kwargs"]["num_beams"] for row in outcome["milora"][1]["milora_arc_challenge"]] == [4, 4]
+@pytest.mark.parametrize(("kind", "eos_boost"), [("llama", -0.1), ("qwen2", 1.0)])
+def test_beam_search_requests_go_to_the_engine_and_equal_hf(
+    kind, eos_boost, tmp_path, fixtures_dir, engine_calls, beam_calls
+):
+    """The commonsense suite with its own 4 beams (stop string: the EOS text): the engine answers every request,
+    with the samples and scores of HFLM's path in batches of one. (EOS boosts other than `varied_dir`'s: with
+    these, some beam-search answers end with EOS and some run to the 32-token limit.)"""
+    varied_dir = save_varied_checkpoint(kind, tmp_path / "model", eos_boost=eos_boost)
+    args = ["--suite", "commonsense", "--commonsense_dir", str(fixtures_dir / "commonsense"), "--max_length", "320"]
+    engine_run = run_eval(varied_dir, tmp_path / "milora", "milora", *args)
+    assert engine_calls == [] and sum(len(prompts) for prompts, _ in beam_calls) == 17  # every item of 8 sets
+    calls = len(beam_calls)
+    assert run_eval(varied_dir, tmp_path / "hf", "hf", *args, "--batch_size", "1") == engine_run
+    assert len(beam_calls) == calls  # --engine hf never reaches the engine
+    # Not vacuous: answers ended by EOS and answers that ran to the limit.
+    answers = [tokens for _, outputs in beam_calls for tokens in outputs]
+    assert any(tokens[-1] == tiny_tokenizer().eos_token_id for tokens in answers)
+    assert any(len(tokens) == 32 for tokens in answers)
 
 
 def test_vllm_engine_without_the_package_is_a_one_line_error(tiny_llama_dir, tmp_path, capsys):
@@ -211,3 +239,32 @@ def test_a_model_the_engine_cannot_drive_falls_back_to_hf_with_one_warning(
     assert "generation engine is not used (it cannot drive" in warning and lm.engine == "hf"
     run = lm_eval_runner.run_tasks(lm, ["stop_chars"], lm_eval_runner.task_manager([stop_task_dir]))
     assert engine_calls == [] and run.metrics["stop_chars"]["n"] == len(QUESTIONS)
+
+
+def test_requests_go_to_the_engine_only_with_settings_it_implements():
+    from transformers import GenerationConfig
+
+    from eval_harness.lm_eval_model import beam_settings, greedy_settings, token_changing_settings
+
+    beams = {"until": [], "max_gen_toks": 32, "num_beams": 4, "do_sample": False, "temperature": 0.0}
+    assert beam_settings(beams, 256)["num_beams"] == 4 and greedy_settings(beams, 256) is None
+    assert beam_settings({**beams, "length_penalty": 0.5, "early_stopping": "never"}, 256) is not None
+    for other in ({"no_repeat_ngram_size": 3}, {"early_stopping": "sometimes"}, {"do_sample": True}, {"num_beams": 1}):
+        assert beam_settings({**beams, **other}, 256) is None, other
+    assert token_changing_settings(GenerationConfig(num_beams=4, length_penalty=0.5)) == []
+    changing = GenerationConfig(repetition_penalty=1.05, no_repeat_ngram_size=3, min_new_tokens=0)
+    assert token_changing_settings(changing) == ["no_repeat_ngram_size", "repetition_penalty"]
+
+
+def test_a_generation_config_with_logits_processors_keeps_every_request_on_hf(tmp_path, caplog):
+    """A repetition penalty in the checkpoint's generation config changes `model.generate`'s tokens, greedy or
+    beams: the engine, which does not implement it, is not used."""
+    from eval_harness import lm_eval_model
+
+    model = save_varied_checkpoint("llama", tmp_path / "model")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
+    with caplog.at_level("WARNING", logger=lm_eval_model.__name__):
+        lm = lm_eval_runner.build_lm(str(model), device="cpu", batch_size=4, max_length=320)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == lm_eval_model.__name__]
+    assert "generation config sets repetition_penalty" in warning and lm.engine == "hf"

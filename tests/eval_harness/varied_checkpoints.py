@@ -18,21 +18,21 @@ from milora.tiny import tiny_model, tiny_tokenizer
 QUESTIONS = ["What is 2+3?", "Janet has ducks.", "Hello there", "A long question about trains and stations", "Zz"]
 
 
-def varied_model(kind: str):
+def varied_model(kind: str, eos_boost: float = 0.8):
     """The tiny model with embeddings and output layer scaled (answers that depend on the prompt) and the EOS
-    row of the output layer raised (some answers end early)."""
+    row of the output layer raised by `eos_boost` standard deviations (some answers end early)."""
     model = tiny_model(kind)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(4)
         head = model.get_output_embeddings().weight
         head.mul_(8)
-        head[model.config.eos_token_id].add_(0.8 * head.std())
+        head[model.config.eos_token_id].add_(eos_boost * head.std())
     return model
 
 
-def save_varied_checkpoint(kind: str, path: Path) -> Path:
-    """`varied_model(kind)` and the tiny tokenizer, saved to `path`."""
-    model = varied_model(kind)
+def save_varied_checkpoint(kind: str, path: Path, eos_boost: float = 0.8) -> Path:
+    """`varied_model(kind, eos_boost)` and the tiny tokenizer, saved to `path`."""
+    model = varied_model(kind, eos_boost)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
