@@ -52,10 +52,11 @@ class SlotCache:
             torch.as_tensor(x, dtype=torch.long).to(device) for x in (src_slots, dst_slots, start, stop)
         )
         counts = (last - first).clamp(min=0)
-        if not int(counts.sum()):
+        total = int(counts.sum())
+        if not total:
             return
         offsets = counts.cumsum(0) - counts  # where each pair's run begins among all copied positions
-        positions = torch.arange(int(counts.sum()), device=device) - (offsets - first).repeat_interleave(counts)
+        positions = torch.arange(total, device=device) - (offsets - first).repeat_interleave(counts)
         src, dst = src.repeat_interleave(counts), dst.repeat_interleave(counts)
         for tensor in (*self.keys, *self.values):
             by_position = self._by_position(tensor)

@@ -138,6 +138,12 @@ class BeamGroups:
         self.unsatisfied[rows] = unsatisfied
         return ~unsatisfied[:, 0]
 
+    def newest(self, groups: list[int]) -> torch.Tensor:
+        """The last token of every running beam of `groups`, (len(groups), num_beams)."""
+        rows = torch.tensor(groups, device=self.running.device)
+        last = torch.tensor([self.steps[g] - 1 for g in groups], device=rows.device)
+        return self.running[rows].gather(2, last.view(-1, 1, 1).expand(-1, self.num_beams, 1))[..., 0]
+
     def best(self, group: int) -> list[int]:
         """The best finished hypothesis of a done group: its new tokens, an end-of-sequence token included."""
         return self.finished[group, 0, : int(self.finished_length[group, 0])].tolist()

@@ -127,6 +127,10 @@ class _BeamRun:
     def prompt_length(self, group: int) -> int:
         return len(self.prompts[self.owner[group]])
 
+    def check_stop(self, groups: list[int], best: list[list[int]]) -> list[bool]:
+        """The caller's stop check on each group's best candidate."""
+        return [self.stop(self.owner[group], tokens) for group, tokens in zip(groups, best, strict=True)]
+
     def admit(self) -> None:
         """Waiting prompts into the free groups (up to ``prefill_tokens`` prompt tokens), and their first step."""
         free = [group for group, request in enumerate(self.owner) if request is None]
@@ -158,13 +162,10 @@ class _BeamRun:
         rows = torch.tensor(active, device=device)
         lengths = [0] * self.cache.slots  # positions of the tokens fed in; idle slots write at 0, unread
         for group in active:
-            lengths[group * beams : (group + 1) * beams] = [
-                self.prompt_length(group) + self.state.steps[group] - 1
-            ] * beams
-        last = torch.tensor([self.state.steps[g] - 1 for g in active], device=device)
-        newest = self.state.running[rows].gather(2, last.view(-1, 1, 1).expand(-1, beams, 1))
+            position = self.prompt_length(group) + self.state.steps[group] - 1
+            lengths[group * beams : (group + 1) * beams] = [position] * beams
         self.buffers["input_ids"].zero_()
-        self.buffers["input_ids"].view(self.groups, beams)[rows] = newest[..., 0]
+        self.buffers["input_ids"].view(self.groups, beams)[rows] = self.state.newest(active)
         self.buffers["lengths"].copy_(torch.tensor(lengths))
         tick = time.perf_counter()
         self.step_runner(min(self.width, _round_up(max(lengths) + 1, KEY_BUCKET)))
@@ -178,10 +179,7 @@ class _BeamRun:
     def select(self, groups: list[int], log_probs: torch.Tensor) -> None:
         """The beams' next tokens; beams that changed parent take the parent's generated keys and values, and
         done requests are handed over."""
-        check = None
-        if self.stop is not None:
-            check = lambda rows, best: [self.stop(self.owner[g], t) for g, t in zip(rows, best, strict=True)]  # noqa: E731
-        parents, done = self.state.step(groups, log_probs, check)
+        parents, done = self.state.step(groups, log_probs, None if self.stop is None else self.check_stop)
         beams = self.beams
         moves = [(g * beams + p, g * beams + b, g) for g, ps, d in zip(groups, parents, done, strict=True) if not d
                  for b, p in enumerate(ps) if p != b]  # fmt: skip
