@@ -44,10 +44,10 @@ class SlotCache:
 
     def copy_positions(self, src_slots, dst_slots, start, stop) -> None:
         """Keys and values of positions ``start[i] <= p < stop[i]`` of slot ``src_slots[i]`` into the same
-        positions of slot ``dst_slots[i]``, in every layer (one indexed copy per cache tensor). Arguments are
-        int sequences or tensors of one length; a slot may be a source and a destination in one call (all
-        sources are read before anything is written)."""
-        device = self.keys[0].device
+        positions of slot ``dst_slots[i]``, in every layer (one indexed copy each for keys and values).
+        Arguments are int sequences or tensors of one length; a slot may be a source and a destination in one
+        call (all sources are read before anything is written)."""
+        device = self.keys.device
         src, dst, first, last = (
             torch.as_tensor(x, dtype=torch.long).to(device) for x in (src_slots, dst_slots, start, stop)
         )
@@ -58,14 +58,8 @@ class SlotCache:
         offsets = counts.cumsum(0) - counts  # where each pair's run begins among all copied positions
         positions = torch.arange(total, device=device) - (offsets - first).repeat_interleave(counts)
         src, dst = src.repeat_interleave(counts), dst.repeat_interleave(counts)
-        for tensor in (*self.keys, *self.values):
-            by_position = self._by_position(tensor)
-            by_position[dst, positions] = by_position[src, positions]
-
-    @staticmethod
-    def _by_position(tensor: torch.Tensor) -> torch.Tensor:
-        """A (slots, max_context, kv_heads, dim) view of one layer's keys or values."""
-        return tensor.transpose(1, 2)
+        for cache in (self.keys, self.values):
+            cache[:, dst, positions] = cache[:, src, positions]
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype) -> int:

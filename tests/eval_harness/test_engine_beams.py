@@ -93,16 +93,25 @@ def test_lm_eval_stop_strings_end_beams_as_in_a_one_prompt_hf_batch():
 
 def test_copy_positions_copies_runs_between_slots_in_every_layer():
     cache = SlotCache(num_layers=2, slots=4, max_context=8, kv_heads=2, head_dim=3, dtype=torch.float32, device="cpu")
-    for tensor in (*cache.keys, *cache.values):
-        tensor.copy_(torch.randn(tensor.shape))
-    before = [SlotCache._by_position(t).clone() for t in (*cache.keys, *cache.values)]
+
+    def contents() -> list[torch.Tensor]:  # every layer's (slots, kv_heads, positions, dim) keys and values
+        return [view.clone() for layer in range(2) for view in cache.head_major(layer, cache.max_context)]
+
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(2):  # distinct values at every (slot, position) of every layer
+        slots, positions = torch.arange(4).repeat_interleave(8), torch.arange(8).repeat(4)
+        key, value = (torch.randn(1, 2, 32, 3, generator=generator) for _ in range(2))
+        cache.write(layer, slots, positions, key, value)
+    before = contents()
     # slots 0 and 1 swap positions 2..4, slot 3 takes slot 1's positions 0..5: sources are read before writing
     cache.copy_positions([1, 0, 1], [0, 1, 3], [2, 2, 0], [5, 5, 6])
-    for old, tensor in zip(before, (*cache.keys, *cache.values), strict=True):
+    for old, new in zip(before, contents(), strict=True):
         expected = old.clone()
-        expected[0, 2:5], expected[1, 2:5], expected[3, 0:6] = old[1, 2:5], old[0, 2:5], old[1, 0:6]
-        assert torch.equal(SlotCache._by_position(tensor), expected)
+        expected[0, :, 2:5], expected[1, :, 2:5], expected[3, :, 0:6] = old[1, :, 2:5], old[0, :, 2:5], old[1, :, 0:6]
+        assert torch.equal(new, expected)
+    copied = contents()
     cache.copy_positions([0], [1], [3], [3])  # an empty run copies nothing
+    assert all(torch.equal(a, b) for a, b in zip(copied, contents(), strict=True))
 
 
 def test_bad_settings_are_refused():
