@@ -58,6 +58,19 @@ def test_beam_search_equals_model_generate(kind):
     assert len({str(outputs) for outputs in answers.values()}) > 1
 
 
+def test_several_end_of_sequence_tokens_widen_the_candidates_as_in_transformers():
+    """With two EOS tokens transformers keeps 3 * num_beams candidates a step, so that enough stay unfinished."""
+    model = tiny_model("llama").eval()
+    prompts, limits = random_requests(6, seed=8)
+    free = reference(model, prompts, limits, eos=None)
+    first, second = collections.Counter(t for out in free for t in out[1:-1]).most_common(2)
+    eos = [first[0], second[0]]
+    expected = reference(model, prompts, limits, eos=eos, length_penalty=0.7)
+    engine = BeamSearchEngine(model, eos_token_ids=eos, config=EngineConfig(max_slots=8))
+    assert engine.beam_search(prompts, limits, num_beams=4, length_penalty=0.7) == expected
+    assert {out[-1] for out, n in zip(expected, limits, strict=True) if len(out) < n} == set(eos)
+
+
 def test_slot_groups_do_not_change_the_answers():
     """One group (fewer slots than beams asked for: one request at a time) and many give the same tokens;
     requests are handed over once each, as soon as they finish."""
