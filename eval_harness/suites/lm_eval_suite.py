@@ -77,8 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINES,
         default="milora",
-        help="generation: milora (greedy requests on milora's engine, concurrency from free memory; beam search "
-        "and --batch_size stay HF's), hf (lm-eval's HF model throughout), vllm (lm-eval's vLLM model)",
+        help="generation: milora (greedy and beam-search requests on milora's engine, concurrency from free "
+        "memory; sampling and loglikelihood stay HF's, as does --batch_size), hf (lm-eval's HF model throughout), "
+        "vllm (lm-eval's vLLM model)",
     )
 
 
