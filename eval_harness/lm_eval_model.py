@@ -18,7 +18,8 @@ ends all of them together, so HFLM's beam-search answers depend on its batch siz
 with ``batch_size=1``.
 
 Options (``--model_args`` of lm-eval, keywords here): ``engine`` ("milora", or "hf" for HFLM's path
-throughout), ``max_slots`` (concurrent sequences; default from free memory), ``max_gen_toks_cap`` (lower every
+throughout), ``max_slots`` (concurrent sequences; default from free memory), ``compile`` (decode through
+decoder layers compiled by `torch.compile`; default on CUDA), ``max_gen_toks_cap`` (lower every
 request's new-token limit to at most this), ``generations_dir`` (stream finished generations there and reuse
 them on a rerun: `eval_harness.generation_store`).
 
@@ -121,6 +122,7 @@ class MiloraLM(HFLM):
         *args,
         engine: str = "milora",
         max_slots: int | None = None,
+        compile: bool | None = None,
         max_gen_toks_cap: int | None = None,
         generations_dir: str | None = None,
         **kwargs,
@@ -131,7 +133,7 @@ class MiloraLM(HFLM):
         self._adopt_process_group()
         self.engine = engine
         self._engine, self._beams_on_engine = None, None
-        self.engine_config = EngineConfig(max_slots=int(max_slots) if max_slots else None)
+        self.engine_config = EngineConfig(max_slots=int(max_slots) if max_slots else None, compile=compile)
         self.max_gen_toks_cap = int(max_gen_toks_cap) if max_gen_toks_cap is not None else None
         if engine == "milora" and not self._engine_usable():
             self.engine = "hf"
