@@ -55,34 +55,30 @@ def gsm8k_rows(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("gsm8k") / "gsm8k.jsonl", rows)
 
 
-@pytest.fixture
-def engine_calls(monkeypatch) -> list[tuple[list, list]]:
-    """(prompts, new tokens) of every call of the engine."""
+def record_calls(monkeypatch, owner: type, name: str) -> list[tuple[list, list]]:
+    """(prompts, new tokens) of every call of the engine method `owner.name`, which still runs."""
     calls: list[tuple[list, list]] = []
-    original = GenerationEngine.generate
+    original = getattr(owner, name)
 
     def recording(self, prompts, *args, **kwargs):
         outputs = original(self, prompts, *args, **kwargs)
         calls.append(([list(p) for p in prompts], outputs))
         return outputs
 
-    monkeypatch.setattr(GenerationEngine, "generate", recording)
+    monkeypatch.setattr(owner, name, recording)
     return calls
+
+
+@pytest.fixture
+def engine_calls(monkeypatch) -> list[tuple[list, list]]:
+    """(prompts, new tokens) of every greedy call of the engine."""
+    return record_calls(monkeypatch, GenerationEngine, "generate")
 
 
 @pytest.fixture
 def beam_calls(monkeypatch) -> list[tuple[list, list]]:
     """(prompts, new tokens) of every beam-search call of the engine."""
-    calls: list[tuple[list, list]] = []
-    original = BeamSearchEngine.beam_search
-
-    def recording(self, prompts, *args, **kwargs):
-        outputs = original(self, prompts, *args, **kwargs)
-        calls.append(([list(p) for p in prompts], outputs))
-        return outputs
-
-    monkeypatch.setattr(BeamSearchEngine, "beam_search", recording)
-    return calls
+    return record_calls(monkeypatch, BeamSearchEngine, "beam_search")
 
 
 def run_both(model: Path, tasks: list[str], manager, **options) -> dict[str, tuple[dict, dict]]:
