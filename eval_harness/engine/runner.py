@@ -157,9 +157,10 @@ class GenerationEngine:
         )  # fmt: skip
         key_positions = torch.arange(key_len, device=lengths.device)
         plan.key_mask = (key_positions.unsqueeze(0) <= lengths.unsqueeze(1)).view(cache.slots, 1, 1, key_len)
-        hidden = self.decoder(
-            input_ids=buffers["input_ids"], position_ids=lengths.unsqueeze(0), use_cache=False, milora_step=plan
-        )
+        with self._compiled_decoder():
+            hidden = self.decoder(
+                input_ids=buffers["input_ids"], position_ids=lengths.unsqueeze(0), use_cache=False, milora_step=plan
+            )
         self._decode_output(hidden.last_hidden_state[0], buffers)
 
     def _decode_output(self, hidden: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
@@ -176,23 +177,19 @@ class GenerationEngine:
             return
         if self._compiled_layers is None:
             self._compiled_layers = [torch.compile(layer._call_impl) for layer in layers]
+        previous = [layer._compiled_call_impl for layer in layers]  # a caller's own `layer.compile()` stays
         for layer, compiled in zip(layers, self._compiled_layers, strict=True):
             layer._compiled_call_impl = compiled  # what `nn.Module.compile` sets; `__call__` then runs it
         try:
             yield
         finally:
-            for layer in layers:
-                layer._compiled_call_impl = None
+            for layer, own in zip(layers, previous, strict=True):
+                layer._compiled_call_impl = own
 
     def _decoder_runner(self, cache: SlotCache, buffers: dict) -> Callable[[int], None]:
         """A function key_len -> run one decode step: a CUDA graph replay per key length, or eager."""
         if not self.use_graphs:
-
-            def eager(key_len: int) -> None:
-                with self._compiled_decoder():
-                    self._decode_step(cache, buffers, key_len)
-
-            return eager
+            return lambda key_len: self._decode_step(cache, buffers, key_len)
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
 
@@ -203,11 +200,11 @@ class GenerationEngine:
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 tick = time.perf_counter()
                 # a warm-up step on a side stream, as capture requires (it also compiles, where compiling)
-                with torch.cuda.stream(stream), self._compiled_decoder():
+                with torch.cuda.stream(stream):
                     self._decode_step(cache, buffers, key_len)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool), self._compiled_decoder():
+                with torch.cuda.graph(graph, pool=pool):
                     self._decode_step(cache, buffers, key_len)
                 graphs[key_len] = graph
                 torch.cuda.synchronize(self.device)

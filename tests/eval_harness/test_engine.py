@@ -105,10 +105,13 @@ def test_each_request_is_handed_over_as_soon_as_it_finishes():
 def test_compiled_decoder_layers_give_the_same_tokens_and_leave_the_model_eager():
     model = tiny_model("llama").eval()
     prompts, limits = random_requests(5, seed=5)
+    own = model.model.layers[0]._call_impl  # a caller's own compiled call (here: the plain one) is kept
+    model.model.layers[0]._compiled_call_impl = own
     engine = GenerationEngine(model, config=EngineConfig(max_slots=3, compile=True))
     assert engine.generate(prompts, limits) == reference(model, prompts, limits, eos=None)
     # compiled for the engine's decode steps only: afterwards every layer runs its ordinary call again
-    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert model.model.layers[0]._compiled_call_impl == own
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers[1:])
 
 
 def test_decode_attention_is_checked():
