@@ -1,13 +1,19 @@
-"""Batched greedy generation with a causal LM checkpoint, for the suites that lm-eval does not drive
-(AlpacaEval, FollowBench).
+"""Generation with a causal LM checkpoint for the suites that lm-eval does not drive (AlpacaEval, FollowBench)
+and for scripts: greedy or beam search, cut at the first stop string, in the order of the prompts.
 
-Prompts are sorted by length, left-padded into batches (so every prompt ends where generation starts),
-decoded greedily and cut at the first stop string; outputs come back in the order of the prompts.
-Works on CPU for small models; shows a tqdm progress bar.
+`GenerationConfig.engine` picks how: ``milora`` (the default) runs milora's generation engine
+(`eval_harness.engine`: continuous batching, concurrency from free memory, CUDA graphs on a GPU; a sequence
+whose text reaches a stop string ends there), ``hf`` runs `model.generate` on left-padded batches of
+``batch_size`` prompts, sorted by length. Both give `model.generate`'s tokens (on CPU in float32: tested). A model
+the engine cannot drive (not a decoder using transformers' attention interface, or whose generation config adds
+logits processors such as a ``repetition_penalty``) goes to the ``hf`` path with one warning. Works on CPU for
+small models; shows a tqdm progress bar.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,8 +24,13 @@ from milora.loading import default_device, resolve_dtype
 from milora.model_source import ModelSource, model_source
 from milora.prompts import alpaca_prompt
 
+LOGGER = logging.getLogger(__name__)
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
-__all__ = ["PROMPT_FORMATS", "GenerationConfig", "format_prompt", "generate", "load_causal_lm", "truncate_at_stop"]
+ENGINES = ("milora", "hf")
+STOP_EVERY = 8  # new tokens between two looks for a stop string (engine)
+__all__ = [
+    "ENGINES", "PROMPT_FORMATS", "GenerationConfig", "format_prompt", "generate", "load_causal_lm", "truncate_at_stop",
+]  # fmt: skip
 
 
 def load_causal_lm(path: str | ModelSource, device: str | None = None, dtype: str = "auto"):
@@ -70,10 +81,14 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 
 @dataclass
 class GenerationConfig:
+    """batch_size: prompts per `model.generate` call of the ``hf`` engine (milora's engine chooses its own
+    concurrency)."""
+
     max_new_tokens: int = 512
     batch_size: int = 8
     stop: tuple[str, ...] = ()
     num_beams: int = 1
+    engine: str = "milora"
 
 
 def _needs_bos(tokenizer, prompts: Sequence[str]) -> bool:
@@ -82,9 +97,74 @@ def _needs_bos(tokenizer, prompts: Sequence[str]) -> bool:
     return not (bos and all(p.startswith(bos) for p in prompts))
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str = "generating") -> list[str]:
-    """Greedy continuations of the prompts, batched with left padding, in prompt order."""
+    """The continuation of each prompt (greedy, or beam search with ``config.num_beams``), cut at the first stop
+    string and stripped, in prompt order."""
+    if config.engine not in ENGINES:
+        raise ValueError(f"engine={config.engine!r} is not one of {', '.join(ENGINES)}")
+    engine = _engine_for(model, tokenizer, config.num_beams) if config.engine == "milora" else None
+    if engine is None:
+        return _generate_hf(model, tokenizer, prompts, config, desc)
+    return _generate_on_engine(engine, tokenizer, prompts, config, desc)
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its engine (compiled once per model)
+
+
+def _engine_for(model, tokenizer, num_beams: int):
+    """milora's engine for `model`, or None (with a warning saying why) where it cannot give `model.generate`'s
+    tokens."""
+    from eval_harness.engine import BeamSearchEngine, eos_token_ids, supports, token_changing_settings
+
+    reason = None
+    if not supports(model):
+        reason = f"it cannot drive {type(model).__name__}"
+    elif changing := token_changing_settings(model.generation_config):
+        reason = f"the model's generation config sets {', '.join(changing)}, which it does not implement"
+    else:
+        if model not in _ENGINES:
+            _ENGINES[model] = BeamSearchEngine(model, eos_token_ids(model, tokenizer))
+        if num_beams > 1 and not _ENGINES[model].can_search():
+            reason = f"its beam search cannot drive {type(model).__name__}"
+    if reason:
+        LOGGER.warning("milora's generation engine is not used (%s): generating with model.generate", reason)
+        return None
+    return _ENGINES[model]
+
+
+def _generate_on_engine(engine, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str) -> list[str]:
+    from eval_harness.engine import beam_defaults
+
+    ids = [tokenizer(p, add_special_tokens=_needs_bos(tokenizer, [p]))["input_ids"] for p in prompts]
+    if config.num_beams > 1:
+        length_penalty, early_stopping = beam_defaults(engine.model.generation_config)
+        tokens = engine.beam_search(ids, config.max_new_tokens, config.num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, desc=desc)  # fmt: skip
+    else:
+        tokens = engine.generate(ids, config.max_new_tokens, stop=_stop_check(tokenizer, config.stop), desc=desc,
+                                 stop_every=STOP_EVERY)  # fmt: skip
+    return [truncate_at_stop(tokenizer.decode(t, skip_special_tokens=True), config.stop).strip() for t in tokens]
+
+
+def _stop_check(tokenizer, stop: Sequence[str]):
+    """Whether a sequence's text has reached a stop string, from a window of its last tokens (enough to hold the
+    tokens since the previous look and a stop string ending in them); None without stop strings. Only ends a
+    sequence early: the text is cut at its first stop string afterwards either way."""
+    stops = [s for s in stop if s]
+    if not stops:
+        return None
+    window = STOP_EVERY + 4 * max(len(s) for s in stops) + 4
+
+    def reached(_: int, tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    return reached
+
+
+@torch.no_grad()
+def _generate_hf(model, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str) -> list[str]:
+    """`model.generate` on left-padded batches of prompts of similar length."""
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs tokenizer.padding_side == 'left'")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)

@@ -41,6 +41,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from eval_harness.engine import BeamSearchEngine, EngineConfig, supports
 from eval_harness.engine.beam_state import EARLY_STOPPING
+from eval_harness.engine.model_settings import beam_defaults, eos_token_ids, token_changing_settings
 from eval_harness.generation_store import GenerationStore, StoringCacheHook
 from eval_harness.lm_eval_runner import capped_generation_kwargs
 
@@ -53,18 +54,6 @@ ENGINE_SETTINGS = frozenset(
 # ... and a beam-search request besides: transformers' beam search reads these two.
 BEAM_SETTINGS = ENGINE_SETTINGS | {"length_penalty", "early_stopping"}
 STOP_EVERY = 8  # new tokens between two checks for stop strings (greedy)
-# Generation-config fields that add logits processors or stopping criteria to greedy or beam search, with the
-# values that add none (transformers' `GenerationMixin._get_logits_processor` and `_get_stopping_criteria`).
-NEUTRAL_GENERATION_CONFIG = {
-    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "min_length": (None, 0),
-    "min_new_tokens": (None, 0), "bad_words_ids": (None,), "sequence_bias": (None,), "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
-    "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (None, False),
-    "remove_invalid_values": (None, False), "watermarking_config": (None,), "max_time": (None,),
-    "stop_strings": (None,),
-}  # fmt: skip
-
-
 def greedy_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
     """lm-eval's normalised settings of a request the engine can answer (greedy, one beam, nothing else that
     changes the tokens), else None."""
@@ -85,16 +74,6 @@ def beam_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict
     return dict(settings)
 
 
-def token_changing_settings(generation_config) -> list[str]:
-    """The fields of a model's generation config that make `model.generate` add logits processors or stopping
-    criteria (which the engine does not implement)."""
-    return sorted(
-        name
-        for name, neutral in NEUTRAL_GENERATION_CONFIG.items()
-        if getattr(generation_config, name, None) not in neutral
-    )
-
-
 def lookback_stop(tokenizer, stops: Sequence[str]) -> Callable[[int, list[int]], bool]:
     """lm-eval's stop-sequence criterion for one sequence: whether a stop string is in the text of its last
     (tokens of that string + 2) new tokens, special tokens decoded (`lm_eval.models.utils_hf.MultiTokenEOSCriteria`)."""
@@ -104,13 +83,6 @@ def lookback_stop(tokenizer, stops: Sequence[str]) -> Callable[[int, list[int]],
         return any(text in tokenizer.decode(tokens[-window:]) for text, window in windows)
 
     return stop
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """The tokens that end `model.generate`: the generation config's EOS ids, else the tokenizer's."""
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 @register_model("milora")
@@ -253,9 +225,9 @@ class MiloraLM(HFLM):
         finish = lambda position, tokens: answered(position, self._continuation_text(tokens, until))  # noqa: E731
         num_beams = int(settings.get("num_beams") or 1)
         if num_beams > 1:  # unset, these two are the model's generation config's, as in model.generate
-            config = self.model.generation_config
-            penalty = settings.get("length_penalty", config.length_penalty)
-            early = settings.get("early_stopping", config.early_stopping)
+            penalty, early = beam_defaults(self.model.generation_config)
+            penalty = settings.get("length_penalty", penalty)
+            early = settings.get("early_stopping", early)
             self._get_engine().beam_search(
                 prompts, max_gen_toks, num_beams, length_penalty=1.0 if penalty is None else float(penalty),
                 early_stopping=False if early is None else early,

@@ -13,13 +13,13 @@ recipes (GSM8K train as is; the four LLM-Adapters training sets concatenated) an
 files, so OUT/data alone is what a machine without DATA needs.
 
 `train` converts the GGUF once to OUT/base (safetensors; every run then loads it in seconds) and runs
-`recipes/sft.py recipes/smollm2_<task>_<method>.yaml --seed S` for each run (`--runs`: names like
-math_milora_s1, or `all`) as concurrent processes, each in scripts/miniature_worker.py, which records its
-wall time and peak GPU memory in OUT/train/<run>.json. `evaluate` scores the base model and every trained
-run, one process per model, into OUT/eval/<model>.json. Everything is written as it finishes: a finished run
-or model is skipped by a rerun, an interrupted run resumes from its last checkpoint, an interrupted evaluation
-from its last finished part. `--deadline_s` stops whatever is still running at that time (to fit a command
-limit) so that a rerun continues it. `--smoke`: a few steps and 8 rows per set, for a check on CPU.
+`recipes/sft.py recipes/smollm2_<task>_<method>.yaml --seed S` for each run (`--runs`: names like math_milora_s1, or
+`all`) as concurrent processes, each in scripts/miniature_worker.py, which records its wall time and peak GPU memory
+in OUT/train/<run>.json. `evaluate` scores the base model on everything and every trained run on its own task's sets
+and the forgetting loss, one process per model, into OUT/eval/<model>.json. Everything is written as it finishes: a
+finished run or model is skipped by a rerun, an interrupted run resumes from its last checkpoint, an interrupted
+evaluation from its last finished part. `--deadline_s` stops whatever is still running at that time (to fit a
+command limit) so that a rerun continues it. `--smoke`: a few steps and 8 rows per set, for a check on CPU.
 
 An output directory holds the results of one mode: the first `train` or `evaluate` records it in
 OUT/miniature_mode.json (`smoke` or `full`), and the other mode is refused there, so that a smoke run's jobs
@@ -54,6 +54,7 @@ QUANTIZED_METHODS = {"qlora": ("lora", []), "qpissa": ("pissa", ["--qpissa_itera
                      "qmilora": ("milora", [])}
 QUANTIZED_RUNS = [f"commonsense_{method}_s1" for method in QUANTIZED_METHODS]
 TRAIN_FILES = {"math": "gsm8k_train.jsonl", "commonsense": "commonsense_train.json"}
+TASK_PARTS = {"math": "gsm8k", "commonsense": "commonsense"}  # the worker's part kinds a task's table shows
 EVAL_FILES = ("gsm8k_test.jsonl", "alpaca_eval/gpt4_1106_preview_outputs.json")
 SMOKE_TRAIN = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--effective_batch_size", "2",
                "--dataset_max_samples", "16", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "1",
@@ -264,6 +265,12 @@ def trained_models(out: Path) -> dict[str, Path]:
     return found
 
 
+def evaluated_parts(model: str) -> str:
+    """What the tables show of a model: the base on everything, a run on its own task and the forgetting loss."""
+    task = model.split("_")[0]
+    return "gsm8k,commonsense,forgetting" if model == "base" else f"{TASK_PARTS[task]},forgetting"
+
+
 def evaluate(args) -> int:
     out = Path(args.runs_dir)
     data_dir = Path(args.data_dir)
@@ -275,7 +282,8 @@ def evaluate(args) -> int:
     jobs = {}
     for name, path in models.items():
         command = [sys.executable, str(WORKER), "evaluate", "--model", str(path), "--data_dir", str(data_dir),
-                   "--out", str(out / "eval" / f"{name}.json"), "--batch_size", str(args.batch_size)]
+                   "--out", str(out / "eval" / f"{name}.json"), "--batch_size", str(args.batch_size),
+                   "--parts", evaluated_parts(name)]
         jobs[f"eval_{name}"] = command + (SMOKE_EVAL if args.smoke else [])
     print(f"evaluating {len(jobs)} model(s), {args.parallel} at a time", flush=True)
     codes = run_parallel(jobs, out / "logs", args.parallel, args.deadline_s)

@@ -7,12 +7,12 @@
 runtime, steps, first and last logged losses and the peak GPU memory of the run (`torch.cuda.max_memory_allocated`,
 which covers the whole run because it ran here).
 
-`evaluate` scores one checkpoint: GSM8K test (MetaMath evaluation prompt, greedy, graded by
-`eval_harness.math_grading`), the LLM-Adapters commonsense test sets (their Alpaca prompt, greedy, answers
-extracted by `eval_harness.commonsense`), and the forgetting loss: the mean negative log-likelihood of the
-AlpacaEval reference outputs, each after its instruction in the model's chat template, over output tokens only.
-FILE is rewritten after every part, and a rerun skips the parts already in it.
-"""
+`evaluate` scores one checkpoint (`--parts`: which of these; all by default): GSM8K test (MetaMath evaluation
+prompt, greedy, graded by `eval_harness.math_grading`), the LLM-Adapters commonsense test sets (their Alpaca prompt,
+greedy, answers extracted by `eval_harness.commonsense`), and the forgetting loss: the mean negative log-likelihood
+of the AlpacaEval reference outputs, each after its instruction in the model's chat template, over output tokens
+only. FILE is rewritten after every part, and a rerun skips the parts already in it. Generation runs on milora's
+engine (`eval_harness.generation`; `--batch_size` is the batch of the `model.generate` fallback). """
 
 from __future__ import annotations
 
@@ -138,15 +138,31 @@ def response_nll(model, tokenizer, rows: list[dict], batch_size: int, max_tokens
     return {"nll": result["nll"], "tokens": result["token_count"], "rows": len(rows)}
 
 
-def evaluation_parts(data_dir: Path, limit: int | None) -> dict:
-    """Part name -> (kind, rows) for everything found under data_dir (layout: eval_harness/data_paths.py)."""
+PART_KINDS = ("gsm8k", "commonsense", "forgetting")
+
+
+def evaluation_parts(data_dir: Path, limit: int | None, kinds: tuple[str, ...] = PART_KINDS) -> dict:
+    """Part name -> (kind, rows) for the parts of the given kinds found under data_dir (layout:
+    eval_harness/data_paths.py)."""
     from eval_harness.data_paths import DATA_LAYOUT, commonsense_test_files
 
-    parts = {"gsm8k": ("gsm8k", read_json_rows(data_dir / DATA_LAYOUT["gsm8k"])[:limit])}
-    for name, path in commonsense_test_files(data_dir / DATA_LAYOUT["commonsense"]).items():
-        parts[name] = ("commonsense", read_json_rows(path)[:limit])
-    parts["forgetting"] = ("forgetting", read_json_rows(data_dir / DATA_LAYOUT["alpaca_eval"])[:limit])
+    parts = {}
+    if "gsm8k" in kinds:
+        parts["gsm8k"] = ("gsm8k", read_json_rows(data_dir / DATA_LAYOUT["gsm8k"])[:limit])
+    if "commonsense" in kinds:
+        for name, path in commonsense_test_files(data_dir / DATA_LAYOUT["commonsense"]).items():
+            parts[name] = ("commonsense", read_json_rows(path)[:limit])
+    if "forgetting" in kinds:
+        parts["forgetting"] = ("forgetting", read_json_rows(data_dir / DATA_LAYOUT["alpaca_eval"])[:limit])
     return parts
+
+
+def part_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in PART_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown part kind(s) {unknown or text!r}: use {','.join(PART_KINDS)}")
+    return kinds
 
 
 def evaluate_one(args) -> int:
@@ -154,7 +170,7 @@ def evaluate_one(args) -> int:
 
     out = Path(args.out)
     results = read_json(out) if out.is_file() else {"model": args.model, "parts": {}}
-    parts = evaluation_parts(Path(args.data_dir), args.limit)
+    parts = evaluation_parts(Path(args.data_dir), args.limit, args.parts)
     todo = [name for name in parts if name not in results["parts"]]
     if not todo:
         return 0
@@ -192,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--limit", type=int, default=None, help="first N rows of every set (smoke runs)")
     evaluate.add_argument("--batch_size", type=int, default=256, help="GSM8K generation batch (commonsense: 2x)")
     evaluate.add_argument("--gsm8k_max_new_tokens", type=int, default=GSM8K_MAX_NEW_TOKENS)
+    evaluate.add_argument("--parts", type=part_kinds, default=PART_KINDS,
+                          help=f"comma-separated kinds of parts to score (default: all, {','.join(PART_KINDS)})")
     if argv[:1] == ["train"] and "--" in argv:
         split = argv.index("--")
         args = parser.parse_args(argv[:split])

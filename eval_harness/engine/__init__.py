@@ -8,11 +8,13 @@
     new_tokens = engine.beam_search(prompts_ids, max_new_tokens=32, num_beams=4)  # transformers' beam search
 
 Greedy decoding (`runner`) and beam search (`beams`, `beam_state`). `supports(model)` says whether a model can be
-driven (decoders using transformers' attention interface).
+driven (decoders using transformers' attention interface); `model_settings`: what of a model's generation config
+the engine honours (`token_changing_settings` lists what it does not).
 """
 
 from eval_harness.engine.attention import ENGINE_ATTENTION, register_engine_attention
 from eval_harness.engine.beams import BeamSearchEngine
+from eval_harness.engine.model_settings import beam_defaults, eos_token_ids, token_changing_settings
 from eval_harness.engine.runner import EngineConfig, GenerationEngine, supports
 
 __all__ = [
@@ -20,6 +22,9 @@ __all__ = [
     "BeamSearchEngine",
     "EngineConfig",
     "GenerationEngine",
+    "beam_defaults",
+    "eos_token_ids",
     "register_engine_attention",
     "supports",
+    "token_changing_settings",
 ]

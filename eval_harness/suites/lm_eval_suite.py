@@ -78,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ENGINES,
         default="milora",
         help="generation: milora (greedy and beam-search requests on milora's engine, concurrency from free "
-        "memory; sampling and loglikelihood stay HF's, as does --batch_size), hf (lm-eval's HF model throughout), "
-        "vllm (lm-eval's vLLM model)",
+        "memory; sampling and loglikelihood stay HF's, as does --batch_size), hf (lm-eval's HF model throughout; "
+        "model.generate in batches of --batch_size for alpaca_eval and followbench), vllm (lm-eval's vLLM model; "
+        "lm-eval suites only)",
     )
 
 

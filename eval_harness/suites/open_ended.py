@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from eval_harness.errors import UsageError
+
 ALPACA_STOP = "### Instruction:"  # an Alpaca-format model that goes on writes the next instruction
 DEFAULT_MAX_NEW_TOKENS = 2048
 
@@ -35,6 +37,10 @@ def generate_for_instructions(args: argparse.Namespace, instructions: Sequence[s
     """The checkpoint's answer to each instruction, in --prompt_format, cut at the next Alpaca instruction."""
     from eval_harness import generation
 
+    engine = getattr(args, "engine", "milora")
+    if engine not in generation.ENGINES:
+        raise UsageError(f"--engine {engine} serves the lm-eval suites only",
+                         f"use --engine {' or '.join(generation.ENGINES)} with --suite {args.suite}")
     model, tokenizer = generation.load_causal_lm(args.model_source, device=args.device, dtype=args.dtype)
     prompts = [generation.format_prompt(i, tokenizer, args.prompt_format) for i in instructions]
     config = generation.GenerationConfig(
@@ -42,5 +48,6 @@ def generate_for_instructions(args: argparse.Namespace, instructions: Sequence[s
         batch_size=args.batch_size,
         stop=(ALPACA_STOP,) if args.prompt_format == "alpaca" else (),
         num_beams=args.num_beams or 1,
+        engine=engine,
     )
     return generation.generate(model, tokenizer, prompts, config, desc=desc)

@@ -206,7 +206,7 @@ def format_table(report: dict) -> str:
 
 def run_check(model, tokenizer, requests: list[dict], hf_batch: int) -> dict:
     """Generate with all three, cut as lm-eval cuts answers, compare each pair."""
-    from eval_harness.lm_eval_model import eos_token_ids
+    from eval_harness.engine.model_settings import eos_token_ids
 
     model.eval()
     eos = eos_token_ids(model, tokenizer)

@@ -35,7 +35,38 @@ def test_right_padding_is_refused(tiny_llama_dir):
     model, tokenizer = generation.load_causal_lm(str(tiny_llama_dir), device="cpu")
     tokenizer.padding_side = "right"
     with pytest.raises(ValueError):
-        generation.generate(model, tokenizer, PROMPTS, generation.GenerationConfig(max_new_tokens=2))
+        generation.generate(model, tokenizer, PROMPTS, generation.GenerationConfig(max_new_tokens=2, engine="hf"))
+
+
+def _engine_and_hf(model, tokenizer, **settings) -> tuple[list[str], list[str]]:
+    configs = [generation.GenerationConfig(engine=engine, batch_size=3, **settings) for engine in ("milora", "hf")]
+    return tuple(generation.generate(model, tokenizer, PROMPTS, config) for config in configs)
+
+
+def test_engine_gives_the_hf_paths_text_and_stops_at_stop_strings(tiny_causal):
+    model, tokenizer = tiny_causal
+    on_engine, on_hf = _engine_and_hf(model, tokenizer, max_new_tokens=40)
+    assert on_engine == on_hf
+    # a stop string taken from the middle of one answer: that answer is cut there, on both paths alike
+    stop = on_hf[0][10:12]
+    engine = generation._ENGINES[model]
+    made_before = engine.stats["tokens"]
+    cut_engine, cut_hf = _engine_and_hf(model, tokenizer, max_new_tokens=40, stop=(stop,))
+    assert cut_engine == cut_hf and len(cut_hf[0]) <= 10
+    assert engine.stats["tokens"] - made_before < made_before  # the engine ended that sequence early
+    beams_engine, beams_hf = _engine_and_hf(model, tokenizer, max_new_tokens=12, num_beams=3)
+    assert beams_engine == beams_hf and beams_hf != on_hf
+
+
+def test_models_the_engine_cannot_follow_go_to_model_generate(tiny_llama_dir, caplog):
+    model, tokenizer = generation.load_causal_lm(str(tiny_llama_dir), device="cpu")
+    model.generation_config.repetition_penalty = 1.5  # a logits processor the engine does not implement
+    with caplog.at_level("WARNING"):
+        on_engine, on_hf = _engine_and_hf(model, tokenizer, max_new_tokens=20)
+    assert on_engine == on_hf
+    assert "repetition_penalty" in caplog.text and model not in generation._ENGINES
+    with pytest.raises(ValueError, match="engine='vllm'"):
+        generation.generate(model, tokenizer, PROMPTS, generation.GenerationConfig(engine="vllm"))
 
 
 def test_truncate_at_stop_and_prompt_formats(tiny_causal):

@@ -240,7 +240,8 @@ def test_a_model_the_engine_cannot_drive_falls_back_to_hf_with_one_warning(
 def test_requests_go_to_the_engine_only_with_settings_it_implements():
     from transformers import GenerationConfig
 
-    from eval_harness.lm_eval_model import beam_settings, greedy_settings, token_changing_settings
+    from eval_harness.engine.model_settings import token_changing_settings
+    from eval_harness.lm_eval_model import beam_settings, greedy_settings
 
     beams = {"until": [], "max_gen_toks": 32, "num_beams": 4, "do_sample": False, "temperature": 0.0}
     assert beam_settings(beams, 256)["num_beams"] == 4 and greedy_settings(beams, 256) is None

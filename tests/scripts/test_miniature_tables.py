@@ -56,6 +56,14 @@ def test_prepare_writes_the_training_files_and_a_copy_of_the_evaluation_data(sha
     assert (data / "alpaca_eval" / "gpt4_1106_preview_outputs.json").is_file()
     with pytest.raises(miniature_tables.DriverError, match="gsm8k_train.jsonl not found"):
         miniature_tables.prepare(tmp_path / "nowhere", tmp_path)
+    # a run is scored on its own task's sets and the forgetting loss, the base on everything
+    assert set(miniature_worker.evaluation_parts(data, 2)) == {"gsm8k", *miniature_report.COMMONSENSE_COLUMNS,
+                                                               "forgetting"}
+    kinds = miniature_worker.part_kinds(miniature_tables.evaluated_parts("commonsense_qmilora_s1"))
+    assert set(miniature_worker.evaluation_parts(data, 2, kinds)) == {*miniature_report.COMMONSENSE_COLUMNS,
+                                                                      "forgetting"}
+    kinds = miniature_worker.part_kinds(miniature_tables.evaluated_parts("math_lora_s2"))
+    assert set(miniature_worker.evaluation_parts(data, 2, kinds)) == {"gsm8k", "forgetting"}
 
 
 def test_run_names():
