@@ -124,8 +124,21 @@ def smaller_gram(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return gram, wide
 
 
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.linalg.eigh` (ascending), retried with the CPU's LAPACK where cuSOLVER reports no convergence: its
+    `syevd` fails on some ill-conditioned inputs that LAPACK handles (pytorch/pytorch#94772), e.g. Gram matrices of
+    a 4-bit quantization error."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        if matrix.device.type == "cpu":
+            raise
+    values, vectors = torch.linalg.eigh(matrix.cpu())
+    return values.to(matrix.device), vectors.to(matrix.device)
+
+
 def _gram_components(weight, gram, wide, indices: torch.Tensor) -> SingularComponents:
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+    eigenvalues, eigenvectors = symmetric_eigh(gram)  # ascending
     rank = gram.shape[0]
     # singular position i (descending) is eigen position rank-1-i (ascending)
     eig_idx = (rank - 1 - indices).to(weight.device)

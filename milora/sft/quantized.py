@@ -9,12 +9,14 @@ which training does not change (the base is frozen) and the conversion cannot re
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from milora.sft.config import RecipeError
 
+LOGGER = logging.getLogger(__name__)
 PROBE_ROWS = 2
 PROBE_TOKENS = 128
 
@@ -90,20 +92,41 @@ def logits_difference(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def standard_lora_difference(trained_model, base_model: str, adapter_dir: str | Path, input_ids: torch.Tensor,
-                             dtype: torch.dtype) -> dict:
-    """Logits of the original base + the standard LoRA at `adapter_dir` (loaded on the CPU in `dtype`) against the
-    trained 4-bit model's, on `input_ids`."""
+                             dtype: torch.dtype) -> dict | None:
+    """Logits of the original base + the standard LoRA at `adapter_dir` (loaded in `dtype` on the trained model's
+    GPU where it fits there, else on the CPU) against the trained 4-bit model's, on `input_ids`; None where it
+    cannot run (on the CPU with Liger's CUDA-only kernels patched in)."""
     from peft import PeftModel
 
     from milora.loading import load_model
 
     original = PeftModel.from_pretrained(load_model(base_model, dtype=dtype), str(adapter_dir)).eval()
-    reference = original(input_ids=input_ids).logits
-    was_training = trained_model.training
     device = next(p.device for p in trained_model.parameters())
+    if device.type == "cuda" and _fits_on(original, device):
+        original.to(device)
+    elif _uses_cuda_only_kernels(original):
+        LOGGER.warning("the standard LoRA's difference to the 4-bit model is not measured: the full-precision base "
+                       "does not fit beside the trained model on %s, and Liger's kernels (use_liger_kernel) run "
+                       "on CUDA only", device)
+        return None
+    reference = original(input_ids=input_ids.to(next(original.parameters()).device)).logits.cpu()
+    del original
+    was_training = trained_model.training
     trained = trained_model.eval()(input_ids=input_ids.to(device)).logits.cpu()
     trained_model.train(was_training)
     return logits_difference(reference, trained)
+
+
+def _fits_on(model, device: torch.device, headroom: float = 1.5) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size * headroom < free
+
+
+def _uses_cuda_only_kernels(model) -> bool:
+    """Whether Liger patched the model's layer classes (it patches transformers' modules, so a model loaded after
+    training gets its Triton kernels too, which need CUDA tensors)."""
+    return any(type(module).__module__.startswith("liger_kernel") for module in model.modules())
 
 
 def note_standard_lora_difference(trainer, recipe, adapter_dir: str | Path, base_model: str | None) -> dict | None:
