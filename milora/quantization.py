@@ -70,7 +70,24 @@ def require_bitsandbytes():
 
 
 def quantize_dequantize(weight: torch.Tensor, settings: FourBitSettings) -> torch.Tensor:
-    """`dequant(Q(weight))` as bitsandbytes stores and computes it, in `weight`'s dtype and on its device."""
+    """`dequant(Q(weight))` as bitsandbytes stores and computes it, in `weight`'s dtype and on its device.
+
+    bitsandbytes launches its CUDA quantization kernel on the default stream whatever the current one is, so on
+    another stream (the decomposition workers' in `milora.streaming`) the call is ordered after that stream's work
+    and that stream after the call; otherwise the kernel could read the weight before it is written."""
+    if weight.is_cuda:
+        current, default = torch.cuda.current_stream(weight.device), torch.cuda.default_stream(weight.device)
+        if current != default:
+            default.wait_stream(current)
+            with torch.cuda.stream(default):
+                result = _quantize_dequantize(weight, settings)
+            current.wait_stream(default)
+            result.record_stream(current)  # allocated on the default stream, used and freed on this one
+            return result
+    return _quantize_dequantize(weight, settings)
+
+
+def _quantize_dequantize(weight: torch.Tensor, settings: FourBitSettings) -> torch.Tensor:
     functional = require_bitsandbytes().functional
     packed, state = functional.quantize_4bit(
         weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=settings.nested, quant_type=settings.quant_type
