@@ -14,7 +14,9 @@ triangular solves (CholeskyQR2 of the n x block basis), host synchronisations (`
 minor subspace with the float64 `eigh` of the Gram matrix ("fallback": the solver gave up). Counting wraps
 the torch functions the solver calls; the solver itself carries no instrumentation.
 Variants: `before` (the solver before issue 25: shift 0.9 x the lowest Ritz value once, Rayleigh-Ritz every
-second iteration from the fourth) and the current solver with a block of `k x r` (`bk`).
+second iteration from the fourth) and the current solver with a block of `k x r` (`bk`, options below);
+`b8-l0` is the current solver without its Lanczos first shift, `b8` the default. The Lanczos steps (60
+matrix-vector products, at most n / 4) are not in the counts; their tridiagonal `eigh` is.
 
     python benchmarks/subspace_iterations.py --n 1024 2048          # r scaled with n
     python benchmarks/subspace_iterations.py --n 2048 --r 64        # the 70B rank on a smaller Gram
@@ -111,9 +113,10 @@ def counting():
 
 
 def parse_variant(name):
-    """`b8` = block 8 r; optional `-m0.1` (shift margin) and `-p0` (no predicted skipping of Rayleigh-Ritz
-    steps): the solver's keyword arguments."""
-    keys = {"b": ("block_factor", int), "m": ("shift_margin", float), "p": ("predict", lambda v: v == "1")}
+    """`b8` = block 8 r; optional `-m0.1` (shift margin), `-l0` (no Lanczos first shift, `-l100`: 100 steps)
+    and `-p0` (no predicted skipping of Rayleigh-Ritz steps): the solver's keyword arguments."""
+    keys = {"b": ("block_factor", int), "m": ("shift_margin", float), "p": ("predict", lambda v: v == "1"),
+            "l": ("lanczos_steps", int)}
     options = {}
     for part in name.split("-"):
         key, convert = keys[part[0]]
@@ -165,7 +168,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048], help="hidden size of the scaled shapes")
     parser.add_argument("--r", type=int, default=None, help="rank (default 64 n / 8192, the 70B ratio)")
-    parser.add_argument("--variants", nargs="+", default=["before", "b4", "b8"])
+    parser.add_argument("--variants", nargs="+", default=["before", "b4-l0", "b8-l0", "b8"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="folder for subspace_iterations.json")
     args = parser.parse_args()

@@ -190,6 +190,8 @@ SUBSPACE_TOLERANCE = 1e-7
 SHIFT_MARGIN = 0.05
 RESHIFT = 0.1
 SHIFT_ATTEMPTS = 4
+# Lanczos steps (matrix-vector products with the Gram matrix) for the first shift's estimate; at most n / 4.
+LANCZOS_STEPS = 60
 # At most this many iterations between convergence checks once the shift has settled.
 MAX_SKIPPED = 8
 
@@ -240,29 +242,64 @@ def _factor_below(gram: torch.Tensor, shift: float, safe_shift: float | None) ->
     return None, shift
 
 
+def _lowest_eigenvalue_estimate(gram: torch.Tensor, steps: int, generator: torch.Generator) -> tuple[float, float]:
+    """The lowest Ritz value of `gram` on a Krylov space of `steps` dimensions (Lanczos from a random vector;
+    one matrix-vector product a step, no solve) and its residual: an eigenvalue lies within the residual of it.
+
+    Without reorthogonalisation Lanczos repeats converged Ritz values but its extreme one stays an upper bound
+    of the smallest eigenvalue, which is all the first shift needs (a failed factorisation would lower it)."""
+    q = torch.randn(gram.shape[0], dtype=gram.dtype, device=gram.device, generator=generator)
+    q, previous, beta = q / q.norm(), torch.zeros_like(q), torch.zeros((), dtype=gram.dtype, device=gram.device)
+    alphas, betas = [], []
+    for _ in range(steps):
+        v = gram @ q - beta * previous
+        alpha = q @ v
+        v -= alpha * q
+        beta = v.norm()
+        alphas.append(alpha)
+        betas.append(beta)
+        previous, q = q, v / beta.clamp_min(torch.finfo(gram.dtype).tiny)
+    off_diagonal = torch.stack(betas[:-1])
+    tridiagonal = torch.diag(torch.stack(alphas)) + torch.diag(off_diagonal, 1) + torch.diag(off_diagonal, -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    lowest, residual = torch.stack([values[0], (betas[-1] * vectors[-1, 0]).abs()]).tolist()
+    return lowest, residual
+
+
 def _minor_components_by_subspace_iteration(
     w, gram, wide, r: int, *, block_factor: int | None = None, shift_margin: float | None = None,
-    predict: bool = True,
+    predict: bool = True, lanczos_steps: int | None = None,
 ) -> SingularComponents | None:
     """The last `r` singular triplets of `w` by shifted block inverse iteration on its smaller Gram matrix
     (`gram`, `wide` as `smaller_gram` returns them).
 
-    Each Rayleigh-Ritz step moves the shift up towards the smallest eigenvalue (the lowest Ritz value less
-    its residual and a margin); once the shift stays, the residuals' decay rate predicts how many iterations
+    The first shift is a Lanczos estimate of the smallest eigenvalue less its residual (matrix-vector
+    products only), which saves the several refactorisations of starting from shift 0. Each Rayleigh-Ritz
+    step moves the shift up towards the smallest eigenvalue (the lowest Ritz value less its residual and a
+    margin); once the shift stays, the residuals' decay rate predicts how many iterations
     remain, and the Rayleigh-Ritz steps (a small `eigh` and a host synchronisation each) in between are
     skipped. Returns None (caller falls back to `eigh`) when no shift gives a Cholesky factorisation or the
-    Ritz residuals do not reach the tolerance within the iteration budget. `block_factor`, `shift_margin`
-    and `predict` (skip the Rayleigh-Ritz steps) override the defaults, for benchmarks/subspace_iterations.py.
+    Ritz residuals do not reach the tolerance within the iteration budget. `block_factor`, `shift_margin`,
+    `predict` (skip the Rayleigh-Ritz steps) and `lanczos_steps` (0: first shift 0) override the defaults,
+    for benchmarks/subspace_iterations.py.
     """
     block_factor = SUBSPACE_BLOCK if block_factor is None else block_factor
+    lanczos_steps = LANCZOS_STEPS if lanczos_steps is None else lanczos_steps
     shift_margin = SHIFT_MARGIN if shift_margin is None else shift_margin
     n = gram.shape[0]
     block = min(n, block_factor * r)
     tolerance = SUBSPACE_TOLERANCE * float(torch.diagonal(gram).mean())
-    factor, shift = _factor_below(gram, 0.0, None)
+    generator = torch.Generator(device=w.device).manual_seed(0)
+    factor = None
+    steps = min(lanczos_steps, n // 4)
+    if steps > 1:
+        lowest, residual = _lowest_eigenvalue_estimate(gram, steps, generator)
+        if lowest - residual > 0:
+            factor, shift = _factor_below(gram, lowest - residual, 0.0)
+    if factor is None:
+        factor, shift = _factor_below(gram, 0.0, None)
     if factor is None:
         return None
-    generator = torch.Generator(device=w.device).manual_seed(0)
     basis = torch.randn(n, block, dtype=gram.dtype, device=w.device, generator=generator)
     next_check, last_worst, last_check = 1, None, 0
     for iteration in range(1, SUBSPACE_MAX_ITERATIONS + 1):

@@ -157,3 +157,14 @@ def test_subspace_iteration_on_a_singular_gram_goes_below_zero():
     assert float(found.S.max()) < 1e-7 * scale
     assert float((weight @ found.Vh.T).norm()) < 1e-7 * scale  # right vectors in the null space
     torch.testing.assert_close(found.Vh @ found.Vh.T, torch.eye(6, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_lanczos_estimate_bounds_the_smallest_eigenvalue():
+    from milora.decomposition import _lowest_eigenvalue_estimate, smaller_gram
+
+    gram, _ = smaller_gram(random_weight(700, 200, seed=9, dtype=torch.bfloat16))
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    lowest, residual = _lowest_eigenvalue_estimate(gram, 40, torch.Generator().manual_seed(0))
+    assert lowest >= float(eigenvalues[0]) * (1 - 1e-12)  # a Ritz value: not below the spectrum
+    assert float((eigenvalues - lowest).abs().min()) <= residual * (1 + 1e-9)  # an eigenvalue within the residual
+    assert lowest - residual < float(eigenvalues[0]) < float(eigenvalues[8])  # a first shift below the spectrum
