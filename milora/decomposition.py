@@ -21,8 +21,9 @@ A *solver* computes the triplets, always in float64 (the family names milora/pis
 - ``svd``: `torch.linalg.svd`, the reference (and what the paper's code runs per matrix).
 - ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (a block of 8 r
   vectors; Cholesky solves, all GEMM-shaped work, which GPUs run far faster than the tridiagonalisation
-  inside `eigh`). Each Rayleigh-Ritz step moves the shift up to the lowest Ritz value less its residual
-  (and a margin), refactorising when that speeds convergence noticeably; a failed factorisation (shift
+  inside `eigh`). The first shift is a Lanczos estimate of the smallest eigenvalue (matrix-vector products
+  only); each Rayleigh-Ritz step moves the shift up to the lowest Ritz value less its residual (and a
+  margin), refactorising when that speeds convergence noticeably; a failed factorisation (shift
   above the smallest eigenvalue) bisects the shift back down. Once the shift stays, the residuals' decay
   rate predicts when to check again, and the Rayleigh-Ritz steps in between are skipped. It stops when
   every wanted Ritz pair's residual `||G v - theta v||` is below `1e-7` of the mean eigenvalue, and falls
@@ -259,8 +260,9 @@ def _lowest_eigenvalue_estimate(gram: torch.Tensor, steps: int, generator: torch
         alphas.append(alpha)
         betas.append(beta)
         previous, q = q, v / beta.clamp_min(torch.finfo(gram.dtype).tiny)
-    off_diagonal = torch.stack(betas[:-1])
-    tridiagonal = torch.diag(torch.stack(alphas)) + torch.diag(off_diagonal, 1) + torch.diag(off_diagonal, -1)
+    # one synchronisation; the eigenproblem of the small tridiagonal matrix is solved on the host
+    alphas, betas = torch.stack(alphas + betas).cpu().split(steps)
+    tridiagonal = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
     values, vectors = torch.linalg.eigh(tridiagonal)
     lowest, residual = torch.stack([values[0], (betas[-1] * vectors[-1, 0]).abs()]).tolist()
     return lowest, residual
