@@ -128,10 +128,12 @@ def variants(names):
     return {name: solver_before if name == "before" else parse_variant(name) for name in names}
 
 
-def shape_rows(n, r, names, seed):
+def shape_rows(n, r, names, seed, shapes):
     rows = []
     generator = torch.Generator().manual_seed(seed)
     for shape, (out_units, in_units) in ASPECTS.items():
+        if shape not in shapes:
+            continue
         out_f, in_f = round(out_units * n), round(in_units * n)
         weight = (torch.randn(out_f, in_f, generator=generator) * 0.02).to(torch.bfloat16)
         gram, wide = dec.smaller_gram(weight)
@@ -169,6 +171,7 @@ def main():
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048], help="hidden size of the scaled shapes")
     parser.add_argument("--r", type=int, default=None, help="rank (default 64 n / 8192, the 70B ratio)")
     parser.add_argument("--variants", nargs="+", default=["before", "b4-l0", "b8-l0", "b8"])
+    parser.add_argument("--shapes", nargs="+", default=list(ASPECTS), choices=list(ASPECTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="folder for subspace_iterations.json")
     args = parser.parse_args()
@@ -177,7 +180,7 @@ def main():
     print("|" + " --- |" * 3 + " ---: |" * 8)
     rows = []
     for n in args.n:
-        rows += shape_rows(n, args.r or max(1, 64 * n // 8192), args.variants, args.seed)
+        rows += shape_rows(n, args.r or max(1, 64 * n // 8192), args.variants, args.seed, args.shapes)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out / "subspace_iterations.json", json.dumps(rows, indent=1))
