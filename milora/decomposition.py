@@ -177,8 +177,8 @@ SUBSPACE_MAX_RANK_FRACTION = 16
 # Block size of the subspace iteration is SUBSPACE_BLOCK * r: the extra directions speed convergence
 # where the minor end of the spectrum is dense (as it is for trained and random weights alike): per
 # iteration, the residual of the r-th wanted pair shrinks by (lambda_r - s) / (lambda_block+1 - s).
-# 8 against 4 cuts the iterations by about a quarter (benchmarks/subspace_iterations.py); the solves'
-# cost hardly grows with their right-hand sides on a GPU (latency-bound).
+# 8 against 4 cuts the iterations by about a quarter (benchmarks/subspace_iterations.py); the solves are
+# latency-bound on a GPU (docs/benchmarks.md), so their extra right-hand sides should cost little.
 SUBSPACE_BLOCK = 8
 SUBSPACE_MAX_ITERATIONS = 40
 # Stop when every wanted Ritz pair has ||G v - theta v|| <= tolerance * mean eigenvalue. The subspace angle is
