@@ -216,7 +216,7 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
 def _rayleigh_ritz(gram: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values (ascending) and vectors of `gram` on the column space of the orthonormal `basis`."""
     projected = basis.T @ gram @ basis
-    values, coefficients = torch.linalg.eigh((projected + projected.T) / 2)
+    values, coefficients = symmetric_eigh((projected + projected.T) / 2)
     return values, basis @ coefficients
 
 
