@@ -19,12 +19,16 @@ A *solver* computes the triplets, always in float64 (the family names milora/pis
   exact in float64 for the spectra of trained weights (the squared condition number stays far above
   float64 round-off).
 - ``svd``: `torch.linalg.svd`, the reference (and what the paper's code runs per matrix).
-- ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (Cholesky solves,
-  all GEMM-shaped work, which GPUs run far faster than the tridiagonalisation inside `eigh`), with a
-  shift towards the smallest eigenvalue and a final Rayleigh-Ritz step. It stops when every wanted Ritz
-  pair's residual `||G v - theta v||` is below `1e-7` of the mean eigenvalue, and falls back to the
-  `gram` solver when that does not happen within its iteration budget or the Gram matrix is singular,
-  so the result is always the exact minor subspace up to float64 round-off.
+- ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (a block of 8 r
+  vectors; Cholesky solves, all GEMM-shaped work, which GPUs run far faster than the tridiagonalisation
+  inside `eigh`). The first shift is a Lanczos estimate of the smallest eigenvalue (matrix-vector products
+  only); each Rayleigh-Ritz step moves the shift up to the lowest Ritz value less its residual (and a
+  margin), refactorising when that speeds convergence noticeably; a failed factorisation (shift
+  above the smallest eigenvalue) bisects the shift back down. Once the shift stays, the residuals' decay
+  rate predicts when to check again, and the Rayleigh-Ritz steps in between are skipped. It stops when
+  every wanted Ritz pair's residual `||G v - theta v||` is below `1e-7` of the mean eigenvalue, and falls
+  back to the `gram` solver when that does not happen within its iteration budget or no shift gives a
+  factorisation, so the result is always the exact minor subspace up to float64 round-off.
 
 ``auto`` (the default) picks ``subspace`` for the minor mode on a GPU when r is small against the matrix
 (the case of real models), and ``gram`` otherwise.
@@ -32,6 +36,7 @@ A *solver* computes the triplets, always in float64 (the family names milora/pis
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +91,7 @@ def singular_components(
         raise ValueError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
     indices = component_indices(min(weight.shape), r, mode, generator)
     if solver == "auto":
-        small_rank = SUBSPACE_BLOCK * r <= min(weight.shape) // 4
+        small_rank = SUBSPACE_MAX_RANK_FRACTION * r <= min(weight.shape)
         solver = "subspace" if mode == "minor" and weight.is_cuda and small_rank else "gram"
     if solver == "svd":
         U, S, Vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
@@ -166,14 +171,30 @@ def _components_from_gram_eigenpairs(weight, wide, eigenvalues, vectors, indices
     return SingularComponents(U, sigma, Vh, indices)
 
 
+# `auto` takes the subspace solver when r <= min(shape) / SUBSPACE_MAX_RANK_FRACTION (r = 64 on LLaMA's k/v
+# projections of 1024 rows and up).
+SUBSPACE_MAX_RANK_FRACTION = 16
 # Block size of the subspace iteration is SUBSPACE_BLOCK * r: the extra directions speed convergence
-# where the minor end of the spectrum is dense (as it is for trained and random weights alike).
-SUBSPACE_BLOCK = 4
+# where the minor end of the spectrum is dense (as it is for trained and random weights alike): per
+# iteration, the residual of the r-th wanted pair shrinks by (lambda_r - s) / (lambda_block+1 - s).
+# 8 against 4 cuts the iterations by about a quarter (benchmarks/subspace_iterations.py); the solves are
+# latency-bound on a GPU (docs/benchmarks.md), so their extra right-hand sides should cost little.
+SUBSPACE_BLOCK = 8
 SUBSPACE_MAX_ITERATIONS = 40
 # Stop when every wanted Ritz pair has ||G v - theta v|| <= tolerance * mean eigenvalue. The subspace angle is
 # at most residual / gap, which keeps the overlap with the exact minor subspace within ~1e-10 of 1 for
 # the spectra we measured (random and trained weights); the tests check it against float64 SVD.
 SUBSPACE_TOLERANCE = 1e-7
+# The shift sits SHIFT_MARGIN x (spread of the wanted Ritz values) below the lowest Ritz value less its residual,
+# and moves when it would gain RESHIFT of the distance to the next Ritz value (a refactorisation costs about
+# as much as an iteration).
+SHIFT_MARGIN = 0.05
+RESHIFT = 0.1
+SHIFT_ATTEMPTS = 4
+# Lanczos steps (matrix-vector products with the Gram matrix) for the first shift's estimate; at most n / 4.
+LANCZOS_STEPS = 60
+# At most this many iterations between convergence checks once the shift has settled.
+MAX_SKIPPED = 8
 
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
@@ -195,61 +216,124 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
 def _rayleigh_ritz(gram: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values (ascending) and vectors of `gram` on the column space of the orthonormal `basis`."""
     projected = basis.T @ gram @ basis
-    values, coefficients = torch.linalg.eigh((projected + projected.T) / 2)
+    values, coefficients = symmetric_eigh((projected + projected.T) / 2)
     return values, basis @ coefficients
 
 
-def _shifted_cholesky(gram: torch.Tensor, shift: float) -> tuple[torch.Tensor | None, float]:
-    """Cholesky factor of `gram - shift I` for the largest tried shift below the smallest eigenvalue.
+def _factor_below(gram: torch.Tensor, shift: float, safe_shift: float | None) -> tuple[torch.Tensor | None, float]:
+    """Cholesky factor of `gram - s I` and `s`, for `s = shift` or, where that fails, shifts bisected down
+    towards `safe_shift` (one whose factorisation succeeded; None: below `shift` by growing steps).
 
-    A factorisation succeeds exactly when the shift is below the smallest eigenvalue, so failures just
-    lower the shift; shift 0 is the plain Gram matrix."""
-    for _ in range(6):
+    A factorisation succeeds exactly when the shift is below the smallest eigenvalue (up to round-off), so a
+    failure only says the shift was too high."""
+    step = None
+    for _ in range(SHIFT_ATTEMPTS):
         shifted = gram.clone()
         shifted.diagonal().sub_(shift)
         factor, info = torch.linalg.cholesky_ex(shifted)
         del shifted
         if int(info) == 0:
             return factor, shift
-        shift *= 0.8
-    factor, info = torch.linalg.cholesky_ex(gram)
-    return (factor, 0.0) if int(info) == 0 else (None, 0.0)
+        if safe_shift is not None:
+            shift = (shift + safe_shift) / 2
+            continue
+        if step is None:  # a singular Gram matrix: go below zero by more than the factorisation's round-off
+            step = float(gram.diagonal().max()) * gram.shape[0] * torch.finfo(gram.dtype).eps
+        shift, step = shift - step, 64 * step
+    return None, shift
 
 
-def _minor_components_by_subspace_iteration(w, gram, wide, r: int) -> SingularComponents | None:
+def _lowest_eigenvalue_estimate(gram: torch.Tensor, steps: int, generator: torch.Generator) -> tuple[float, float]:
+    """The lowest Ritz value of `gram` on a Krylov space of `steps` dimensions (Lanczos from a random vector;
+    one matrix-vector product a step, no solve) and its residual: an eigenvalue lies within the residual of it.
+
+    Without reorthogonalisation Lanczos repeats converged Ritz values but its extreme one stays an upper bound
+    of the smallest eigenvalue, which is all the first shift needs (a failed factorisation would lower it)."""
+    q = torch.randn(gram.shape[0], dtype=gram.dtype, device=gram.device, generator=generator)
+    q, previous, beta = q / q.norm(), torch.zeros_like(q), torch.zeros((), dtype=gram.dtype, device=gram.device)
+    alphas, betas = [], []
+    for _ in range(steps):
+        v = gram @ q - beta * previous
+        alpha = q @ v
+        v -= alpha * q
+        beta = v.norm()
+        alphas.append(alpha)
+        betas.append(beta)
+        previous, q = q, v / beta.clamp_min(torch.finfo(gram.dtype).tiny)
+    # one synchronisation; the eigenproblem of the small tridiagonal matrix is solved on the host
+    alphas, betas = torch.stack(alphas + betas).cpu().split(steps)
+    tridiagonal = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    lowest, residual = torch.stack([values[0], (betas[-1] * vectors[-1, 0]).abs()]).tolist()
+    return lowest, residual
+
+
+def _minor_components_by_subspace_iteration(
+    w, gram, wide, r: int, *, block_factor: int | None = None, shift_margin: float | None = None,
+    predict: bool = True, lanczos_steps: int | None = None,
+) -> SingularComponents | None:
     """The last `r` singular triplets of `w` by shifted block inverse iteration on its smaller Gram matrix
     (`gram`, `wide` as `smaller_gram` returns them).
 
-    Returns None (caller falls back to `eigh`) when the Gram matrix is singular or the Ritz residuals do
-    not reach the tolerance within the iteration budget.
+    The first shift is a Lanczos estimate of the smallest eigenvalue less its residual (matrix-vector
+    products only), which saves the several refactorisations of starting from shift 0. Each Rayleigh-Ritz
+    step moves the shift up towards the smallest eigenvalue (the lowest Ritz value less its residual and a
+    margin); once the shift stays, the residuals' decay rate predicts how many iterations
+    remain, and the Rayleigh-Ritz steps (a small `eigh` and a host synchronisation each) in between are
+    skipped. Returns None (caller falls back to `eigh`) when no shift gives a Cholesky factorisation or the
+    Ritz residuals do not reach the tolerance within the iteration budget. `block_factor`, `shift_margin`,
+    `predict` (skip the Rayleigh-Ritz steps) and `lanczos_steps` (0: first shift 0) override the defaults,
+    for benchmarks/subspace_iterations.py.
     """
+    block_factor = SUBSPACE_BLOCK if block_factor is None else block_factor
+    lanczos_steps = LANCZOS_STEPS if lanczos_steps is None else lanczos_steps
+    shift_margin = SHIFT_MARGIN if shift_margin is None else shift_margin
     n = gram.shape[0]
-    block = min(n, SUBSPACE_BLOCK * r)
-    factor, _ = _shifted_cholesky(gram, 0.0)
+    block = min(n, block_factor * r)
+    tolerance = SUBSPACE_TOLERANCE * float(torch.diagonal(gram).mean())
+    generator = torch.Generator(device=w.device).manual_seed(0)
+    factor = None
+    steps = min(lanczos_steps, n // 4)
+    if steps > 1:
+        lowest, residual = _lowest_eigenvalue_estimate(gram, steps, generator)
+        if lowest - residual > 0:
+            factor, shift = _factor_below(gram, lowest - residual, 0.0)
+    if factor is None:
+        factor, shift = _factor_below(gram, 0.0, None)
     if factor is None:
         return None
-    generator = torch.Generator(device=w.device).manual_seed(0)
-    basis = _orthonormal(torch.randn(n, block, dtype=gram.dtype, device=w.device, generator=generator))
-    mean_eigenvalue = float(torch.diagonal(gram).mean())
+    basis = torch.randn(n, block, dtype=gram.dtype, device=w.device, generator=generator)
+    next_check, last_worst, last_check = 1, None, 0
     for iteration in range(1, SUBSPACE_MAX_ITERATIONS + 1):
-        basis = _orthonormal(torch.cholesky_solve(basis, factor))
-        if iteration == 3:
-            # shift towards the smallest eigenvalue: convergence goes as (lambda_r - s) / (lambda_block - s)
-            values, basis = _rayleigh_ritz(gram, basis)
-            factor, _ = _shifted_cholesky(gram, 0.9 * float(values[0]))
-            if factor is None:
-                return None
-        if iteration >= 4 and iteration % 2 == 0:
-            values, basis = _rayleigh_ritz(gram, basis)
-            wanted_values, wanted_vectors = values[:r], basis[:, :r]
-            residual = (gram @ wanted_vectors - wanted_vectors * wanted_values).norm(dim=0).max()
-            if float(residual) <= SUBSPACE_TOLERANCE * mean_eigenvalue:
-                # descending singular order: the last of the r minor triplets first
-                order = torch.arange(r - 1, -1, -1, device=w.device)
-                indices = torch.arange(n - r, n)
-                return _components_from_gram_eigenpairs(
-                    w, wide, wanted_values[order], wanted_vectors[:, order], indices
-                )
+        basis = torch.cholesky_solve(basis, factor)
+        # unit columns first: they scale by 1 / (lambda - s), which CholeskyQR2 would see as ill-conditioning
+        basis = _orthonormal(basis / basis.norm(dim=0).clamp_min(torch.finfo(basis.dtype).tiny))
+        if iteration < next_check:
+            continue
+        values, basis = _rayleigh_ritz(gram, basis)
+        wanted_values, wanted_vectors = values[:r], basis[:, :r]
+        residuals = (gram @ wanted_vectors - wanted_vectors * wanted_values).norm(dim=0)
+        worst, lowest, lowest_residual, highest_wanted, next_value = torch.stack(
+            [residuals.max(), values[0], residuals[0], values[r - 1], values[min(r, block - 1)]]
+        ).tolist()
+        if worst <= tolerance:
+            # descending singular order: the last of the r minor triplets first
+            order = torch.arange(r - 1, -1, -1, device=w.device)
+            indices = torch.arange(n - r, n)
+            return _components_from_gram_eigenpairs(w, wide, wanted_values[order], wanted_vectors[:, order], indices)
+        # The lowest Ritz value is within its residual of an eigenvalue (the smallest one, unless the basis
+        # missed it: then the factorisation fails and the shift is lowered). Convergence goes as
+        # (lambda_r - s) / (lambda_block+1 - s): worth a new factorisation when that drops noticeably.
+        target = lowest - lowest_residual - shift_margin * (highest_wanted - lowest)
+        next_check = iteration + 1
+        if target > shift + RESHIFT * (next_value - shift):
+            new_factor, new_shift = _factor_below(gram, target, shift)
+            if new_factor is not None:
+                factor, shift = new_factor, new_shift
+        elif predict and last_worst is not None and worst < last_worst:
+            rate = (worst / last_worst) ** (1 / (iteration - last_check))
+            next_check += max(0, min(math.ceil(math.log(tolerance / worst) / math.log(rate)) - 1, MAX_SKIPPED))
+        last_worst, last_check = worst, iteration
     return None
 
 

@@ -110,3 +110,61 @@ def test_orthonormal_basis_falls_back_to_qr_when_cholesky_qr_fails():
     q = _orthonormal(x)
     assert torch.isfinite(q).all()
     torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(896, 256), (256, 896), (32, 256)])
+def test_subspace_iteration_converges_itself_on_a_dense_minor_spectrum(shape):
+    """Random bf16 weights of the 70B benchmark's aspect ratios (up/down 3.5:1, k/v 1:8): the bottom of the
+    Gram spectrum is dense (Marchenko-Pastur), the hard case for the iteration. It must converge by itself
+    (no eigh fallback) to the float64 SVD's minor subspace."""
+    from milora.decomposition import _minor_components_by_subspace_iteration, smaller_gram
+
+    weight = random_weight(*shape, seed=6, dtype=torch.bfloat16)
+    r = min(shape) // 16
+    found = _minor_components_by_subspace_iteration(weight, *smaller_gram(weight), r)
+    assert found is not None
+    U, S, Vh = reference(weight, torch.arange(min(shape) - r, min(shape)))
+    torch.testing.assert_close(found.S, S, rtol=1e-9, atol=0)
+    assert subspace_overlap(found.U, U) > 1 - 1e-10
+    assert subspace_overlap(found.Vh.T, Vh.T) > 1 - 1e-10
+    torch.testing.assert_close(found.product(), (U * S) @ Vh, rtol=0, atol=1e-8 * float(S.max()))
+
+
+def test_shift_is_lowered_until_the_factorisation_succeeds():
+    from milora.decomposition import _factor_below
+
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=generator))
+    gram = (q * torch.linspace(1.0, 2.0, 40, dtype=torch.float64)) @ q.T  # smallest eigenvalue 1
+    factor, shift = _factor_below(gram, 1.5, 0.0)  # 1.5 fails: bisected towards the safe shift 0
+    assert shift < 1.0
+    torch.testing.assert_close(factor @ factor.T, gram - shift * torch.eye(40, dtype=torch.float64))
+    assert _factor_below(gram, 0.9, 0.0)[1] == 0.9  # a shift below the spectrum is kept as asked
+
+
+def test_subspace_iteration_on_a_singular_gram_goes_below_zero():
+    """A rank-deficient weight: the Gram matrix is singular up to round-off, its Cholesky factorisation at
+    shift 0 fails, the shift goes below zero, and the iteration returns vectors of the null space."""
+    from milora.decomposition import _factor_below, _minor_components_by_subspace_iteration, smaller_gram
+
+    weight = random_weight(300, 90, seed=7).double() @ random_weight(90, 120, seed=8).double()  # rank 90 < 120
+    gram, wide = smaller_gram(weight)
+    assert float(torch.linalg.eigvalsh(gram)[0]) < 1e-12 * float(torch.linalg.eigvalsh(gram)[-1])
+    assert _factor_below(gram, 0.0, None)[1] < 0
+    found = _minor_components_by_subspace_iteration(weight, gram, wide, 6)
+    assert found is not None
+    scale = float(torch.linalg.matrix_norm(weight, 2))
+    assert float(found.S.max()) < 1e-7 * scale
+    assert float((weight @ found.Vh.T).norm()) < 1e-7 * scale  # right vectors in the null space
+    torch.testing.assert_close(found.Vh @ found.Vh.T, torch.eye(6, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_lanczos_estimate_bounds_the_smallest_eigenvalue():
+    from milora.decomposition import _lowest_eigenvalue_estimate, smaller_gram
+
+    gram, _ = smaller_gram(random_weight(700, 200, seed=9, dtype=torch.bfloat16))
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    lowest, residual = _lowest_eigenvalue_estimate(gram, 40, torch.Generator().manual_seed(0))
+    assert lowest >= float(eigenvalues[0]) * (1 - 1e-12)  # a Ritz value: not below the spectrum
+    assert float((eigenvalues - lowest).abs().min()) <= residual * (1 + 1e-9)  # an eigenvalue within the residual
+    assert lowest - residual < float(eigenvalues[0]) < float(eigenvalues[8])  # a first shift below the spectrum
