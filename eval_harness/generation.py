@@ -27,7 +27,6 @@ from milora.prompts import alpaca_prompt
 LOGGER = logging.getLogger(__name__)
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
 ENGINES = ("milora", "hf")
-STOP_EVERY = 8  # new tokens between two looks for a stop string (engine)
 __all__ = [
     "ENGINES", "PROMPT_FORMATS", "GenerationConfig", "format_prompt", "generate", "load_causal_lm", "truncate_at_stop",
 ]  # fmt: skip
@@ -134,6 +133,7 @@ def _engine_for(model, tokenizer, num_beams: int):
 
 def _generate_on_engine(engine, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str) -> list[str]:
     from eval_harness.engine import beam_defaults
+    from eval_harness.engine.stops import STOP_EVERY, windowed_stop
 
     ids = [tokenizer(p, add_special_tokens=_needs_bos(tokenizer, [p]))["input_ids"] for p in prompts]
     if config.num_beams > 1:
@@ -141,25 +141,9 @@ def _generate_on_engine(engine, tokenizer, prompts: Sequence[str], config: Gener
         tokens = engine.beam_search(ids, config.max_new_tokens, config.num_beams, length_penalty=length_penalty,
                                     early_stopping=early_stopping, desc=desc)  # fmt: skip
     else:
-        tokens = engine.generate(ids, config.max_new_tokens, stop=_stop_check(tokenizer, config.stop), desc=desc,
-                                 stop_every=STOP_EVERY)  # fmt: skip
+        stop = windowed_stop(tokenizer, config.stop, skip_special_tokens=True)  # as the answers are decoded
+        tokens = engine.generate(ids, config.max_new_tokens, stop=stop, desc=desc, stop_every=STOP_EVERY)
     return [truncate_at_stop(tokenizer.decode(t, skip_special_tokens=True), config.stop).strip() for t in tokens]
-
-
-def _stop_check(tokenizer, stop: Sequence[str]):
-    """Whether a sequence's text has reached a stop string, from a window of its last tokens (enough to hold the
-    tokens since the previous look and a stop string ending in them); None without stop strings. Only ends a
-    sequence early: the text is cut at its first stop string afterwards either way."""
-    stops = [s for s in stop if s]
-    if not stops:
-        return None
-    window = STOP_EVERY + 4 * max(len(s) for s in stops) + 4
-
-    def reached(_: int, tokens: list[int]) -> bool:
-        text = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
-        return any(s in text for s in stops)
-
-    return reached
 
 
 @torch.no_grad()

@@ -11,11 +11,11 @@ HFLM's own ``generate_until``. An answer is made as HFLM makes it: the context l
 string (``until`` plus the EOS text), the new tokens decoded and cut at the first stop string, and reported to
 ``cache_hook.add_partial``.
 
-Beam search honours stop strings as HFLM's ``model.generate`` does with lm-eval's stop-sequence criterion in a
-batch of one prompt: at every step the best candidate's last new tokens are decoded, and a stop string there
-ends the search (`lookback_stop`). In larger batches that criterion watches only the first rows of the batch and
-ends all of them together, so HFLM's beam-search answers depend on its batch size; the engine's equal HFLM's
-with ``batch_size=1``.
+Beam search honours stop strings as HFLM's ``model.generate`` does with lm-eval's stop-sequence criterion in a batch
+of one prompt: at every step the best candidate's last new tokens are decoded, and a stop string there ends the
+search (`eval_harness.engine.stops.lookback_stop`). In larger batches that criterion watches only the first rows of
+the batch and ends all of them together, so HFLM's beam-search answers depend on its batch size; the engine's equal
+HFLM's with ``batch_size=1``.
 
 Options (``--model_args`` of lm-eval, keywords here): ``engine`` ("milora", or "hf" for HFLM's path
 throughout), ``max_slots`` (concurrent sequences; default from free memory), ``compile`` (decode through
@@ -42,6 +42,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from eval_harness.engine import BeamSearchEngine, EngineConfig, supports
 from eval_harness.engine.beam_state import EARLY_STOPPING
 from eval_harness.engine.model_settings import beam_defaults, eos_token_ids, token_changing_settings
+from eval_harness.engine.stops import STOP_EVERY, lookback_stop, windowed_stop
 from eval_harness.generation_store import GenerationStore, StoringCacheHook
 from eval_harness.lm_eval_runner import capped_generation_kwargs
 
@@ -53,36 +54,18 @@ ENGINE_SETTINGS = frozenset(
 )
 # ... and a beam-search request besides: transformers' beam search reads these two.
 BEAM_SETTINGS = ENGINE_SETTINGS | {"length_penalty", "early_stopping"}
-STOP_EVERY = 8  # new tokens between two checks for stop strings (greedy)
-def greedy_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
-    """lm-eval's normalised settings of a request the engine can answer (greedy, one beam, nothing else that
-    changes the tokens), else None."""
+
+def engine_request_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
+    """lm-eval's normalised settings of a request the engine can answer, else None: greedy (one beam) or beam
+    search (``num_beams`` > 1, with ``length_penalty`` and ``early_stopping`` as transformers reads them), no
+    sampling, nothing else that changes the tokens."""
     settings = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks)
-    if settings.get("do_sample") or int(settings.get("num_beams") or 1) != 1 or set(settings) - ENGINE_SETTINGS:
+    beams = int(settings.get("num_beams") or 1) > 1
+    if settings.get("do_sample") or set(settings) - (BEAM_SETTINGS if beams else ENGINE_SETTINGS):
+        return None
+    if beams and settings.get("early_stopping", False) not in EARLY_STOPPING:
         return None
     return dict(settings)
-
-
-def beam_settings(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any] | None:
-    """lm-eval's normalised settings of a beam-search request the engine can answer (``num_beams`` > 1, no
-    sampling, nothing else that changes the tokens), else None."""
-    settings = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks)
-    if settings.get("do_sample") or int(settings.get("num_beams") or 1) < 2 or set(settings) - BEAM_SETTINGS:
-        return None
-    if settings.get("early_stopping", False) not in EARLY_STOPPING:
-        return None
-    return dict(settings)
-
-
-def lookback_stop(tokenizer, stops: Sequence[str]) -> Callable[[int, list[int]], bool]:
-    """lm-eval's stop-sequence criterion for one sequence: whether a stop string is in the text of its last
-    (tokens of that string + 2) new tokens, special tokens decoded (`lm_eval.models.utils_hf.MultiTokenEOSCriteria`)."""
-    windows = [(stop, len(tokenizer.encode(stop, add_special_tokens=False)) + 2) for stop in stops]
-
-    def stop(_: int, tokens: list[int]) -> bool:
-        return any(text in tokenizer.decode(tokens[-window:]) for text, window in windows)
-
-    return stop
 
 
 @register_model("milora")
@@ -187,11 +170,8 @@ class MiloraLM(HFLM):
 
     def _engine_settings(self, gen_kwargs: dict[str, Any]) -> dict[str, Any] | None:
         """The normalised settings of a request the engine answers, else None (HFLM's path)."""
-        settings = greedy_settings(gen_kwargs, self.max_gen_toks)
-        if settings is not None:
-            return settings
-        settings = beam_settings(gen_kwargs, self.max_gen_toks)
-        if settings is None or not self._engine_searches_beams():
+        settings = engine_request_settings(gen_kwargs, self.max_gen_toks)
+        if settings is not None and int(settings.get("num_beams") or 1) > 1 and not self._engine_searches_beams():
             return None
         return settings
 
@@ -234,19 +214,10 @@ class MiloraLM(HFLM):
                 stop=lookback_stop(self.tokenizer, until), desc="generate_until (beam search)", on_finish=finish,
             )  # fmt: skip
             return
-        stops = [s for s in until if s]
-        # The tokens since the last check and enough before them to hold a stop string that ends in them (HF's
-        # stop criterion also decodes a window). Only an early end: the answer is cut on the full text below.
-        window = STOP_EVERY + 4 * max((len(s) for s in stops), default=0) + 4
-
-        def stop(_: int, tokens: list[int]) -> bool:  # HF's stop-sequence check decodes special tokens too
-            text = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
-            return any(s in text for s in stops)
-
         self._get_engine().generate(
-            prompts, max_gen_toks, stop=stop if stops else None, desc="generate_until", stop_every=STOP_EVERY,
-            on_finish=finish,
-        )  # fmt: skip
+            prompts, max_gen_toks, stop=windowed_stop(self.tokenizer, until, skip_special_tokens=False),
+            desc="generate_until", stop_every=STOP_EVERY, on_finish=finish,
+        )  # fmt: skip  (HF's stop-sequence check decodes special tokens too)
 
     def _encode_context(self, context: str, max_context: int) -> list[int]:
         """One context's tokens as HFLM's batch encoding gives them (special tokens, left truncation)."""

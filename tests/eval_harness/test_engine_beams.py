@@ -11,7 +11,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from eval_harness.engine import BeamSearchEngine, EngineConfig
 from eval_harness.engine.attention import SlotCache
-from eval_harness.lm_eval_model import lookback_stop
+from eval_harness.engine.stops import lookback_stop
 from milora.tiny import tiny_model, tiny_tokenizer
 from tests.eval_harness.test_engine import random_requests
 from tests.eval_harness.varied_checkpoints import varied_model

@@ -241,13 +241,15 @@ def test_requests_go_to_the_engine_only_with_settings_it_implements():
     from transformers import GenerationConfig
 
     from eval_harness.engine.model_settings import token_changing_settings
-    from eval_harness.lm_eval_model import beam_settings, greedy_settings
+    from eval_harness.lm_eval_model import engine_request_settings as settings_of
 
     beams = {"until": [], "max_gen_toks": 32, "num_beams": 4, "do_sample": False, "temperature": 0.0}
-    assert beam_settings(beams, 256)["num_beams"] == 4 and greedy_settings(beams, 256) is None
-    assert beam_settings({**beams, "length_penalty": 0.5, "early_stopping": "never"}, 256) is not None
-    for other in ({"no_repeat_ngram_size": 3}, {"early_stopping": "sometimes"}, {"do_sample": True}, {"num_beams": 1}):
-        assert beam_settings({**beams, **other}, 256) is None, other
+    assert settings_of(beams, 256)["num_beams"] == 4 and settings_of({**beams, "num_beams": 1}, 256) is not None
+    assert settings_of({**beams, "length_penalty": 0.5, "early_stopping": "never"}, 256) is not None
+    for other in ({"no_repeat_ngram_size": 3}, {"early_stopping": "sometimes"}, {"do_sample": True}):
+        assert settings_of({**beams, **other}, 256) is None, other
+    # the beam-search settings are refused in a greedy request (transformers' greedy search ignores them silently)
+    assert settings_of({**beams, "num_beams": 1, "length_penalty": 0.5}, 256) is None
     assert token_changing_settings(GenerationConfig(num_beams=4, length_penalty=0.5)) == []
     changing = GenerationConfig(repetition_penalty=1.05, no_repeat_ngram_size=3, min_new_tokens=0)
     assert token_changing_settings(changing) == ["no_repeat_ngram_size", "repetition_penalty"]
