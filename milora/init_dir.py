@@ -15,12 +15,14 @@ reads one back (directories written before the method was named `method` recorde
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from milora.autocast import skip_input_casts_under_autocast
+from milora.fingerprint import PEFT_PREFIX
 from milora.io import atomic_directory, read_json, write_json
 from milora.layout import ADAPTER_CONFIG_FILE, INIT_SUBDIR, METADATA_FILE
 
@@ -53,15 +55,29 @@ class InitRecord:
                 **({"quantization": self.quantization} if self.quantization else {})}
 
 
+def plain_base_key(key: str, modules_to_save: str = "original") -> str | None:
+    """A PEFT model's state-dict key (its base model's, or the PEFT model's own) as the plain base model names
+    it, or None for a key the plain model lacks: LoRA factors, and of a `modules_to_save` module the copy not
+    kept (`modules_to_save`: "original" keeps the untouched copy, as in a residual base; "trained" the trained
+    one, as in a merged model)."""
+    key = key.removeprefix(PEFT_PREFIX)
+    if ".lora_" in key:
+        return None
+    trained = modules_to_save == "trained"
+    if (".original_module." if trained else ".modules_to_save.") in key:
+        return None
+    key = key.replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key) if trained else key.replace(".original_module.", ".")
+
+
 def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The base model's state dict with PEFT's wrappers removed: base layers (now residual) under their
     original names, no LoRA factors, the original copy of any `modules_to_save`."""
     state = {}
     for key, tensor in peft_model.get_base_model().state_dict().items():
-        if ".lora_" in key or ".modules_to_save." in key:
-            continue
-        clean = key.replace(".base_layer.", ".").replace(".original_module.", ".")
-        state[clean] = tensor
+        clean = plain_base_key(key)
+        if clean is not None:
+            state[clean] = tensor
     return state
 
 

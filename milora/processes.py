@@ -21,7 +21,7 @@ import torch
 from peft.utils.other import transpose
 
 from milora.distributed import ADAPTER_NAME, lora_layers
-from milora.fingerprint import base_module_name
+from milora.init_dir import plain_base_key
 from milora.io import atomic_directory
 
 
@@ -113,12 +113,6 @@ def zero3_consolidated_state_dict(trainer) -> dict[str, torch.Tensor] | None:
     return state_dict if trainer.accelerator.is_main_process else None
 
 
-def _base_model_key(key: str) -> str:
-    """A PEFT model's state-dict key as the plain base model names it."""
-    key = base_module_name(key)
-    return key.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
-
-
 def merged_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's state dict with the adapter merged, from a full state dict of `peft_model` (such as
     `zero3_consolidated_state_dict` returns): `W + s B A` for every LoRA layer (in float64, cast back to W's dtype),
@@ -126,18 +120,15 @@ def merged_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[s
     layers = dict(lora_layers(peft_model))
     if any(layer.use_dora.get(ADAPTER_NAME, False) for layer in layers.values()):
         raise ValueError("merging from a state dict does not cover DoRA adapters; merge a model loaded in full instead")
-    adapter_prefixes = tuple(f"{name}.lora_" for name in layers)
-    merged = {
-        _base_model_key(key): value
-        for key, value in state_dict.items()
-        if not key.startswith(adapter_prefixes) and ".original_module." not in key
-    }
+    plain = {key: plain_base_key(key, modules_to_save="trained") for key in state_dict}
+    merged = {plain[key]: value for key, value in state_dict.items() if plain[key] is not None}
     for name, layer in layers.items():
         weight = state_dict[f"{name}.base_layer.weight"]
         B = state_dict[f"{name}.lora_B.{ADAPTER_NAME}.weight"].to(torch.float64)
         A = state_dict[f"{name}.lora_A.{ADAPTER_NAME}.weight"].to(torch.float64)
         delta = transpose(B @ A, layer.fan_in_fan_out) * layer.scaling[ADAPTER_NAME]
-        merged[_base_model_key(f"{name}.weight")] = (weight.to(torch.float64) + delta).to(weight.dtype)
+        key = plain_base_key(f"{name}.weight", modules_to_save="trained")
+        merged[key] = (weight.to(torch.float64) + delta).to(weight.dtype)
     return merged
 
 

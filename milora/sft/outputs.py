@@ -16,7 +16,7 @@ import torch
 
 from milora.conversion import standard_lora, write_adapter_files
 from milora.distributed import ADAPTER_NAME, adapted_module_names
-from milora.fingerprint import base_module_name, write_record
+from milora.fingerprint import write_record
 from milora.io import DamagedFileError, atomic_directory, read_json, read_safetensors, replace_directory, write_json
 from milora.layout import (
     ADAPTER_CONFIG_FILE,
@@ -232,15 +232,12 @@ def _set_adapter_base(adapter_dir: Path, base: str | None) -> None:
 
 def save_residual_base(model, full_state: dict | None, out_dir: Path, processing_class=None) -> Path:
     """The residual base model `W - B0 A0` the adapters of `residual_adapter/` apply to, as a full checkpoint."""
-    from milora.init_dir import residual_state_dict
+    from milora.init_dir import plain_base_key, residual_state_dict
 
     if full_state is None:
         state = residual_state_dict(model)
-    else:  # ZeRO-3: the gathered state dict of the PEFT model, keys as residual_state_dict names them
-        state = {
-            base_module_name(key).replace(".base_layer.", ".").replace(".original_module.", "."): value
-            for key, value in full_state.items() if ".lora_" not in key and ".modules_to_save." not in key
-        }
+    else:  # ZeRO-3: the gathered state dict of the PEFT model
+        state = {plain_base_key(key): value for key, value in full_state.items() if plain_base_key(key) is not None}
     with atomic_directory(out_dir) as tmp:
         model.get_base_model().save_pretrained(tmp, state_dict=state)
         if processing_class is not None:

@@ -61,3 +61,18 @@ def test_older_init_directories_still_load(tmp_path, metadata, method):
     assert record.method == method and record.r == 4
     assert record.source_model == metadata.get("source_model")
     assert load_init_dir(tmp_path / "init") is not None
+
+
+def test_plain_base_keys_of_a_peft_state_dict():
+    from milora.init_dir import plain_base_key
+
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    head = "base_model.model.lm_head"
+    assert plain_base_key(f"{layer}.base_layer.weight") == "model.layers.0.self_attn.q_proj.weight"
+    assert plain_base_key(f"{layer}.lora_A.default.weight") is None
+    # a modules_to_save module: the residual base keeps the untouched copy, a merged model the trained one
+    assert plain_base_key(f"{head}.original_module.weight") == "lm_head.weight"
+    assert plain_base_key(f"{head}.modules_to_save.default.weight") is None
+    assert plain_base_key(f"{head}.modules_to_save.default.weight", modules_to_save="trained") == "lm_head.weight"
+    assert plain_base_key(f"{head}.original_module.weight", modules_to_save="trained") is None
+    assert plain_base_key("model.norm.weight") == "model.norm.weight"  # a base model's own key
