@@ -61,8 +61,9 @@ def checked_weights(model) -> dict[str, torch.Tensor]:
     return {name: layer.get_submodule(name).weight.detach().clone() for name in CHECKED}
 
 
-def run_placement(shapes, layers, r, placement, gpu, references):
-    """`apply_milora` on `layers` layers with the weights on `placement` (cpu/gpu), decomposing on `gpu`."""
+def run_placement(shapes, layers, r, placement, gpu, references, workers=None):
+    """`apply_milora` on `layers` layers with the weights on `placement` (cpu/gpu), decomposing on `gpu` with
+    `workers` decompositions in flight (default: the library's)."""
     model = build(shapes, layers, gpu if placement == "gpu" else "cpu", gpu)
     originals = checked_weights(model)
     stats = TransferStats()
@@ -73,7 +74,8 @@ def run_placement(shapes, layers, r, placement, gpu, references):
         resident = torch.cuda.memory_allocated()
     sync(gpu)
     start = time.perf_counter()
-    peft_model = apply_milora(model, TARGETS, r, method="milora", device=gpu, transfer_stats=stats, show_progress=False)
+    peft_model = apply_milora(model, TARGETS, r, method="milora", device=gpu, transfer_stats=stats, show_progress=False,
+                              workers=workers)
     sync(gpu)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if on_gpu else 0
@@ -210,7 +212,8 @@ def run(args):
     # warm-up (CUDA context, cuBLAS/cuSOLVER handles); layer 0 is drawn first, so its references carry over
     run_placement(shapes, 1, args.r, "cpu", gpu, references)
     placements = ["cpu"] if smoke else ["cpu", "gpu"]
-    rows = [run_placement(shapes, args.layers, args.r, placement, gpu, references) for placement in placements]
+    rows = [run_placement(shapes, args.layers, args.r, placement, gpu, references, getattr(args, "workers", None))
+            for placement in placements]
     profile = phase_profile(shapes, args.r, gpu)
     print_report(rows, profile, device_name, args.r, args.layers, shapes["num_hidden_layers"])
     kernels = kernel_profile(shapes, args.r, gpu) if torch.device(gpu).type == "cuda" else ""

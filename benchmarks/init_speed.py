@@ -144,6 +144,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--workers", type=int, default=None, help="70b: decompositions in flight on the GPU")
     args = parser.parse_args()
     if args.preset == "70b":
         import init_placements
