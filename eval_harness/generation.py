@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,15 +96,17 @@ def _needs_bos(tokenizer, prompts: Sequence[str]) -> bool:
     return not (bos and all(p.startswith(bos) for p in prompts))
 
 
-def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str = "generating") -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str = "generating",
+             on_answer: Callable[[int, str], None] | None = None) -> list[str]:
     """The continuation of each prompt (greedy, or beam search with ``config.num_beams``), cut at the first stop
-    string and stripped, in prompt order."""
+    string and stripped, in prompt order. `on_answer(i, text)` is called as soon as prompt i's answer is made
+    (to store it, say)."""
     if config.engine not in ENGINES:
         raise ValueError(f"engine={config.engine!r} is not one of {', '.join(ENGINES)}")
     engine = _engine_for(model, tokenizer, config.num_beams) if config.engine == "milora" else None
     if engine is None:
-        return _generate_hf(model, tokenizer, prompts, config, desc)
-    return _generate_on_engine(engine, tokenizer, prompts, config, desc)
+        return _generate_hf(model, tokenizer, prompts, config, desc, on_answer)
+    return _generate_on_engine(engine, tokenizer, prompts, config, desc, on_answer)
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its engine (compiled once per model)
@@ -131,23 +133,32 @@ def _engine_for(model, tokenizer, num_beams: int):
     return _ENGINES[model]
 
 
-def _generate_on_engine(engine, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str) -> list[str]:
+def _generate_on_engine(engine, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str,
+                        on_answer: Callable[[int, str], None] | None) -> list[str]:
     from eval_harness.engine import beam_defaults
     from eval_harness.engine.stops import STOP_EVERY, windowed_stop
 
     ids = [tokenizer(p, add_special_tokens=_needs_bos(tokenizer, [p]))["input_ids"] for p in prompts]
+    answers: list[str] = [""] * len(prompts)
+
+    def finish(i: int, tokens: list[int]) -> None:
+        answers[i] = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), config.stop).strip()
+        if on_answer is not None:
+            on_answer(i, answers[i])
+
     if config.num_beams > 1:
         length_penalty, early_stopping = beam_defaults(engine.model.generation_config)
-        tokens = engine.beam_search(ids, config.max_new_tokens, config.num_beams, length_penalty=length_penalty,
-                                    early_stopping=early_stopping, desc=desc)  # fmt: skip
+        engine.beam_search(ids, config.max_new_tokens, config.num_beams, length_penalty=length_penalty,
+                           early_stopping=early_stopping, desc=desc, on_finish=finish)  # fmt: skip
     else:
         stop = windowed_stop(tokenizer, config.stop, skip_special_tokens=True)  # as the answers are decoded
-        tokens = engine.generate(ids, config.max_new_tokens, stop=stop, desc=desc, stop_every=STOP_EVERY)
-    return [truncate_at_stop(tokenizer.decode(t, skip_special_tokens=True), config.stop).strip() for t in tokens]
+        engine.generate(ids, config.max_new_tokens, stop=stop, desc=desc, stop_every=STOP_EVERY, on_finish=finish)
+    return answers
 
 
 @torch.no_grad()
-def _generate_hf(model, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str) -> list[str]:
+def _generate_hf(model, tokenizer, prompts: Sequence[str], config: GenerationConfig, desc: str,
+                 on_answer: Callable[[int, str], None] | None = None) -> list[str]:
     """`model.generate` on left-padded batches of prompts of similar length."""
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs tokenizer.padding_side == 'left'")
@@ -175,5 +186,7 @@ def _generate_hf(model, tokenizer, prompts: Sequence[str], config: GenerationCon
             texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
             for index, text in zip(batch_ids, texts, strict=True):
                 outputs[index] = truncate_at_stop(text, config.stop).strip()
+                if on_answer is not None:
+                    on_answer(index, outputs[index])
             progress.update(len(batch_ids))
     return outputs

@@ -26,6 +26,14 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
+def weights_fingerprint(name: str) -> list:
+    """(file, size, modification time) of a local checkpoint's weight files: a retrained model in the same
+    folder must not reuse the old one's stored generations."""
+    path = Path(name)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+
 def reusable(gen_kwargs: Mapping[str, Any]) -> bool:
     """Whether a request's answer is determined by its inputs (not sampled)."""
     return not gen_kwargs.get("do_sample", False)

@@ -43,7 +43,7 @@ from eval_harness.engine import BeamSearchEngine, EngineConfig, supports
 from eval_harness.engine.beam_state import EARLY_STOPPING
 from eval_harness.engine.model_settings import beam_defaults, eos_token_ids, token_changing_settings
 from eval_harness.engine.stops import STOP_EVERY, lookback_stop, windowed_stop
-from eval_harness.generation_store import GenerationStore, StoringCacheHook
+from eval_harness.generation_store import GenerationStore, StoringCacheHook, weights_fingerprint
 from eval_harness.lm_eval_runner import capped_generation_kwargs
 
 LOGGER = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class MiloraLM(HFLM):
         name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
         return {
             "model": str(name),
-            "weights": _weights_fingerprint(name),
+            "weights": weights_fingerprint(name),
             "dtype": str(self.model.dtype),
             "engine": self.engine,
             "max_length": self.max_length,
@@ -234,11 +234,3 @@ class MiloraLM(HFLM):
         if isinstance(think_end, int):
             text = text.lstrip()
         return postprocess_generated_text(text, until, think_end if isinstance(think_end, str) else None)
-
-
-def _weights_fingerprint(name: str) -> list:
-    """(file, size, modification time) of a local checkpoint's weight files: a retrained model in the same
-    folder must not reuse the old one's stored generations."""
-    path = Path(name)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]

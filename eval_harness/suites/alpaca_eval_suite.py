@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
     reference, source = reference_rows(args)
     reference = reference[: args.limit] if args.limit else reference
     instructions = [r["instruction"] for r in reference]
-    outputs = generate_for_instructions(args, instructions, desc="alpaca_eval generation")
+    outputs = generate_for_instructions(args, instructions, "alpaca_eval generation", output_dir, "alpaca_eval")
     generator = args.generator_name or Path(args.model.rstrip("/")).name
     model_outputs = alpaca_eval_runner.model_output_records(
         instructions, outputs, generator, [r.get("dataset", "alpaca_eval") for r in reference]

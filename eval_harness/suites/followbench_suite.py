@@ -64,7 +64,8 @@ def run(args: argparse.Namespace, output_dir: Path) -> SuiteResult:
             "pass --judge_base_url (an OpenAI-compatible server, e.g. vLLM) and --judge_model, "
             "or set OPENAI_API_KEY for OpenAI's API",
         )
-    responses = generate_for_instructions(args, [r["instruction"] for r in constrained], desc="followbench generation")
+    responses = generate_for_instructions(args, [r["instruction"] for r in constrained], "followbench generation",
+                                          output_dir, "followbench")
     scores = followbench.score_responses(
         rows, constrained, responses, lambda prompts: ask_judge(endpoint, prompts, desc="followbench judging")
     )

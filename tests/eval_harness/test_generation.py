@@ -191,3 +191,27 @@ def test_vqa_score_dispatch_per_benchmark():
     assert vqa.score("mmbench", [r for r, _ in pairs], ["B", "B"])["circular_accuracy"] == 0.0
     with pytest.raises(ValueError):
         vqa.score("okvqa", [], [])
+
+
+def test_open_ended_answers_are_stored_as_made_and_a_rerun_generates_only_the_missing(tiny_llama_dir, tmp_path,
+                                                                                      caplog):
+    from eval_harness.cli import build_parser
+    from eval_harness.suites.open_ended import generate_for_instructions
+    from milora.model_source import model_source
+
+    args = build_parser().parse_args(["--suite", "alpaca_eval", "--model", str(tiny_llama_dir), "--device", "cpu",
+                                      "--max_gen_toks", "12"])  # fmt: skip
+    args.model_source = model_source(args.model)
+    first = generate_for_instructions(args, PROMPTS, "answers", tmp_path, "alpaca_eval")
+    stored = tmp_path / "samples" / "alpaca_eval.generations.jsonl"
+    lines = stored.read_text().splitlines()
+    assert len(lines) == len(PROMPTS)
+    stored.write_text(lines[0] + "\n")  # a run stopped after its first answer
+    with caplog.at_level("INFO"):
+        again = generate_for_instructions(args, PROMPTS, "answers", tmp_path, "alpaca_eval")
+    assert again == first and "reusing 1 stored answers" in caplog.text
+    assert len(stored.read_text().splitlines()) == len(PROMPTS)
+    args.max_gen_toks = 6  # other settings: generated afresh, not taken from the store
+    shorter = generate_for_instructions(args, PROMPTS, "answers", tmp_path, "alpaca_eval")
+    assert len(stored.read_text().splitlines()) == 2 * len(PROMPTS)
+    assert all(len(s) <= len(f) for s, f in zip(shorter, first, strict=True)) and shorter != first
