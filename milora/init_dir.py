@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from milora.autocast import skip_input_casts_under_autocast
-from milora.fingerprint import PEFT_PREFIX
+from milora.fingerprint import base_module_name
 from milora.io import atomic_directory, read_json, write_json
 from milora.layout import ADAPTER_CONFIG_FILE, INIT_SUBDIR, METADATA_FILE
 
@@ -60,7 +60,7 @@ def plain_base_key(key: str, modules_to_save: str = "original") -> str | None:
     it, or None for a key the plain model lacks: LoRA factors, and of a `modules_to_save` module the copy not
     kept (`modules_to_save`: "original" keeps the untouched copy, as in a residual base; "trained" the trained
     one, as in a merged model)."""
-    key = key.removeprefix(PEFT_PREFIX)
+    key = base_module_name(key)
     if ".lora_" in key:
         return None
     trained = modules_to_save == "trained"
@@ -70,15 +70,20 @@ def plain_base_key(key: str, modules_to_save: str = "original") -> str | None:
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key) if trained else key.replace(".original_module.", ".")
 
 
+def plain_state_dict(state: dict[str, torch.Tensor], modules_to_save: str = "original") -> dict[str, torch.Tensor]:
+    """`state` (a PEFT model's, or its base model's) under the plain base model's keys (`plain_base_key`)."""
+    plain = {}
+    for key, tensor in state.items():
+        clean = plain_base_key(key, modules_to_save)
+        if clean is not None:
+            plain[clean] = tensor
+    return plain
+
+
 def residual_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The base model's state dict with PEFT's wrappers removed: base layers (now residual) under their
     original names, no LoRA factors, the original copy of any `modules_to_save`."""
-    state = {}
-    for key, tensor in peft_model.get_base_model().state_dict().items():
-        clean = plain_base_key(key)
-        if clean is not None:
-            state[clean] = tensor
-    return state
+    return plain_state_dict(peft_model.get_base_model().state_dict())
 
 
 def is_init_dir(path: str | Path) -> bool:

@@ -21,7 +21,7 @@ import torch
 from peft.utils.other import transpose
 
 from milora.distributed import ADAPTER_NAME, lora_layers
-from milora.init_dir import plain_base_key
+from milora.init_dir import plain_base_key, plain_state_dict
 from milora.io import atomic_directory
 
 
@@ -120,8 +120,7 @@ def merged_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[s
     layers = dict(lora_layers(peft_model))
     if any(layer.use_dora.get(ADAPTER_NAME, False) for layer in layers.values()):
         raise ValueError("merging from a state dict does not cover DoRA adapters; merge a model loaded in full instead")
-    plain = {key: plain_base_key(key, modules_to_save="trained") for key in state_dict}
-    merged = {plain[key]: value for key, value in state_dict.items() if plain[key] is not None}
+    merged = plain_state_dict(state_dict, modules_to_save="trained")
     for name, layer in layers.items():
         weight = state_dict[f"{name}.base_layer.weight"]
         B = state_dict[f"{name}.lora_B.{ADAPTER_NAME}.weight"].to(torch.float64)

@@ -232,12 +232,10 @@ def _set_adapter_base(adapter_dir: Path, base: str | None) -> None:
 
 def save_residual_base(model, full_state: dict | None, out_dir: Path, processing_class=None) -> Path:
     """The residual base model `W - B0 A0` the adapters of `residual_adapter/` apply to, as a full checkpoint."""
-    from milora.init_dir import plain_base_key, residual_state_dict
+    from milora.init_dir import plain_state_dict, residual_state_dict
 
-    if full_state is None:
-        state = residual_state_dict(model)
-    else:  # ZeRO-3: the gathered state dict of the PEFT model
-        state = {plain_base_key(key): value for key, value in full_state.items() if plain_base_key(key) is not None}
+    # ZeRO-3: from the gathered state dict of the PEFT model
+    state = residual_state_dict(model) if full_state is None else plain_state_dict(full_state)
     with atomic_directory(out_dir) as tmp:
         model.get_base_model().save_pretrained(tmp, state_dict=state)
         if processing_class is not None:
