@@ -115,14 +115,10 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> it
 def _engine_for(model, tokenizer, num_beams: int):
     """milora's engine for `model`, or None (with a warning saying why) where it cannot give `model.generate`'s
     tokens."""
-    from eval_harness.engine import BeamSearchEngine, eos_token_ids, supports, token_changing_settings
+    from eval_harness.engine import BeamSearchEngine, eos_token_ids, unsupported_reason
 
-    reason = None
-    if not supports(model):
-        reason = f"it cannot drive {type(model).__name__}"
-    elif changing := token_changing_settings(model.generation_config):
-        reason = f"the model's generation config sets {', '.join(changing)}, which it does not implement"
-    else:
+    reason = unsupported_reason(model)
+    if reason is None:
         if model not in _ENGINES:
             _ENGINES[model] = BeamSearchEngine(model, eos_token_ids(model, tokenizer))
         if num_beams > 1 and not _ENGINES[model].can_search():

@@ -39,9 +39,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from eval_harness.engine import BeamSearchEngine, EngineConfig, supports
+from eval_harness.engine import BeamSearchEngine, EngineConfig, unsupported_reason
 from eval_harness.engine.beam_state import EARLY_STOPPING
-from eval_harness.engine.model_settings import beam_defaults, eos_token_ids, token_changing_settings
+from eval_harness.engine.model_settings import beam_defaults, eos_token_ids
 from eval_harness.engine.stops import STOP_EVERY, lookback_stop, windowed_stop
 from eval_harness.generation_store import GenerationStore, StoringCacheHook, weights_fingerprint
 from eval_harness.lm_eval_runner import capped_generation_kwargs
@@ -107,12 +107,10 @@ class MiloraLM(HFLM):
         reason = None
         if self.backend != "causal":
             reason = "it is not a decoder-only model"
-        elif not supports(self.model):
-            reason = f"it cannot drive {type(self.model).__name__}"
         elif getattr(self, "mixed_precision_dtype", None) is not None:
             reason = "it does not run under autocast (mixed_precision_dtype)"
-        elif changing := token_changing_settings(self.model.generation_config):
-            reason = f"the model's generation config sets {', '.join(changing)}, which it does not implement"
+        else:
+            reason = unsupported_reason(self.model)
         if reason:
             LOGGER.warning("milora's generation engine is not used (%s): generating with HFLM's path", reason)
         return reason is None

@@ -12,7 +12,8 @@ prompt, greedy, graded by `eval_harness.math_grading`), the LLM-Adapters commons
 greedy, answers extracted by `eval_harness.commonsense`), and the forgetting loss: the mean negative log-likelihood
 of the AlpacaEval reference outputs, each after its instruction in the model's chat template, over output tokens
 only. FILE is rewritten after every part, and a rerun skips the parts already in it. Generation runs on milora's
-engine (`eval_harness.generation`; `--batch_size` is the batch of the `model.generate` fallback). """
+engine (`eval_harness.generation`; `--batch_size` is the batch of the `model.generate` fallback).
+"""
 
 from __future__ import annotations
 

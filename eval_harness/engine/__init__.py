@@ -15,7 +15,7 @@ the engine honours (`token_changing_settings` lists what it does not).
 from eval_harness.engine.attention import ENGINE_ATTENTION, register_engine_attention
 from eval_harness.engine.beams import BeamSearchEngine
 from eval_harness.engine.model_settings import beam_defaults, eos_token_ids, token_changing_settings
-from eval_harness.engine.runner import EngineConfig, GenerationEngine, supports
+from eval_harness.engine.runner import EngineConfig, GenerationEngine, supports, unsupported_reason
 
 __all__ = [
     "ENGINE_ATTENTION",
@@ -27,4 +27,5 @@ __all__ = [
     "register_engine_attention",
     "supports",
     "token_changing_settings",
+    "unsupported_reason",
 ]

@@ -31,6 +31,7 @@ from eval_harness.engine.attention import (
     StepPlan,
     register_engine_attention,
 )
+from eval_harness.engine.model_settings import token_changing_settings
 
 LOGGER = logging.getLogger(__name__)
 KEY_BUCKET = 64  # decode graphs are captured per key length rounded up to this
@@ -64,6 +65,16 @@ def supports(model) -> bool:
     except (AttributeError, NotImplementedError):
         return False
     return bool(can_set and can_set()) and model.get_output_embeddings() is not None and decoder is not model
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the engine cannot give this model's `model.generate` tokens (it cannot drive the model, or the model's
+    generation config adds logits processors it does not implement), or None where it can."""
+    if not supports(model):
+        return f"it cannot drive {type(model).__name__}"
+    if changing := token_changing_settings(model.generation_config):
+        return f"the model's generation config sets {', '.join(changing)}, which it does not implement"
+    return None
 
 
 def _decoder_layers(decoder) -> torch.nn.ModuleList | None:

@@ -227,8 +227,9 @@ def test_a_model_the_engine_cannot_drive_falls_back_to_hf_with_one_warning(
     varied_dir, stop_task_dir, engine_calls, monkeypatch, caplog
 ):
     from eval_harness import lm_eval_model
+    from eval_harness.engine import runner
 
-    monkeypatch.setattr(lm_eval_model, "supports", lambda model: False)
+    monkeypatch.setattr(runner, "supports", lambda model: False)
     with caplog.at_level("WARNING", logger=lm_eval_model.__name__):
         lm = lm_eval_runner.build_lm(str(varied_dir), device="cpu", batch_size=4, max_length=320)
     [warning] = [r.getMessage() for r in caplog.records if r.name == lm_eval_model.__name__]
