@@ -7,8 +7,8 @@ per iteration, which this script counts on CPU, on random bf16 matrices with the
 shapes (q 8192 x 8192, k/v 1024 x 8192, up 28672 x 8192, down 8192 x 28672) scaled down to a Gram matrix
 of size `n`, with `r = 64 n / 8192` (the 70B ratio r / min(shape)) or a given `--r`.
 
-Per shape and solver variant it prints: iterations (solves with the shifted Gram factor), factorisations
-of the n x n Gram matrix, `eigh` calls (Rayleigh-Ritz, size = block), small Cholesky factorisations and
+Per shape and solver variant it prints: iterations (applications of the shifted Gram matrix's inverse),
+factorisations of the n x n Gram matrix, `eigh` calls (Rayleigh-Ritz, size = block), small Cholesky factorisations and
 triangular solves (CholeskyQR2 of the n x block basis), host synchronisations (`float`, `int`, `.tolist()`,
 `.item()` on tensors, and each `eigh`, which checks its status on the host) and 1 - overlap of the found
 minor subspace with the float64 `eigh` of the Gram matrix ("fallback": the solver gave up). Counting wraps
@@ -86,20 +86,31 @@ def counting():
     """Count the solver's latency-bound calls (by wrapping the torch functions it calls) into a Counter."""
     counts = Counter()
     originals = {}
+    paused = []
 
     def wrap(owner, name, key):
         original = getattr(owner, name)
         originals[(owner, name)] = original
 
         def counted(*args, **kwargs):
+            if paused:
+                return original(*args, **kwargs)
             counts.update((key(*args, **kwargs) if callable(key) else key).split())
+            if name == "lower_triangular_inverse":  # its own small solves are not the basis's
+                paused.append(name)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    paused.pop()
             return original(*args, **kwargs)
 
         setattr(owner, name, counted)
 
     # CholeskyQR2 factors x^T x as upper, the shifted Gram matrix is factored as lower
     wrap(torch.linalg, "cholesky_ex", lambda a, upper=False, **_: "small_cholesky" if upper else "factorisations")
-    wrap(torch, "cholesky_solve", "solves")
+    wrap(torch, "cholesky_solve", "solves")  # the `before` variant
+    wrap(dec, "_apply_shifted_inverse", "solves")
+    wrap(dec, "lower_triangular_inverse", "inverses")
     wrap(torch.linalg, "eigh", "eigh syncs")  # on CUDA, eigh reads its status on the host
     wrap(torch.linalg, "solve_triangular", "triangular_solves")
     wrap(torch.linalg, "qr", "qr")

@@ -168,3 +168,35 @@ def test_lanczos_estimate_bounds_the_smallest_eigenvalue():
     assert lowest >= float(eigenvalues[0]) * (1 - 1e-12)  # a Ritz value: not below the spectrum
     assert float((eigenvalues - lowest).abs().min()) <= residual * (1 + 1e-9)  # an eigenvalue within the residual
     assert lowest - residual < float(eigenvalues[0]) < float(eigenvalues[8])  # a first shift below the spectrum
+
+
+@pytest.mark.parametrize("n", [7, 512, 513, 1300])
+def test_lower_triangular_inverse_matches_float64_solve(n):
+    from milora.decomposition import lower_triangular_inverse
+
+    generator = torch.Generator().manual_seed(n)
+    lower = torch.randn(n, n, generator=generator, dtype=torch.float64).tril()
+    lower.diagonal().copy_(lower.diagonal().abs() + n ** 0.5)  # well conditioned, as a Cholesky factor here is
+    inverse = lower_triangular_inverse(lower)
+    assert torch.equal(inverse, inverse.tril())
+    identity = torch.eye(n, dtype=torch.float64)
+    assert (inverse @ lower - identity).abs().max() < 1e-12
+    expected = torch.linalg.solve_triangular(lower, identity, upper=False)
+    assert torch.allclose(inverse, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2300, 5000), (4500, 2100)])
+def test_gram_over_column_blocks_equals_the_full_product(shape, monkeypatch):
+    """Summed over the lower triangle of column blocks (here 3 blocks of at most 1000 columns) and row
+    chunks, mirrored: the same Gram matrix as the one float64 product."""
+    import milora.decomposition as decomposition
+
+    monkeypatch.setattr(decomposition, "GRAM_BLOCK", 1000)
+    monkeypatch.setattr(decomposition, "CHUNK_ELEMENTS", 1 << 20)
+    weight = random_weight(*shape, seed=3, dtype=torch.bfloat16)
+    gram, wide = decomposition.smaller_gram(weight)
+    w = weight.to(torch.float64)
+    expected = w @ w.T if wide else w.T @ w
+    assert wide == (shape[0] < shape[1])
+    assert torch.equal(gram, gram.T)
+    assert torch.allclose(gram, expected, rtol=1e-13, atol=0)
