@@ -33,10 +33,17 @@ def _settings(run: dict) -> str:
     batches = f"{run['spec']['token_budget']}-token budget" if s["grouping"] == "budget" else "fixed rows"
     if s["micro_batch"] and s["micro_batch"] < run["spec"]["batch_size"]:
         batches += f" in {s['micro_batch']}-row micro-batches"
-    parts = [f"GC {'on' if s['gradient_checkpointing'] else 'off'}", attention,
-             "Liger" if s["liger"] else "no Liger", "padding-free" if s["padding_free"] else "padded", batches]
+    liger = ("Liger" + (f" ({', '.join(s['liger_ops'])})" if s.get("liger_ops") else "")) if s["liger"] else "no Liger"
+    parts = [f"GC {'on' if s['gradient_checkpointing'] else 'off'}", attention, liger,
+             "padding-free" if s["padding_free"] else "padded", batches]
     if s.get("compile"):
         parts.append("compiled")
+    if s.get("compile_layers"):
+        parts.append("decoder layers compiled")
+    if s.get("optim") == "adamw_torch_fused":
+        parts.append("fused AdamW")
+    if s.get("fp8_base"):
+        parts.append("FP8 base")
     if s["lora_dropout"] == 0:
         parts.append("dropout 0")
     if s.get("peft_input_cast") and s.get("base") != "trl_defaults":

@@ -35,7 +35,10 @@ class Variant:
     grouping: str = "fixed"  # fixed (batch_size rows) | budget (token_budget tokens)
     micro_batch: int | None = None  # rows per forward; None: the base's (recipe: per_device_train_batch_size)
     lora_dropout: float | None = None
-    compile: bool = False
+    compile: bool = False  # TrainingArguments.torch_compile as transformers runs it (the whole model)
+    compile_layers: bool = False  # each decoder layer compiled in place (milora.regional_compile)
+    liger_ops: tuple[str, ...] | None = None  # Liger's kernels to apply (liger_kernel_config); None: all
+    optim: str | None = None  # None: the base's
     init_cache: bool = False  # load the MiLoRA/PiSSA factors computed by an earlier process (no decomposition here)
     peft_input_cast: bool = False  # keep PEFT's float32 copy of LoRA inputs under autocast (milora.autocast)
     load_in_4bit: bool = False  # nf4 base (QLoRA / QMiLoRA): the residual quantized after the decomposition
@@ -74,6 +77,11 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
     "lora_fast_dropout0": Variant("lora", "recipe", "all levers, lora_dropout 0 (the most a fused dropout could save)",
                                   **{**FAST, "lora_dropout": 0.0}),
     "lora_fast_compile": Variant("lora", "recipe", "all levers + torch_compile", **{**FAST, "compile": True}),
+    "lora_fast_layers": Variant("lora", "recipe", "all levers + decoder layers compiled", **FAST, compile_layers=True),
+    "lora_fast_layers_flce": Variant("lora", "recipe", "all levers + decoder layers compiled, Liger's fused "
+                                     "cross-entropy only", **FAST, compile_layers=True,
+                                     liger_ops=("fused_linear_cross_entropy",)),
+    "lora_fast_fusedadam": Variant("lora", "recipe", "all levers + fused AdamW", **FAST, optim="adamw_torch_fused"),
 }
 QUANTIZED_VARIANTS = ["trl_defaults", "qlora_lowmem", "qmilora_lowmem", "lora_lowmem", "qlora_fast", "qmilora_fast"]
 DEFAULT_VARIANTS = ["trl_defaults", "lora_fast", "milora_fast", "lora_recipe", "milora_recipe", "lora_lowmem",
@@ -127,8 +135,11 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
     settings["liger"] = bool(settings["liger"]) and liger_usable()
     if not settings["micro_batch"] or settings["micro_batch"] >= batch_size or variant.grouping == "budget":
         settings["micro_batch"] = None  # the whole batch in one forward
+    if variant.optim is not None:
+        settings["optim"] = variant.optim
     return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
-            "compile": variant.compile, "bf16": on_gpu,
+            "compile": variant.compile, "compile_layers": variant.compile_layers, "liger_ops": variant.liger_ops,
+            "bf16": on_gpu,
             "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults",
             "load_in_4bit": variant.load_in_4bit}
 

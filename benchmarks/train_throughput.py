@@ -138,6 +138,10 @@ def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str |
         torch.cuda.empty_cache()  # the bf16 weights the 4-bit layers replaced
     if variant.peft_input_cast:
         skip_input_casts_under_autocast(model, enabled=False)
+    if variant.compile_layers:
+        from milora.regional_compile import compile_repeated_blocks
+
+        compile_repeated_blocks(model)
     return model, None
 
 
@@ -164,6 +168,9 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
         recipe_args |= dict(padding_free=settings["padding_free"], max_length=None,
                             gradient_checkpointing=settings["gradient_checkpointing"],
                             use_liger_kernel=settings["liger"], torch_compile=variant.compile)
+        if settings["liger"] and variant.liger_ops is not None:
+            ops = ("rope", "swiglu", "rms_norm", "cross_entropy", "fused_linear_cross_entropy")
+            recipe_args["liger_kernel_config"] = {op: op in variant.liger_ops for op in ops}
     training_args = SFTConfig(
         output_dir=output_dir, max_steps=len(groups), per_device_train_batch_size=len(loader_batches[0]),
         gradient_accumulation_steps=accumulation, report_to="none", save_strategy="no", logging_steps=10**6,

@@ -177,6 +177,10 @@ def masked_sdpa_attention(module, query, key, value, cu_seqlens, dropout, scalin
     return out.reshape(batch, seq, heads, dim)
 
 
+# Eager inside `torch.compile`d decoder layers (milora.regional_compile): the boundaries come from a host-side
+# cache and the kernel takes a Python int, neither of which a graph can hold; the layer's GEMMs and elementwise
+# work around it still compile.
+@torch.compiler.disable
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
