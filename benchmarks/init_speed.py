@@ -145,7 +145,18 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--workers", type=int, default=None, help="70b: decompositions in flight on the GPU")
+    parser.add_argument("--solver_option", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a milora.decomposition constant, e.g. HOST_RITZ_EIGH=False (repeatable)")
     args = parser.parse_args()
+    for option in args.solver_option:
+        import ast
+
+        import milora.decomposition as decomposition
+
+        name, value = option.split("=", 1)
+        if not hasattr(decomposition, name):
+            parser.error(f"--solver_option: milora.decomposition has no {name}")
+        setattr(decomposition, name, ast.literal_eval(value))
     if args.preset == "70b":
         import init_placements
 

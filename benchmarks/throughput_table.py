@@ -33,7 +33,9 @@ def _settings(run: dict) -> str:
     batches = f"{run['spec']['token_budget']}-token budget" if s["grouping"] == "budget" else "fixed rows"
     if s["micro_batch"] and s["micro_batch"] < run["spec"]["batch_size"]:
         batches += f" in {s['micro_batch']}-row micro-batches"
-    liger = ("Liger" + (f" ({', '.join(s['liger_ops'])})" if s.get("liger_ops") else "")) if s["liger"] else "no Liger"
+    liger = "Liger" if s["liger"] else "no Liger"
+    if s["liger"] and s.get("liger_ops") is not None:
+        liger += f" ({', '.join(['LM head', *s['liger_ops']])})"
     parts = [f"GC {'on' if s['gradient_checkpointing'] else 'off'}", attention, liger,
              "padding-free" if s["padding_free"] else "padded", batches]
     if s.get("compile"):

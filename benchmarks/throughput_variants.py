@@ -78,10 +78,13 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                                   **{**FAST, "lora_dropout": 0.0}),
     "lora_fast_compile": Variant("lora", "recipe", "all levers + torch_compile", **{**FAST, "compile": True}),
     "lora_fast_layers": Variant("lora", "recipe", "all levers + decoder layers compiled", **FAST, compile_layers=True),
-    "lora_fast_layers_flce": Variant("lora", "recipe", "all levers + decoder layers compiled, Liger's fused "
-                                     "cross-entropy only", **FAST, compile_layers=True,
-                                     liger_ops=("fused_linear_cross_entropy",)),
     "lora_fast_fusedadam": Variant("lora", "recipe", "all levers + fused AdamW", **FAST, optim="adamw_torch_fused"),
+    "lora_fast_layers_fusedadam": Variant("lora", "recipe", "all levers + decoder layers compiled + fused AdamW",
+                                          **FAST, compile_layers=True, optim="adamw_torch_fused"),
+    "lora_fast_layers_flce": Variant("lora", "recipe", "all levers + decoder layers compiled + fused AdamW, of "
+                                     "Liger only the fused LM head and cross-entropy (the layers' norms, SwiGLU and "
+                                     "RoPE left to the compiler)", **FAST, compile_layers=True, liger_ops=(),
+                                     optim="adamw_torch_fused"),
 }
 QUANTIZED_VARIANTS = ["trl_defaults", "qlora_lowmem", "qmilora_lowmem", "lora_lowmem", "qlora_fast", "qmilora_fast"]
 DEFAULT_VARIANTS = ["trl_defaults", "lora_fast", "milora_fast", "lora_recipe", "milora_recipe", "lora_lowmem",

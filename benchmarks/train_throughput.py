@@ -169,8 +169,8 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
                             gradient_checkpointing=settings["gradient_checkpointing"],
                             use_liger_kernel=settings["liger"], torch_compile=variant.compile)
         if settings["liger"] and variant.liger_ops is not None:
-            ops = ("rope", "swiglu", "rms_norm", "cross_entropy", "fused_linear_cross_entropy")
-            recipe_args["liger_kernel_config"] = {op: op in variant.liger_ops for op in ops}
+            # SFTTrainer fuses the LM head with Liger's cross-entropy itself whenever use_liger_kernel is on
+            recipe_args["liger_kernel_config"] = {op: op in variant.liger_ops for op in ("rope", "swiglu", "rms_norm")}
     training_args = SFTConfig(
         output_dir=output_dir, max_steps=len(groups), per_device_train_batch_size=len(loader_batches[0]),
         gradient_accumulation_steps=accumulation, report_to="none", save_strategy="no", logging_steps=10**6,

@@ -200,3 +200,14 @@ def test_gram_over_column_blocks_equals_the_full_product(shape, monkeypatch):
     assert wide == (shape[0] < shape[1])
     assert torch.equal(gram, gram.T)
     assert torch.allclose(gram, expected, rtol=1e-13, atol=0)
+
+
+def test_shifted_inverse_over_blocks_equals_the_dense_product(monkeypatch):
+    import milora.decomposition as decomposition
+
+    monkeypatch.setattr(decomposition, "GRAM_BLOCK", 300)
+    generator = torch.Generator().manual_seed(5)
+    inverse_factor = torch.randn(1000, 1000, generator=generator, dtype=torch.float64).tril()
+    basis = torch.randn(1000, 40, generator=generator, dtype=torch.float64)
+    expected = inverse_factor.T @ (inverse_factor @ basis)
+    assert torch.allclose(decomposition._apply_shifted_inverse(inverse_factor, basis), expected, rtol=1e-12, atol=1e-9)
