@@ -146,7 +146,7 @@ def main():
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--workers", type=int, default=None, help="70b: decompositions in flight on the GPU")
     parser.add_argument("--solver_option", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a milora.decomposition constant, e.g. HOST_RITZ_EIGH=False (repeatable)")
+                        help="override a milora.decomposition constant, e.g. GRAM_BLOCK=1024 (repeatable)")
     args = parser.parse_args()
     for option in args.solver_option:
         import ast

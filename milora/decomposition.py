@@ -232,19 +232,10 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# Solve the Rayleigh-Ritz step's small eigenproblem (block x block) with the host's LAPACK rather than cuSOLVER:
-# its `syevd` is a chain of latency-bound kernels on the GPU, and the step waits for its result either way.
-HOST_RITZ_EIGH = True
-
-
 def _rayleigh_ritz(gram: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values (ascending) and vectors of `gram` on the column space of the orthonormal `basis`."""
     projected = basis.T @ gram @ basis
-    projected = (projected + projected.T) / 2
-    if HOST_RITZ_EIGH and projected.is_cuda:
-        values, coefficients = (t.to(basis.device) for t in torch.linalg.eigh(projected.cpu()))
-    else:
-        values, coefficients = symmetric_eigh(projected)
+    values, coefficients = symmetric_eigh((projected + projected.T) / 2)
     return values, basis @ coefficients
 
 
