@@ -35,6 +35,8 @@ def _settings(run: dict) -> str:
         batches += f" in {s['micro_batch']}-row micro-batches"
     parts = [f"GC {'on' if s['gradient_checkpointing'] else 'off'}", attention,
              "Liger" if s["liger"] else "no Liger", "padding-free" if s["padding_free"] else "padded", batches]
+    if s.get("fp8_base"):
+        parts.append("FP8 frozen base")
     if s.get("compile"):
         parts.append("compiled")
     if s["lora_dropout"] == 0:

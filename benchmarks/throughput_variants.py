@@ -39,6 +39,7 @@ class Variant:
     init_cache: bool = False  # load the MiLoRA/PiSSA factors computed by an earlier process (no decomposition here)
     peft_input_cast: bool = False  # keep PEFT's float32 copy of LoRA inputs under autocast (milora.autocast)
     load_in_4bit: bool = False  # nf4 base (QLoRA / QMiLoRA): the residual quantized after the decomposition
+    fp8_base: bool = False  # frozen decoder GEMMs in FP8 after the adapters are in place (milora.fp8)
 
 
 FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True, grouping="budget", micro_batch=0)
@@ -70,12 +71,17 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                              **{**FAST, "gradient_checkpointing": True}, load_in_4bit=True),
     "qlora_fast": Variant("lora", "recipe", "QLoRA: nf4 base, all levers", **FAST, load_in_4bit=True),
     "qmilora_fast": Variant("milora", "recipe", "QMiLoRA: nf4 residual, all levers", **FAST, load_in_4bit=True),
+    # FP8 frozen base (compute capability >= 8.9): `--variants fp8` runs these beside their bf16 twins
+    "lora_fast_fp8": Variant("lora", "recipe", "LoRA, all levers, frozen base GEMMs in FP8", **FAST, fp8_base=True),
+    "milora_fast_fp8": Variant("milora", "recipe", "MiLoRA, all levers, frozen base GEMMs in FP8", **FAST,
+                               fp8_base=True),
     # not in the default run:
     "lora_fast_dropout0": Variant("lora", "recipe", "all levers, lora_dropout 0 (the most a fused dropout could save)",
                                   **{**FAST, "lora_dropout": 0.0}),
     "lora_fast_compile": Variant("lora", "recipe", "all levers + torch_compile", **{**FAST, "compile": True}),
 }
 QUANTIZED_VARIANTS = ["trl_defaults", "qlora_lowmem", "qmilora_lowmem", "lora_lowmem", "qlora_fast", "qmilora_fast"]
+FP8_VARIANTS = ["lora_fast", "lora_fast_fp8", "milora_fast", "milora_fast_fp8"]
 DEFAULT_VARIANTS = ["trl_defaults", "lora_fast", "milora_fast", "lora_recipe", "milora_recipe", "lora_lowmem",
                     "lora_fast_sdpa", "lora_fast_noliger", "lora_fast_fixed", "lora_fast_peftcast"]
 
@@ -130,7 +136,7 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
     return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
             "compile": variant.compile, "bf16": on_gpu,
             "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults",
-            "load_in_4bit": variant.load_in_4bit}
+            "load_in_4bit": variant.load_in_4bit, "fp8_base": variant.fp8_base}
 
 
 def micro_batches(groups: list[list[int]], micro: int | None) -> tuple[list[list[int]], int]:
