@@ -13,12 +13,15 @@ embeddings and LLaVA's vision tower and projector are not touched (they are not 
   scale per tensor; with one scale per row that range problem is gone, e4m3's extra mantissa bit halves the
   rounding error (relative GEMM error 0.033 vs 0.064 on Gaussian data), and e4m3 x e4m3 is the one pairing
   every `_scaled_mm` backend accepts (ROCm's row-wise kernels take no e5m2).
+- The forward GEMM accumulates in the tensor cores' fast FP8 mode, the backward one in full precision (the split
+  torchao's FP8 training makes): gradients are where accumulation error would build up.
 - The weight is frozen, so its gradient is never computed and the layer's input is not kept for backward; only
   the FP8 copy of W^T is used there.
-- `_scaled_mm` wants the second operand column-major (the `.t()` view of a row-major tensor) and K and N
-  divisible by 16: a layer whose in or out features are not is skipped, with a logged reason. The tokens (M)
-  are padded to a multiple of 16 where needed (CUTLASS's row-wise kernel may run the problem transposed,
-  making M a leading dimension) and the output is cut back.
+- `_scaled_mm` wants the first operand row-major, the second column-major (the `.t()` view of a row-major
+  tensor), K and N divisible by 16: a layer whose in or out features are not is skipped, with a logged reason.
+  The tokens (M) are padded to a multiple of 16 where needed (CUTLASS's row-wise kernel may run the problem
+  transposed, making M a leading dimension) and the output is cut back. The GEMMs write bfloat16 (older
+  row-wise kernels take no other output type); a float16 or float32 layer casts the result.
 - The FP8 copies are made the first time the layer runs, on the device it runs on, and again whenever the
   weight is replaced (moved, cast, reassigned, changed in place outside `.data`). They are plain attributes,
   not buffers: a device move before the first step costs nothing, and DistributedDataParallel does not
@@ -72,17 +75,19 @@ def padded_rows(rows: int) -> int:
 
 
 def scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scales: torch.Tensor, out_dtype: torch.dtype,
-                  a_dtype: torch.dtype = FP8_DTYPE) -> torch.Tensor:
+                  a_dtype: torch.dtype = FP8_DTYPE, fast_accumulation: bool = False) -> torch.Tensor:
     """`a @ B^T` for a high-precision `a` (M, K) and an FP8 `B` given by its rows `b_rows` (N, K) and their scales
-    (1, N): `a` quantized per row, one `torch._scaled_mm`, M padded to a multiple of 16 and cut back."""
+    (1, N): `a` quantized per row, one `torch._scaled_mm`, M padded to a multiple of 16 and cut back. The GEMM
+    writes bfloat16, the one output type every backend's row-wise kernel takes; another `out_dtype` is a cast."""
     rows = a.shape[0]
     padding = padded_rows(rows) - rows
     with torch.autocast(a.device.type, enabled=False):  # autocast would run the row norms on a float32 copy
-        if padding:
-            a = F.pad(a, (0, 0, 0, padding))
+        a = (F.pad(a, (0, 0, 0, padding)) if padding else a).contiguous()  # row-major, as _scaled_mm wants it
         a_values, a_scales = quantize_rowwise(a, a_dtype)
-        out = torch._scaled_mm(a_values, b_rows.t(), scale_a=a_scales, scale_b=b_scales, out_dtype=out_dtype)
-    return out[:rows] if padding else out
+        out = torch._scaled_mm(a_values, b_rows.t(), scale_a=a_scales, scale_b=b_scales, out_dtype=torch.bfloat16,
+                               use_fast_accum=fast_accumulation)
+    out = out[:rows] if padding else out
+    return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
 
 
 @dataclass
@@ -111,7 +116,7 @@ class FrozenFloat8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: Float8Weight, out_dtype: torch.dtype) -> torch.Tensor:
         ctx.weight, ctx.input_dtype = weight, x.dtype
-        return scaled_matmul(x, weight.rows, weight.row_scales, out_dtype)
+        return scaled_matmul(x, weight.rows, weight.row_scales, out_dtype, fast_accumulation=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

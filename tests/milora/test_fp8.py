@@ -70,7 +70,7 @@ def test_rowwise_quantization_saturates():
     assert float(values.float().max()) == torch.finfo(FP8_DTYPE).max and float(values.float().min()) == -448
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [7, 32])  # 7: padded to 16 rows for _scaled_mm and cut back
 def test_forward_and_input_gradient_within_fp8_error(dtype, tokens):
     linear = frozen_linear(dtype=dtype)
@@ -88,6 +88,13 @@ def test_forward_and_input_gradient_within_fp8_error(dtype, tokens):
     expected = grad.double() @ linear.weight.double()
     assert x.grad.dtype == dtype and relative_error(x.grad, expected) < FP8_BOUND
     assert layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_a_strided_input_gives_what_its_contiguous_copy_gives():
+    layer = converted(frozen_linear())
+    x = torch.randn(64, 2, 24, dtype=torch.bfloat16).permute(1, 2, 0)  # (2, 24, 64), features not innermost
+    assert not x.is_contiguous()
+    assert torch.equal(layer(x), layer(x.contiguous()))
 
 
 def test_nothing_of_the_input_is_kept_for_backward():
