@@ -15,6 +15,8 @@ embeddings and LLaVA's vision tower and projector are not touched (they are not 
   every `_scaled_mm` backend accepts (ROCm's row-wise kernels take no e5m2).
 - The forward GEMM accumulates in the tensor cores' fast FP8 mode, the backward one in full precision (the split
   torchao's FP8 training makes): gradients are where accumulation error would build up.
+- On CUDA the activations and gradients are quantized by one kernel (`torch.compile` of `quantize_rowwise`,
+  dynamic shapes; compiled at the first step); eager ops, which pass over the tensor four times, are the fallback.
 - The weight is frozen, so its gradient is never computed and the layer's input is not kept for backward; only
   the FP8 copy of W^T is used there.
 - `_scaled_mm` wants the first operand row-major, the second column-major (the `.t()` view of a row-major
@@ -35,6 +37,7 @@ tests; slowly). Memory: the two FP8 copies add one byte per weight each beside t
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -53,6 +56,9 @@ CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # A row of zeros would get scale 0 and 0/0 values; any positive floor gives it zeros with a finite scale.
 AMAX_FLOOR = 1e-12
 MIN_CAPABILITY = (8, 9)
+# Devices whose activations and gradients are quantized by one fused kernel (torch.compile of quantize_rowwise);
+# elsewhere, or after a compile failure (logged), eager ops: four passes over the tensor instead of two.
+COMPILED_QUANTIZATION = {"cuda"}
 
 
 def quantize_rowwise(t: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +69,26 @@ def quantize_rowwise(t: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> tuple[t
     scales = amax.clamp(min=AMAX_FLOOR) / largest
     values = (t / scales).clamp_(-largest, largest).to(dtype)
     return values, scales
+
+
+@functools.cache
+def compiled_quantize_rowwise():
+    """`quantize_rowwise` as one kernel, for any number of rows and features (dynamic shapes: the token count changes
+    every step)."""
+    return torch.compile(quantize_rowwise, dynamic=True, fullgraph=True)
+
+
+def quantize_activations(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rowwise`, compiled on the devices of `COMPILED_QUANTIZATION`."""
+    device_type = t.device.type
+    if device_type in COMPILED_QUANTIZATION:
+        try:
+            return compiled_quantize_rowwise()(t, dtype)
+        except Exception as error:  # a compiler missing or failing: the eager ops compute the same values
+            COMPILED_QUANTIZATION.discard(device_type)
+            logger.warning("fp8_base: compiling the row-wise quantization failed on %s (%s); quantizing with eager "
+                           "ops", device_type, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+    return quantize_rowwise(t, dtype)
 
 
 def dequantize_rowwise(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -83,7 +109,7 @@ def scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scales: torch.Tensor,
     padding = padded_rows(rows) - rows
     with torch.autocast(a.device.type, enabled=False):  # autocast would run the row norms on a float32 copy
         a = (F.pad(a, (0, 0, 0, padding)) if padding else a).contiguous()  # row-major, as _scaled_mm wants it
-        a_values, a_scales = quantize_rowwise(a, a_dtype)
+        a_values, a_scales = quantize_activations(a, a_dtype)
         out = torch._scaled_mm(a_values, b_rows.t(), scale_a=a_scales, scale_b=b_scales, out_dtype=torch.bfloat16,
                                use_fast_accum=fast_accumulation)
     out = out[:rows] if padding else out

@@ -17,6 +17,7 @@ from milora.errors import MiLoRAError
 from milora.fp8 import (
     FP8_DTYPE,
     Float8FrozenLinear,
+    compiled_quantize_rowwise,
     convert_frozen_linears_to_fp8,
     dequantize_rowwise,
     fp8_unsupported_reason,
@@ -61,6 +62,31 @@ def test_rowwise_quantization_uses_each_rows_range():
     # e4m3 rounds a value to 3 mantissa bits (2^-4 relative) above its smallest normal 2^-6 (times the scale)
     bound = torch.maximum(t[rows].abs() * 2**-4, scales[rows].double() * 2**-10)
     assert torch.all(error <= bound * (1 + 1e-6))
+
+
+def test_compiled_quantization_gives_the_eager_values():
+    """GPUs quantize activations and gradients with the compiled kernel; it must give the same values."""
+    quantize = compiled_quantize_rowwise()
+    for rows, features in ((5, 64), (37, 96)):  # one graph for every shape
+        t = torch.randn(rows, features, dtype=torch.bfloat16)
+        values, scales = quantize(t, FP8_DTYPE)
+        expected_values, expected_scales = quantize_rowwise(t)
+        assert torch.equal(values.float(), expected_values.float()) and torch.equal(scales, expected_scales)
+
+
+def test_layer_with_compiled_quantization_computes_as_with_eager(monkeypatch):
+    import milora.fp8 as fp8
+
+    layer = converted(frozen_linear())
+    x = torch.randn(3, 11, 64, dtype=torch.bfloat16, requires_grad=True)
+    eager = layer(x)
+    eager.sum().backward()
+    eager_grad, x.grad = x.grad, None
+    monkeypatch.setattr(fp8, "COMPILED_QUANTIZATION", {"cpu"})
+    compiled = layer(x)
+    compiled.sum().backward()
+    assert fp8.COMPILED_QUANTIZATION == {"cpu"}, "compiled, not fallen back to eager"
+    assert torch.equal(compiled, eager) and torch.equal(x.grad, eager_grad)
 
 
 def test_rowwise_quantization_saturates():
