@@ -10,9 +10,9 @@ embeddings and LLaVA's vision tower and projector are not touched (they are not 
   gradient. Both copies of W are made from the layer's own weight, which stays the module's parameter in its
   dtype: `state_dict`, adapter saving and merging see the weights they saw before.
 - Gradients are quantized to e4m3 like the activations. e5m2 exists for the range of gradients under one
-  scale per tensor; with one scale per row that range problem is gone, e4m3's extra mantissa bit halves the
-  rounding error (relative GEMM error 0.033 vs 0.064 on Gaussian data), and e4m3 x e4m3 is the one pairing
-  every `_scaled_mm` backend accepts (ROCm's row-wise kernels take no e5m2).
+  scale per tensor; with one scale per token that range problem is gone, and e4m3's extra mantissa bit halves
+  the rounding error (relative GEMM error 0.033 vs 0.064 on Gaussian data, CPU). An e5m2 first operand would
+  run too (CPU and CUDA's CUTLASS row-wise kernel take it; the second operand must be e4m3 there).
 - The forward GEMM accumulates in the tensor cores' fast FP8 mode, the backward one in full precision (the split
   torchao's FP8 training makes): gradients are where accumulation error would build up.
 - On CUDA the activations and gradients are quantized by one kernel (`torch.compile` of `quantize_rowwise`,
