@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from milora.fp8 import Float8FrozenLinear
+from milora.model_card import FP8_HEADING
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 FAST = ["--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "4",
@@ -33,3 +34,4 @@ def test_tiny_recipe_trains_on_an_fp8_base(sft, tmp_path, recipe):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert FP8_HEADING in (tmp_path / "README.md").read_text()
