@@ -35,3 +35,15 @@ def test_tiny_recipe_trains_on_an_fp8_base(sft, tmp_path, recipe):
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     assert (tmp_path / "adapter_model.safetensors").is_file()
     assert FP8_HEADING in (tmp_path / "README.md").read_text()
+
+
+def test_a_milora_init_directory_trains_on_an_fp8_base(sft, tmp_path):
+    from milora.cli import main as milora_cli
+
+    init_dir = tmp_path / "init"
+    assert milora_cli(["init", "--model", "tiny:llama", "--r", "8", "--method", "milora", "--out", str(init_dir)]) == 0
+    out = tmp_path / "run"
+    sft.train([str(RECIPES / "tiny_milora.yaml"), "--output_dir", str(out), "--milora_init_dir", str(init_dir),
+               "--fp8_base", "true", *FAST])
+    step0 = json.loads((out / "milora_run.json").read_text())["step0_check"]
+    assert step0["logit_relative_error"] <= 1e-5 and 1e-3 < step0["fp8_logit_relative_error"] < 0.1
