@@ -45,7 +45,7 @@ def _settings(run: dict) -> str:
     if s.get("optim") == "adamw_torch_fused":
         parts.append("fused AdamW")
     if s.get("fp8_base"):
-        parts.append("FP8 base")
+        parts.append("FP8 frozen base")
     if s["lora_dropout"] == 0:
         parts.append("dropout 0")
     if s.get("peft_input_cast") and s.get("base") != "trl_defaults":

@@ -42,9 +42,12 @@ class Variant:
     init_cache: bool = False  # load the MiLoRA/PiSSA factors computed by an earlier process (no decomposition here)
     peft_input_cast: bool = False  # keep PEFT's float32 copy of LoRA inputs under autocast (milora.autocast)
     load_in_4bit: bool = False  # nf4 base (QLoRA / QMiLoRA): the residual quantized after the decomposition
+    fp8_base: bool = False  # frozen decoder GEMMs in FP8 after the adapters are in place (milora.fp8)
 
 
 FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True, grouping="budget", micro_batch=0)
+# decoder layers compiled in place, Liger for the LM head and cross-entropy only, fused AdamW
+COMPILED = dict(compile_layers=True, liger_ops=(), optim="adamw_torch_fused")
 VARIANTS = {  # in run order: the comparisons that matter most first, in case a time budget cuts a round
     "trl_defaults": Variant("lora", "trl_defaults", "SFTConfig defaults + PEFT LoraConfig (padded, GC on, sdpa)"),
     "lora_fast": Variant("lora", "recipe", "LoRA, all levers: GC off, varlen, Liger, token budget, 1 micro-batch",
@@ -73,6 +76,10 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                              **{**FAST, "gradient_checkpointing": True}, load_in_4bit=True),
     "qlora_fast": Variant("lora", "recipe", "QLoRA: nf4 base, all levers", **FAST, load_in_4bit=True),
     "qmilora_fast": Variant("milora", "recipe", "QMiLoRA: nf4 residual, all levers", **FAST, load_in_4bit=True),
+    # FP8 frozen base (compute capability >= 8.9): `--variants fp8` runs these beside their bf16 twins
+    "lora_fast_fp8": Variant("lora", "recipe", "LoRA, all levers, frozen base GEMMs in FP8", **FAST, fp8_base=True),
+    "milora_fast_fp8": Variant("milora", "recipe", "MiLoRA, all levers, frozen base GEMMs in FP8", **FAST,
+                               fp8_base=True),
     # not in the default run:
     "lora_fast_dropout0": Variant("lora", "recipe", "all levers, lora_dropout 0 (the most a fused dropout could save)",
                                   **{**FAST, "lora_dropout": 0.0}),
@@ -83,10 +90,15 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                                           **FAST, compile_layers=True, optim="adamw_torch_fused"),
     "lora_fast_layers_flce": Variant("lora", "recipe", "all levers + decoder layers compiled + fused AdamW, of "
                                      "Liger only the fused LM head and cross-entropy (the layers' norms, SwiGLU and "
-                                     "RoPE left to the compiler)", **FAST, compile_layers=True, liger_ops=(),
-                                     optim="adamw_torch_fused"),
+                                     "RoPE left to the compiler)", **FAST, **COMPILED),
+    "milora_fast_layers_flce": Variant("milora", "recipe", "MiLoRA, as lora_fast_layers_flce", **FAST, **COMPILED),
+    "lora_fast_layers_flce_fp8": Variant("lora", "recipe", "lora_fast_layers_flce + FP8 frozen base", **FAST,
+                                         **COMPILED, fp8_base=True),
+    "milora_fast_layers_flce_fp8": Variant("milora", "recipe", "milora_fast_layers_flce + FP8 frozen base", **FAST,
+                                           **COMPILED, fp8_base=True),
 }
 QUANTIZED_VARIANTS = ["trl_defaults", "qlora_lowmem", "qmilora_lowmem", "lora_lowmem", "qlora_fast", "qmilora_fast"]
+FP8_VARIANTS = ["lora_fast", "lora_fast_fp8", "milora_fast", "milora_fast_fp8"]
 DEFAULT_VARIANTS = ["trl_defaults", "lora_fast", "milora_fast", "lora_recipe", "milora_recipe", "lora_lowmem",
                     "lora_fast_sdpa", "lora_fast_noliger", "lora_fast_fixed", "lora_fast_peftcast"]
 
@@ -144,7 +156,7 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
             "compile": variant.compile, "compile_layers": variant.compile_layers, "liger_ops": variant.liger_ops,
             "bf16": on_gpu,
             "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults",
-            "load_in_4bit": variant.load_in_4bit}
+            "load_in_4bit": variant.load_in_4bit, "fp8_base": variant.fp8_base}
 
 
 def micro_batches(groups: list[list[int]], micro: int | None) -> tuple[list[list[int]], int]:

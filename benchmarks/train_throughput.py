@@ -17,6 +17,7 @@ not counted) against 989 TFLOP/s; peak memory during training (torch.cuda.max_me
     python benchmarks/train_throughput.py --table OUT            # the markdown table of finished runs in OUT
     python benchmarks/train_throughput.py --list                 # the variants
     python benchmarks/train_throughput.py --variants quantized   # 4-bit bases (QLoRA, QMiLoRA) beside bf16
+    python benchmarks/train_throughput.py --variants fp8         # FP8 frozen bases beside bf16 (LoRA, MiLoRA)
 
 Each result also carries the GPU's SM clock, power and temperature over the timed steps (nvidia-smi, see
 benchmarks/step_diagnostics.py); `--profile` adds one run per variant with two steps under torch.profiler.
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from throughput_variants import (  # noqa: E402, F401 (the variants' names are part of this script's interface)
     DEFAULT_VARIANTS,
+    FP8_VARIANTS,
     QUANTIZED_VARIANTS,
     TARGETS,
     VARIANTS,
@@ -138,6 +140,10 @@ def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str |
         torch.cuda.empty_cache()  # the bf16 weights the 4-bit layers replaced
     if variant.peft_input_cast:
         skip_input_casts_under_autocast(model, enabled=False)
+    if variant.fp8_base:  # as recipes/sft.py: the frozen layers are converted once the adapters are in place
+        from milora.fp8 import convert_frozen_linears_to_fp8
+
+        convert_frozen_linears_to_fp8(model)
     if variant.compile_layers:
         from milora.regional_compile import compile_repeated_blocks
 
@@ -156,6 +162,7 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
     from trl import SFTConfig
 
     from milora.attention import kernel_available
+    from milora.fp8 import Float8FrozenLinear
     from milora.tiny import tiny_tokenizer
 
     spec, variant = data["spec"], VARIANTS[variant_name]
@@ -188,6 +195,7 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
 
         adapters_to_float32(trainer.model)
     frozen, trainable = linear_weight_counts(trainer.model)
+    fp8_layers = sum(isinstance(module, Float8FrozenLinear) for module in trainer.model.modules())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
@@ -226,6 +234,7 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan"),
         "weights_gib": weights_gib, "frozen_linear_weights": frozen, "trainable_linear_weights": trainable,
+        "fp8_layers": fp8_layers,
         "training_loss": training_loss, "batches_digest": rows_digest(expected), "gpu": gpu,
         "init_cache": variant.init_cache,
         **({"profile": callbacks[-1].summary, "profiled": True} if profile_table is not None else {}),
@@ -279,7 +288,7 @@ def orchestrate(args) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(out, spec_from_args(args))
-    named = {"quantized": QUANTIZED_VARIANTS, "default": DEFAULT_VARIANTS}
+    named = {"quantized": QUANTIZED_VARIANTS, "fp8": FP8_VARIANTS, "default": DEFAULT_VARIANTS}
     variants = [name for v in args.variants.split(",") if v for name in named.get(v, [v])]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

@@ -125,10 +125,13 @@ def merge_adapter(peft_model, out_dir: str | Path, processing_class=None, safe_s
 
     The PEFT model is consumed (merged in place); the merged plain model is returned. On a 4-bit base the
     checkpoint is the dequantized residual plus the update, in the dtype the 4-bit layers compute in
-    (`milora.quantization.merge_dequantized`), not a re-quantized model.
+    (`milora.quantization.merge_dequantized`), not a re-quantized model. Layers trained on an FP8 base
+    (`milora.fp8`) are plain linear layers again first, so the merged model computes in its weights' dtype.
     """
+    from milora.fp8 import restore_linears
     from milora.quantization import compute_dtype_of, has_4bit_layers, merge_dequantized
 
+    restore_linears(peft_model)
     if has_4bit_layers(peft_model):
         merged = merge_dequantized(peft_model, compute_dtype_of(peft_model))
     else:

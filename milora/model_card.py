@@ -163,6 +163,23 @@ def _four_bit_text(info: dict) -> str:
     )
 
 
+FP8_HEADING = "## Trained on an FP8 base"
+
+
+def _fp8_text(info: dict) -> str:
+    """A run with `fp8_base`: what ran in FP8, and that the adapter is for the base in its own dtype."""
+    step0 = info.get("step0_check") or {}
+    error = step0.get("fp8_logit_relative_error")
+    measured = (f" At the first step the FP8 model's logits differed from the base model's by {error:.4f} "
+                "(relative, ||z - z_fp8|| / ||z||)." if error is not None else "")
+    return (
+        f"{FP8_HEADING}\n\n"
+        "The frozen base's linear layers multiplied in float8 during training (`fp8_base`: e4m3 operands, one scale "
+        "per token and per weight row); the weights themselves, the adapter and its gradients kept their dtypes. "
+        f"The adapter and `merged/` are for the base in its own dtype, like any other.{measured}\n"
+    )
+
+
 def model_card(info: dict, name: str) -> str:
     """The card's Markdown for a run summary `info` (`milora.sft.outputs.save_outputs`) of the folder `name`."""
     svd = info["method"] != "lora"
@@ -176,6 +193,8 @@ def model_card(info: dict, name: str) -> str:
         text += "\n" + WHY_2R
     if info.get("standard_lora_difference"):
         text += "\n" + _four_bit_text(info)
+    if info.get("fp8_base"):
+        text += "\n" + _fp8_text(info)
     return text
 
 

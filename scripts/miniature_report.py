@@ -7,7 +7,8 @@ from __future__ import annotations
 from statistics import mean
 
 METHOD_LABELS = {"lora": "LoRA (alpha 2r)", "pissa": "PiSSA (alpha r)", "milora": "MiLoRA (alpha r)",
-                 "qlora": "QLoRA (nf4 base)", "qpissa": "QPiSSA (nf4, 5 refits)", "qmilora": "QMiLoRA (nf4 residual)"}
+                 "qlora": "QLoRA (nf4 base)", "qpissa": "QPiSSA (nf4, 5 refits)", "qmilora": "QMiLoRA (nf4 residual)",
+                 "fp8lora": "LoRA (FP8 base)", "fp8pissa": "PiSSA (FP8 base)", "fp8milora": "MiLoRA (FP8 base)"}
 COMMONSENSE_COLUMNS = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "winogrande": "WinoG",
                        "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 

@@ -53,6 +53,11 @@ ALL_RUNS = [f"{task}_{method}_s{seed}" for task, seeds in TASKS.items() for meth
 QUANTIZED_METHODS = {"qlora": ("lora", []), "qpissa": ("pissa", ["--qpissa_iterations", "5"]),
                      "qmilora": ("milora", [])}
 QUANTIZED_RUNS = [f"commonsense_{method}_s1" for method in QUANTIZED_METHODS]
+# FP8 frozen bases: the bf16 method's recipe with fp8_base (compute capability >= 8.9); `--runs fp8`
+FP8_METHODS = {f"fp8{method}": (method, ["--fp8_base", "true"]) for method in METHODS}
+FP8_RUNS = [f"commonsense_{method}_s1" for method in FP8_METHODS]
+BASE_VARIANTS = {method: (recipe_method, ["--load_in_4bit", "true", *refits])
+                 for method, (recipe_method, refits) in QUANTIZED_METHODS.items()} | FP8_METHODS
 TRAIN_FILES = {"math": "gsm8k_train.jsonl", "commonsense": "commonsense_train.json"}
 TASK_PARTS = {"math": "gsm8k", "commonsense": "commonsense"}  # the worker's part kinds a task's table shows
 EVAL_FILES = ("gsm8k_test.jsonl", "alpaca_eval/gpt4_1106_preview_outputs.json")
@@ -171,13 +176,10 @@ def run_job(name: str, out: Path, base: Path, smoke: bool, extra: list[str]) -> 
     """The worker command line that trains one run (resuming from its last checkpoint if there is one)."""
     task, method, seed = name.split("_")
     run_dir = out / "runs" / name
-    recipe_method, four_bit = method, []
-    if method in QUANTIZED_METHODS:
-        recipe_method, refits = QUANTIZED_METHODS[method]
-        four_bit = ["--load_in_4bit", "true", *refits]
+    recipe_method, base_args = BASE_VARIANTS.get(method, (method, []))
     argv = [str(REPO / "recipes" / f"smollm2_{task}_{recipe_method}.yaml"), "--seed", seed.removeprefix("s"),
             "--output_dir", str(run_dir), "--model_name_or_path", str(base),
-            "--dataset_name", str(out / "data" / TRAIN_FILES[task]), *four_bit]
+            "--dataset_name", str(out / "data" / TRAIN_FILES[task]), *base_args]
     if any(run_dir.glob("checkpoint-*")):
         argv += ["--resume_from_checkpoint", "true"]
     argv += (SMOKE_TRAIN if smoke else []) + extra
@@ -185,7 +187,7 @@ def run_job(name: str, out: Path, base: Path, smoke: bool, extra: list[str]) -> 
 
 
 def parse_runs(text: str) -> list[str]:
-    named = {"all": ALL_RUNS, "quantized": QUANTIZED_RUNS}
+    named = {"all": ALL_RUNS, "quantized": QUANTIZED_RUNS, "fp8": FP8_RUNS}
     names = [name for n in text.split(",") if n.strip() for name in named.get(n.strip(), [n.strip()])]
     unknown = [n for n in names if n not in ALL_RUNS and not _valid_run(n)]
     if unknown:
@@ -195,7 +197,7 @@ def parse_runs(text: str) -> list[str]:
 
 def _valid_run(name: str) -> bool:
     parts = name.split("_")
-    return (len(parts) == 3 and parts[0] in TASKS and parts[1] in (*METHODS, *QUANTIZED_METHODS)
+    return (len(parts) == 3 and parts[0] in TASKS and parts[1] in (*METHODS, *BASE_VARIANTS)
             and parts[2].startswith("s")
             and parts[2][1:].isdigit())
 
@@ -317,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, help="the .gguf file (or a converted model directory)")
     t.add_argument("--out", default="outputs/miniature")
     t.add_argument("--runs", default="all", help=f"comma-separated names, all ({', '.join(ALL_RUNS)}) or quantized "
-                   f"({', '.join(QUANTIZED_RUNS)}: 4-bit bases)")
+                   f"({', '.join(QUANTIZED_RUNS)}: 4-bit bases) or fp8 ({', '.join(FP8_RUNS)}: FP8 frozen "
+                   "bases)")
     t.add_argument("--parallel", type=int, default=len(ALL_RUNS))
     t.add_argument("--sft_args", nargs=argparse.REMAINDER, default=[], help="more recipe overrides, last")
     e = commands.add_parser("evaluate", help="score the base model and every trained run")

@@ -25,6 +25,7 @@ def check_recipe(recipe) -> None:
     zero = zero_settings(recipe.training)
     check_zero3_merge(recipe.training.merge, zero)
     check_4bit_launch(recipe.model, zero)
+    check_fp8_launch(recipe.model, zero)
 
 
 def check_model_source(source: ModelSource | None, where: str = "") -> None:
@@ -167,3 +168,10 @@ def check_4bit_launch(model_args, zero: dict) -> None:
     if str(zero.get("stage")) == "3":
         raise RecipeError("load_in_4bit: true does not run under DeepSpeed ZeRO-3 (4-bit weights are not partitioned); "
                           "use plain data parallel or ZeRO-2")
+
+
+def check_fp8_launch(model_args, zero: dict) -> None:
+    """An FP8 base is made from whole frozen weights, which ZeRO-3 partitions; refuse before anything loads."""
+    if model_args.fp8_base and str(zero.get("stage")) == "3":
+        raise RecipeError("fp8_base: true does not run under DeepSpeed ZeRO-3 (its FP8 copies are made from whole "
+                          "frozen weights, which ZeRO-3 partitions); use plain data parallel or ZeRO-2")

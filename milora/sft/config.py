@@ -134,6 +134,13 @@ class ModelArguments:
         metadata={"help": "Train on a 4-bit base (QLoRA, QPiSSA, QMiLoRA): the decomposition reads the full-precision "
                   "weights, then the residual is quantized with bitsandbytes; the adapters keep the training dtype."},
     )
+    fp8_base: bool = field(
+        default=False,
+        metadata={"help": "FP8 GEMMs for the frozen base: every frozen linear layer of the decoder (q, k, v, o, gate, "
+                  "up, down; not lm_head, the embeddings or a vision tower) multiplies in float8 with row-wise "
+                  "scales; adapters, gradients and optimizer state keep their dtypes. For H100/H200 class GPUs "
+                  "(compute capability >= 8.9); opt-in; quality numbers in docs/results.md."},
+    )
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
     bnb_4bit_compute_dtype: str | None = field(
         default=None, metadata={"help": "dtype the 4-bit layers compute in. Default: dtype."}
@@ -175,6 +182,19 @@ class ModelArguments:
         loaded = self.milora_init_dir or self.model_name_or_path
         self.model_source = model_source(loaded) if loaded is not None else None
         self._check_4bit_keys()
+        self._check_fp8_base()
+
+    def _check_fp8_base(self) -> None:
+        if not self.fp8_base:
+            return
+        if self.load_in_4bit:
+            raise RecipeError("fp8_base and load_in_4bit both replace the frozen base's matrix multiplications; set "
+                              "one of them")
+        from milora.fp8 import fp8_unsupported_reason
+
+        reason = fp8_unsupported_reason()
+        if reason is not None:
+            raise RecipeError(f"fp8_base: {reason}; drop fp8_base")
 
     def _check_4bit_keys(self) -> None:
         from milora.sft.quantized import check_4bit_keys

@@ -60,7 +60,7 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         record = read_record(os.path.join(model_args.milora_init_dir, INIT_SUBDIR)) or {}
         if four_bit is None:  # a residual loaded in 4 bits holds packed bytes, which have no fingerprint
             check_init_dir_residual(peft_model, model_args.milora_init_dir, record)
-        return peft_model, record.get("original_fingerprint")
+        return with_fp8_base(peft_model, model_args), record.get("original_fingerprint")
     base = load_base_model(model_args, training)
     original = model_fingerprint(base, resolve_target_modules(base, model_args.lora_target_modules))
     peft_model = apply_milora(
@@ -79,7 +79,22 @@ def build_peft_model(model_args: ModelArguments, training: MiloraSFTConfig):
         device=training.device if training.device.type == "cuda" else None,
         show_progress=training.local_process_index == 0 and not training.disable_tqdm,
     )
-    return peft_model, original
+    return with_fp8_base(peft_model, model_args), original
+
+
+def with_fp8_base(peft_model, model_args: ModelArguments):
+    """The PEFT model with its frozen decoder layers multiplying in FP8 when the recipe asks (`fp8_base`,
+    `milora.fp8`); unchanged otherwise. The adapters are in place, so only the frozen layers are converted."""
+    if not model_args.fp8_base:
+        return peft_model
+    from milora.distributed import is_zero3_partitioned
+    from milora.fp8 import convert_frozen_linears_to_fp8
+
+    if any(is_zero3_partitioned(p) for p in peft_model.parameters()):
+        raise RecipeError("fp8_base makes FP8 copies of whole frozen weights, which ZeRO-3 partitions across "
+                          "processes; use ZeRO-2 or plain data parallel with fp8_base")
+    convert_frozen_linears_to_fp8(peft_model)
+    return peft_model
 
 
 def check_init_dir_files(init_dir: str) -> None:

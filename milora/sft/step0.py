@@ -8,6 +8,9 @@ stops with one line naming the layer whose reconstructed weight is furthest from
 
 For plain LoRA (B = 0) the base is the same model with the adapter disabled. For the SVD methods the original
 model is loaded once more for the check (the initialised model no longer holds its weights) and dropped after.
+
+With `fp8_base` the check compares the model with its frozen layers in their own dtype, as above; the FP8
+model's logit error against the base is measured beside it, stored, and refused only above `FP8_THRESHOLD`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Step0Result:
     dtype: str
     skipped: str | None = None
     seconds: float | None = None  # what the check cost (the second model load included)
+    fp8_logit_relative_error: float | None = None  # fp8_base: the FP8 model's logits against the base's
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +57,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # A 4-bit base differs from the original weights by its quantization error (nf4: ~0.1 of each weight's norm),
 # so an SVD-initialised 4-bit model is compared with a looser limit; a broken init still lands far above it.
 FOUR_BIT_THRESHOLD = 0.5
+
+
+# fp8_base rounds every frozen GEMM's operands to 3 mantissa bits: a few percent of each layer's output,
+# compounding over the layers. A broken FP8 GEMM (wrong scales or layout) lands near 1 or above.
+FP8_THRESHOLD = 0.5
 
 
 def threshold_for(dtype: torch.dtype, configured: float | None, four_bit: bool = False) -> float:
@@ -117,6 +126,7 @@ def _load_original(model_args, training):
 def run_step0_check(trainer, model_args, training) -> Step0Result:
     """Compare the initialised model with its base on the first batch; log the result, stop above the threshold."""
     from milora.distributed import is_zero3_partitioned
+    from milora.fp8 import has_fp8_layers, plain_linears
     from milora.sft.outputs import needs_initial_adapter
 
     model = trainer.model
@@ -133,22 +143,25 @@ def run_step0_check(trainer, model_args, training) -> Step0Result:
     model.eval()
     try:
         batch = first_batch(trainer, rows)
-        logits, loss = _forward(model, batch)
-        original = None
-        if needs_initial_adapter(model_args):
-            original, reason = _load_original(model_args, training)
-            if original is None:
-                return _skipped(rows, dtype, reason)
-            original.to(logits.device).eval()
-            base_logits, base_loss = _forward(original, batch)
-        else:
-            with model.disable_adapter():
-                base_logits, base_loss = _forward(model, batch)
+        fp8_logits = _forward(model, batch)[0] if has_fp8_layers(model) else None
+        with plain_linears(model):
+            logits, loss = _forward(model, batch)
+            original = None
+            if needs_initial_adapter(model_args):
+                original, reason = _load_original(model_args, training)
+                if original is None:
+                    return _skipped(rows, dtype, reason)
+                original.to(logits.device).eval()
+                base_logits, base_loss = _forward(original, batch)
+            else:
+                with model.disable_adapter():
+                    base_logits, base_loss = _forward(model, batch)
         result = Step0Result(
             logit_relative_error=relative_error(logits, base_logits), loss_base=base_loss, loss_initialised=loss,
             loss_difference=loss - base_loss, rows=rows,
             threshold=threshold_for(dtype, training.step0_max_error, getattr(model_args, "load_in_4bit", False)),
             dtype=str(dtype).removeprefix("torch."), seconds=round(time.perf_counter() - started, 3),
+            fp8_logit_relative_error=None if fp8_logits is None else relative_error(fp8_logits, base_logits),
         )
         _report(trainer, result)
         if not result.logit_relative_error <= result.threshold:  # NaN fails too
@@ -160,6 +173,13 @@ def run_step0_check(trainer, model_args, training) -> Step0Result:
                 f"step-0 check failed: the initialised model's logits differ from the base model's by "
                 f"{result.logit_relative_error:.2e} (relative; limit {result.threshold:.0e} in {result.dtype})"
                 f"{where}; check the weights' dtype and the init (set step0_max_error to accept it)"
+            )
+        if fp8_logits is not None and not result.fp8_logit_relative_error <= FP8_THRESHOLD:
+            raise RecipeError(
+                f"step-0 check failed: with fp8_base the logits differ from the base model's by "
+                f"{result.fp8_logit_relative_error:.2e} (relative; limit {FP8_THRESHOLD}), while the model in "
+                f"{result.dtype} is within {result.logit_relative_error:.2e}: FP8 GEMMs do not fit this model; "
+                "drop fp8_base"
             )
         return result
     finally:
@@ -176,10 +196,14 @@ def _report(trainer, result: Step0Result) -> None:
     message = (f"step-0 check: relative logit error {result.logit_relative_error:.3e} (limit {result.threshold:.0e}, "
                f"{result.dtype}), loss base {result.loss_base:.6f} vs initialised {result.loss_initialised:.6f}, "
                f"{result.seconds:.1f} s")
+    if result.fp8_logit_relative_error is not None:
+        message += f"; with the FP8 base: relative logit error {result.fp8_logit_relative_error:.3e}"
     trainer.accelerator.print(message)
     logger.info(message)
     values = {"step0/logit_relative_error": result.logit_relative_error,
               "step0/loss_difference": result.loss_difference}
+    if result.fp8_logit_relative_error is not None:
+        values["step0/fp8_logit_relative_error"] = result.fp8_logit_relative_error
     if all(math.isfinite(v) for v in values.values()):
         _pin_tensorboard_dir(trainer)
         trainer.log(values)  # TensorBoard (and the other report_to integrations) at step 0

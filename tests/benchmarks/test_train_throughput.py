@@ -68,7 +68,8 @@ def test_linear_weight_counts_split_frozen_base_and_adapters():
     assert trainable == config.num_hidden_layers * lora
 
 
-@pytest.mark.parametrize("variant", ["trl_defaults", "milora_recipe", "lora_fast", "lora_lowmem", "qmilora_lowmem"])
+@pytest.mark.parametrize("variant", ["trl_defaults", "milora_recipe", "lora_fast", "lora_lowmem", "qmilora_lowmem",
+                                     "lora_fast_fp8"])
 def test_worker_trains_on_the_saved_batches(data, variant, tmp_path):
     result = tt.run_worker(variant, data, str(tmp_path / "trainer"))
     grouping = tt.VARIANTS[variant].grouping
@@ -87,6 +88,14 @@ def test_worker_trains_on_the_saved_batches(data, variant, tmp_path):
         assert settings["load_in_4bit"] and settings["gradient_checkpointing"]
         bf16 = tt.run_worker("lora_lowmem", data, str(tmp_path / "bf16"))
         assert result["frozen_linear_weights"] == bf16["frozen_linear_weights"]
+    if variant == "lora_fast_fp8":  # the same run as lora_fast but for the FP8 frozen GEMMs
+        plain = tt.run_worker("lora_fast", data, str(tmp_path / "plain"))
+        assert settings["fp8_base"] and not plain["settings"]["fp8_base"]
+        assert {k: v for k, v in settings.items() if k != "fp8_base"} == {
+            k: v for k, v in plain["settings"].items() if k != "fp8_base"}
+        assert result["training_loss"] == pytest.approx(plain["training_loss"], rel=0.01)
+        config = tt.model_config(data["spec"])
+        assert result["fp8_layers"] == 7 * config.num_hidden_layers and plain["fp8_layers"] == 0
     if variant == "lora_fast":
         assert not settings["gradient_checkpointing"] and settings["attention"] == tt.VARLEN_ATTENTION
         assert settings["micro_batch"] is None and not result["varlen_kernel"]  # CPU: the sdpa fallback
@@ -151,6 +160,7 @@ def test_lora_twin_and_paired_step_ratio():
     assert table.lora_twin("milora_fast_cached") == "lora_fast" and table.lora_twin("lora_fast") is None
     assert table.lora_twin("qmilora_lowmem") == "qlora_lowmem" and table.lora_twin("qpissa_lowmem") == "qlora_lowmem"
     assert table.lora_twin("qlora_fast") is None
+    assert table.lora_twin("milora_fast_fp8") == "lora_fast_fp8"
     lora = [{"repeat": 0, "step_times_s": [1.0, 2.0]}, {"repeat": 1, "step_times_s": [2.0, 2.0]}]
     milora = [{"repeat": 0, "step_times_s": [1.5, 1.5]}, {"repeat": 1, "step_times_s": [2.0, 2.4]},
               {"repeat": 2, "step_times_s": [9.0, 9.0]}]  # no LoRA run in round 2: not compared

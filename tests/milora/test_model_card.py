@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from milora.model_card import FOUR_BIT_HEADING, append_evaluation, model_card, run_directory_of, write_model_card
+from milora.model_card import (
+    FOUR_BIT_HEADING,
+    FP8_HEADING,
+    append_evaluation,
+    model_card,
+    run_directory_of,
+    write_model_card,
+)
 
 INFO = {
     "method": "pissa", "base_model": "meta-llama/Llama-2-7b-hf", "milora_init_dir": None, "lora_r": 64,
@@ -86,3 +93,10 @@ def test_a_4bit_run_states_the_standard_lora_difference_once_before_the_evaluati
     again = (run / "README.md").read_text()
     assert again.count(FOUR_BIT_HEADING) == 1 and again.count("## Evaluation") == 1
     assert again.index(FOUR_BIT_HEADING) < again.index("## Evaluation")
+
+
+def test_an_fp8_run_says_so_with_its_step0_error():
+    step0 = {**INFO["step0_check"], "fp8_logit_relative_error": 0.0345}
+    card = model_card({**INFO, "fp8_base": True, "step0_check": step0}, "outputs/run")
+    assert FP8_HEADING in card and "by 0.0345" in card and "float8" in card
+    assert FP8_HEADING not in model_card({**INFO, "fp8_base": False}, "outputs/run")

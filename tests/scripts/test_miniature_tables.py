@@ -201,3 +201,20 @@ def test_quantized_runs_use_the_bf16_recipes_on_a_4bit_base(tmp_path):
         assert recipe.model.qpissa_iterations == refits
     evals = {"commonsense_qmilora_s1": {"parts": {p: {"accuracy": 40.0} for p in miniature_report.COMMONSENSE_COLUMNS}}}
     assert "| QMiLoRA (nf4 residual) | 40.0 |" in miniature_report.markdown_tables({}, evals)
+
+
+def test_fp8_runs_use_the_bf16_recipes_on_an_fp8_base(tmp_path):
+    from milora.sft.parsing import parse_recipe
+
+    names = miniature_tables.parse_runs("fp8")
+    assert names == ["commonsense_fp8lora_s1", "commonsense_fp8pissa_s1", "commonsense_fp8milora_s1"]
+    for name, method in zip(names, ("lora", "pissa", "milora"), strict=True):
+        command = miniature_tables.run_job(name, tmp_path, tmp_path / "base", smoke=True, extra=[])
+        sft_args = command[command.index("--") + 1:]
+        assert sft_args[0].endswith(f"smollm2_commonsense_{method}.yaml")
+        recipe = parse_recipe([*sft_args, "--model_name_or_path", "tiny:llama", "--dataset_name",
+                               str(RECIPES / "data" / "tiny_commonsense.json")])
+        assert recipe.model.fp8_base and not recipe.model.load_in_4bit and recipe.model.method == method
+    parts = {p: {"accuracy": 40.0} for p in miniature_report.COMMONSENSE_COLUMNS}
+    evals = {"commonsense_fp8milora_s1": {"parts": parts}}
+    assert "| MiLoRA (FP8 base) | 40.0 |" in miniature_report.markdown_tables({}, evals)

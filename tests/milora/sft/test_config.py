@@ -101,6 +101,19 @@ def test_bad_values_are_refused_where_declared():
         DataArguments(dataset_format="sharegpt")
 
 
+def test_fp8_base_is_parsed_and_refused_with_a_4bit_base(tmp_path):
+    recipe = parsing.parse_recipe([TINY, "--output_dir", str(tmp_path), "--fp8_base", "true"])
+    assert recipe.model.fp8_base is True and ModelArguments().fp8_base is False
+    with pytest.raises(RecipeError, match="fp8_base and load_in_4bit"):
+        parsing.parse_recipe([TINY, "--output_dir", str(tmp_path), "--fp8_base", "true", "--load_in_4bit", "true"])
+
+
+def test_fp8_base_is_refused_under_zero3_before_anything_loads(tmp_path):
+    with pytest.raises(RecipeError, match="fp8_base: true does not run under DeepSpeed ZeRO-3"):
+        parsing.parse_recipe([TINY, "--output_dir", str(tmp_path), "--fp8_base", "true",
+                              "--deepspeed", str(REPO_ROOT / "deepspeed_configs" / "ds_zero3.json")])
+
+
 def test_liger_is_off_without_cuda(tmp_path):
     with pytest.warns(UserWarning, match="use_liger_kernel"):
         training = config(tmp_path, use_liger_kernel=True)
