@@ -92,6 +92,8 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                                      "Liger only the fused LM head and cross-entropy (the layers' norms, SwiGLU and "
                                      "RoPE left to the compiler)", **FAST, **COMPILED),
     "milora_fast_layers_flce": Variant("milora", "recipe", "MiLoRA, as lora_fast_layers_flce", **FAST, **COMPILED),
+    "lora_lowmem_layers_flce": Variant("lora", "recipe", "lora_fast_layers_flce but GC on (low memory)",
+                                       **{**FAST, "gradient_checkpointing": True}, **COMPILED),
     "lora_fast_layers_flce_fp8": Variant("lora", "recipe", "lora_fast_layers_flce + FP8 frozen base", **FAST,
                                          **COMPILED, fp8_base=True),
     "milora_fast_layers_flce_fp8": Variant("milora", "recipe", "milora_fast_layers_flce + FP8 frozen base", **FAST,
