@@ -58,7 +58,7 @@ AMAX_FLOOR = 1e-12
 MIN_CAPABILITY = (8, 9)
 # Devices whose activations and gradients are quantized by one fused kernel (torch.compile of quantize_rowwise);
 # elsewhere, or after a compile failure (logged), eager ops: four passes over the tensor instead of two.
-COMPILED_QUANTIZATION = {"cuda"}
+COMPILED_QUANTIZATION: set[str] = set()  # none by default: see docs/benchmarks.md (FP8 frozen base)
 
 
 def quantize_rowwise(t: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from milora.io import DamagedFileError
 from milora.sft.checkpoints import TrainingAlreadyDone, stop_at_max_steps_callback
 from milora.sft.config import RecipeError
 from milora.sft.data import load_training_data
-from milora.sft.model import build_peft_model, load_tokenizer
+from milora.sft.model import build_peft_model, compile_decoder_layers, load_tokenizer
 from milora.sft.outputs import prepare_initial_adapter, save_outputs
 from milora.sft.parsing import parse_recipe
 from milora.sft.step0 import run_step0_check
@@ -69,6 +69,7 @@ def train(argv: list[str] | None = None):
         adapters_to_float32(trainer.model)
     # The initialised model must still be the base model: one forward pass of the first batch through both.
     step0 = run_step0_check(trainer, model_args, training_args).as_dict() if training_args.step0_check else None
+    compile_decoder_layers(trainer.model, training_args)  # torch_compile: the layers, after the eager step-0 check
     trainer.add_callback(stop_at_max_steps_callback())
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -304,6 +304,17 @@ class MiloraSFTConfig(SFTConfig):
             world_size(),
         )
         super().__post_init__()
+        self._compile_layers_not_the_model()
+
+    def _compile_layers_not_the_model(self) -> None:
+        """`torch_compile: true` compiles each decoder layer in place (`milora.regional_compile`, with the recipe's
+        `torch_compile_backend` / `torch_compile_mode`) instead of the Trainer compiling the whole PEFT model, which
+        graph-breaks at every adapter. The Trainer is then told not to compile; `decoder_layer_compile` says how."""
+        self.decoder_layer_compile = None
+        if self.torch_compile:
+            self.decoder_layer_compile = {"backend": self.torch_compile_backend or "inductor",
+                                          "mode": self.torch_compile_mode}
+            self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
 
     def _set_up_processes_without_gpus(self) -> None:
         """Several processes on CPUs (see milora.processes): DeepSpeed's CPU accelerator gets a process state with

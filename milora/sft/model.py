@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -11,6 +12,8 @@ from milora.distributed import ADAPTER_NAME, adapted_module_names, lora_layers
 from milora.layout import INIT_SUBDIR
 from milora.model_source import TINY
 from milora.sft.config import MiloraSFTConfig, ModelArguments, RecipeError
+
+logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(model_args: ModelArguments):
@@ -144,3 +147,17 @@ def set_lora_dropout(peft_model, p: float, adapter_name: str = ADAPTER_NAME) -> 
         if adapter_name in module.lora_dropout:
             module.lora_dropout[adapter_name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
     peft_model.peft_config[adapter_name].lora_dropout = p
+
+
+def compile_decoder_layers(model, training: MiloraSFTConfig) -> int:
+    """Compile the model's decoder layers in place when the recipe asks (`torch_compile: true`, see
+    `MiloraSFTConfig`); the number of layers compiled (0 when not asked). They compile at the first steps."""
+    options = getattr(training, "decoder_layer_compile", None)
+    if not options:
+        return 0
+    from milora.regional_compile import compile_repeated_blocks
+
+    compiled = compile_repeated_blocks(model, **options)
+    logger.info("torch_compile: %d decoder layers compiled in place (%s)", compiled, options["backend"])
+    return compiled
+

@@ -41,7 +41,7 @@ def test_paper_hyperparameters(name):
     assert m.lora_dropout == 0.05
     assert m.lora_target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert d.dataset_name == dataset and d.dataset_format == fmt
-    assert t.optim == "adamw_torch" and t.learning_rate == 3e-4 and t.lr_scheduler_type == "linear"
+    assert t.optim == "adamw_torch_fused" and t.learning_rate == 3e-4 and t.lr_scheduler_type == "linear"
     assert t.warmup_steps == 100 and t.num_train_epochs == 3
     assert t.effective_batch_size == 16
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps == 16  # one process here
