@@ -136,9 +136,11 @@ def smaller_gram(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     tall = weight.T if wide else weight  # the Gram is tall^T tall
     n = tall.shape[1]
     blocks = _block_slices(n, GRAM_BLOCK)
-    gram = torch.zeros(n, n, dtype=torch.float64, device=weight.device)
+    gram = None
     for rows in _row_chunks(*tall.shape):
         chunk = tall[rows].to(torch.float64)
+        if gram is None:  # `new_zeros`: DeepSpeed's zero.Init casts what `torch.zeros` makes to its dtype
+            gram = chunk.new_zeros(n, n)
         for i, block_i in enumerate(blocks):
             for block_j in blocks[: i + 1]:
                 gram[block_i, block_j].addmm_(chunk[:, block_i].T, chunk[:, block_j])
@@ -273,7 +275,8 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
     `block` right-hand sides, which are latency-bound (one small kernel per panel) where a GEMM is not."""
     n = lower.shape[0]
     if n <= TRIANGULAR_INVERSE_BLOCK:
-        identity = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        identity = lower.new_zeros(n, n)  # not `torch.eye`: zero.Init casts what it makes to its dtype
+        identity.diagonal().fill_(1)
         return torch.linalg.solve_triangular(lower, identity, upper=False)
     half = n // 2
     inverse = torch.zeros_like(lower)
@@ -308,7 +311,7 @@ def _lowest_eigenvalue_estimate(gram: torch.Tensor, steps: int, generator: torch
     Without reorthogonalisation Lanczos repeats converged Ritz values but its extreme one stays an upper bound
     of the smallest eigenvalue, which is all the first shift needs (a failed factorisation would lower it)."""
     q = torch.randn(gram.shape[0], dtype=gram.dtype, device=gram.device, generator=generator)
-    q, previous, beta = q / q.norm(), torch.zeros_like(q), torch.zeros((), dtype=gram.dtype, device=gram.device)
+    q, previous, beta = q / q.norm(), torch.zeros_like(q), gram.new_zeros(())
     alphas, betas = [], []
     for _ in range(steps):
         v = gram @ q - beta * previous
