@@ -15,8 +15,11 @@ embeddings and LLaVA's vision tower and projector are not touched (they are not 
   run too (CPU and CUDA's CUTLASS row-wise kernel take it; the second operand must be e4m3 there).
 - The forward GEMM accumulates in the tensor cores' fast FP8 mode, the backward one in full precision (the split
   torchao's FP8 training makes): gradients are where accumulation error would build up.
-- On CUDA the activations and gradients are quantized by one kernel (`torch.compile` of `quantize_rowwise`,
-  dynamic shapes; compiled at the first step); eager ops, which pass over the tensor four times, are the fallback.
+- Activations and gradients are quantized by plain torch ops inside the layer's forward and backward. Eagerly
+  they are separate kernels, each a pass over the tensor. Inside a compiled decoder layer (`torch_compile: true`,
+  `milora.regional_compile`) the FP8 layer adds no graph break and no graph: the padding, the quantization and
+  the GEMMs are part of the layer's graph (the autograd function takes tensors only), where the compiler may fuse
+  the quantization into the kernel that produced the tensor (RMSNorm, SwiGLU, the incoming gradient).
 - The weight is frozen, so its gradient is never computed and the layer's input is not kept for backward; only
   the FP8 copy of W^T is used there.
 - `_scaled_mm` wants the first operand row-major, the second column-major (the `.t()` view of a row-major
@@ -24,11 +27,15 @@ embeddings and LLaVA's vision tower and projector are not touched (they are not 
   The tokens (M) are padded to a multiple of 16 where needed (CUTLASS's row-wise kernel may run the problem
   transposed, making M a leading dimension) and the output is cut back. The GEMMs write bfloat16 (older
   row-wise kernels take no other output type); a float16 or float32 layer casts the result.
-- The FP8 copies are made the first time the layer runs, on the device it runs on, and again whenever the
-  weight is replaced (moved, cast, reassigned, changed in place outside `.data`). They are plain attributes,
-  not buffers: a device move before the first step costs nothing, and DistributedDataParallel does not
-  broadcast them every step as it does buffers. An in-place change through `weight.data` (PEFT's merge
-  without `safe_merge`) is invisible to them: `restore_linears` first; `milora.merge_adapter` does.
+- The FP8 copies are made on the device the layer runs on, before its first forward, and again when the
+  weight was replaced (moved, cast, reassigned, changed in place outside `.data`). A converted decoder checks
+  its layers' copies in a forward pre-hook, eagerly: compiled code cannot read a weight's address or version
+  counter, and making the copies there would be a side effect, which the compiler refuses inside activation
+  checkpointing. (A layer called on its own checks in its forward: fully when eager, device and dtype only when
+  compiled.) The copies are plain tensor attributes, not buffers: a device move before the first step costs
+  nothing, `.float()` does not cast them, and DistributedDataParallel does not broadcast them every step as it
+  does buffers. An in-place change through `weight.data` (PEFT's merge without `safe_merge`) is invisible to
+  them: `restore_linears` first; `milora.merge_adapter` does.
 
 FP8 matrix multiplication runs on CUDA GPUs of compute capability 8.9 or higher (Ada, Hopper) and on CPUs (for
 tests; slowly). Memory: the two FP8 copies add one byte per weight each beside the 16-bit weight.
@@ -37,7 +44,6 @@ tests; slowly). Memory: the two FP8 copies add one byte per weight each beside t
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -56,9 +62,6 @@ CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # A row of zeros would get scale 0 and 0/0 values; any positive floor gives it zeros with a finite scale.
 AMAX_FLOOR = 1e-12
 MIN_CAPABILITY = (8, 9)
-# Devices whose activations and gradients are quantized by one fused kernel (torch.compile of quantize_rowwise);
-# elsewhere, or after a compile failure (logged), eager ops: four passes over the tensor instead of two.
-COMPILED_QUANTIZATION: set[str] = set()  # none by default: see docs/benchmarks.md (FP8 frozen base)
 
 
 def quantize_rowwise(t: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,26 +72,6 @@ def quantize_rowwise(t: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> tuple[t
     scales = amax.clamp(min=AMAX_FLOOR) / largest
     values = (t / scales).clamp_(-largest, largest).to(dtype)
     return values, scales
-
-
-@functools.cache
-def compiled_quantize_rowwise():
-    """`quantize_rowwise` as one kernel, for any number of rows and features (dynamic shapes: the token count changes
-    every step)."""
-    return torch.compile(quantize_rowwise, dynamic=True, fullgraph=True)
-
-
-def quantize_activations(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rowwise`, compiled on the devices of `COMPILED_QUANTIZATION`."""
-    device_type = t.device.type
-    if device_type in COMPILED_QUANTIZATION:
-        try:
-            return compiled_quantize_rowwise()(t, dtype)
-        except Exception as error:  # a compiler missing or failing: the eager ops compute the same values
-            COMPILED_QUANTIZATION.discard(device_type)
-            logger.warning("fp8_base: compiling the row-wise quantization failed on %s (%s); quantizing with eager "
-                           "ops", device_type, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
-    return quantize_rowwise(t, dtype)
 
 
 def dequantize_rowwise(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -104,53 +87,49 @@ def scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scales: torch.Tensor,
                   a_dtype: torch.dtype = FP8_DTYPE, fast_accumulation: bool = False) -> torch.Tensor:
     """`a @ B^T` for a high-precision `a` (M, K) and an FP8 `B` given by its rows `b_rows` (N, K) and their scales
     (1, N): `a` quantized per row, one `torch._scaled_mm`, M padded to a multiple of 16 and cut back. The GEMM
-    writes bfloat16, the one output type every backend's row-wise kernel takes; another `out_dtype` is a cast."""
+    writes bfloat16, the one output type every backend's row-wise kernel takes; another `out_dtype` is a cast.
+    Compiled, M is padded even when it is a multiple of 16: one graph then serves every M, and the pad fuses into
+    the quantization."""
     rows = a.shape[0]
     padding = padded_rows(rows) - rows
+    pad = torch.compiler.is_compiling() or padding != 0
     with torch.autocast(a.device.type, enabled=False):  # autocast would run the row norms on a float32 copy
-        a = (F.pad(a, (0, 0, 0, padding)) if padding else a).contiguous()  # row-major, as _scaled_mm wants it
-        a_values, a_scales = quantize_activations(a, a_dtype)
+        a = (F.pad(a, (0, 0, 0, padding)) if pad else a).contiguous()  # row-major, as _scaled_mm wants it
+        a_values, a_scales = quantize_rowwise(a, a_dtype)
         out = torch._scaled_mm(a_values, b_rows.t(), scale_a=a_scales, scale_b=b_scales, out_dtype=torch.bfloat16,
                                use_fast_accum=fast_accumulation)
-    out = out[:rows] if padding else out
+    out = out[:rows] if pad else out
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
 
 
-@dataclass
-class Float8Weight:
-    """The FP8 copies of a frozen weight W (out, in): its rows for the forward GEMM, the rows of W^T for the
-    backward one, each with scales shaped as `_scaled_mm`'s `scale_b` (1, N)."""
-
-    rows: torch.Tensor  # (out, in)
-    row_scales: torch.Tensor  # (1, out)
-    columns: torch.Tensor  # (in, out): W^T, contiguous
-    column_scales: torch.Tensor  # (1, in)
-
-    @classmethod
-    def of(cls, weight: torch.Tensor) -> Float8Weight:
-        with torch.no_grad():
-            rows, row_scales = quantize_rowwise(weight)
-            columns, column_scales = quantize_rowwise(weight.t().contiguous())
-        return cls(rows, row_scales.reshape(1, -1).contiguous(), columns, column_scales.reshape(1, -1).contiguous())
+def rowwise_fp8_copies(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FP8 copies of a frozen weight W (out, in): its rows (out, in) with their scales (1, out) for the forward
+    GEMM, the rows of W^T (in, out) with theirs (1, in) for the backward one; scales shaped as `_scaled_mm`'s
+    `scale_b`."""
+    with torch.no_grad():
+        rows, row_scales = quantize_rowwise(weight)
+        columns, column_scales = quantize_rowwise(weight.t().contiguous())
+    return rows, row_scales.reshape(1, -1).contiguous(), columns, column_scales.reshape(1, -1).contiguous()
 
 
 class FrozenFloat8Matmul(torch.autograd.Function):
-    """`x W^T` in FP8 for a frozen W, and the input's gradient `g W` in FP8. Nothing of `x` is kept for backward
-    (no weight gradient); the FP8 weight is held on the context, not saved as an activation (saved-tensor hooks,
-    activation offloading, must not copy it)."""
+    """`x W^T` in FP8 for a frozen W, and the input's gradient `g W` in FP8, from the FP8 copies of W
+    (`rowwise_fp8_copies`); tensors and a dtype only, so that a compiled decoder layer traces it into its graph.
+    Nothing of `x` is kept for backward (no weight gradient); the copies of W^T are held on the context, not saved
+    as activations (saved-tensor hooks, activation offloading, must not copy them)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Float8Weight, out_dtype: torch.dtype) -> torch.Tensor:
-        ctx.weight, ctx.input_dtype = weight, x.dtype
-        return scaled_matmul(x, weight.rows, weight.row_scales, out_dtype, fast_accumulation=True)
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, row_scales: torch.Tensor, columns: torch.Tensor,
+                column_scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.columns, ctx.column_scales, ctx.input_dtype = columns, column_scales, x.dtype
+        return scaled_matmul(x, rows, row_scales, out_dtype, fast_accumulation=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        weight = ctx.weight
-        grad_input = scaled_matmul(grad, weight.columns, weight.column_scales, ctx.input_dtype, GRADIENT_FP8_DTYPE)
-        return grad_input, None, None
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = scaled_matmul(grad, ctx.columns, ctx.column_scales, ctx.input_dtype, GRADIENT_FP8_DTYPE)
+        return grad_input, None, None, None, None, None
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -164,28 +143,52 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 class Float8FrozenLinear(nn.Linear):
     """An `nn.Linear` whose frozen weight multiplies in FP8 (`convert_frozen_linears_to_fp8` turns a layer into one
     in place; `restore_linears` turns it back). A weight that requires a gradient while gradients are enabled
-    takes `F.linear` (it is being trained; FP8 here computes no weight gradient)."""
+    takes `F.linear` (it is being trained; FP8 here computes no weight gradient).
+
+    The FP8 copies of the weight are plain tensor attributes (not buffers: not in `state_dict`, not cast by
+    `.float()`, not broadcast by DistributedDataParallel), made where `float8_copies_current` finds them stale: by
+    the converted decoder's pre-hook (`refresh_float8_copies`) and, for a layer called on its own, by its forward."""
+
+    float8_rows: torch.Tensor | None = None
+    float8_row_scales: torch.Tensor | None = None
+    float8_columns: torch.Tensor | None = None
+    float8_column_scales: torch.Tensor | None = None
+    float8_source_dtype: torch.dtype | None = None
+    float8_made_from: tuple[int, int] | None = None  # the weight's (data_ptr, _version) when made eagerly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad and torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        out = FrozenFloat8Matmul.apply(x.reshape(-1, self.in_features), self.float8_weight(), output_dtype(x))
+        if not self.float8_copies_current():
+            self.make_float8_copies()
+        out = FrozenFloat8Matmul.apply(x.reshape(-1, self.in_features), self.float8_rows, self.float8_row_scales,
+                                       self.float8_columns, self.float8_column_scales, output_dtype(x))
         out = out.reshape(*x.shape[:-1], self.out_features)
         # outside the FP8 GEMM: _scaled_mm takes no bias with a float32 output, and a bias may be trained
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
-    def float8_weight(self) -> Float8Weight:
-        """The FP8 copies of the weight as it is now, made on first use and whenever the weight was replaced."""
-        weight = self.weight
-        made_from = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if getattr(self, "_float8_made_from", None) != made_from:
-            self._float8_weight = Float8Weight.of(weight)
-            self._float8_made_from = made_from
-        return self._float8_weight
+    def float8_copies_current(self) -> bool:
+        """Whether the FP8 copies stand for the weight as it is now: made from a weight of its device and dtype and,
+        run eagerly, of its address and version counter (moved, reassigned, changed in place). Compiled code cannot
+        read an address or a version counter; there the device and dtype checks, resolved while tracing and
+        guarded, are all, and the graph takes the copies as inputs."""
+        weight, rows = self.weight, self.float8_rows
+        if rows is None or rows.device != weight.device or self.float8_source_dtype != weight.dtype:
+            return False
+        return torch.compiler.is_compiling() or self.float8_made_from == (weight.data_ptr(), weight._version)
 
-    def drop_float8_weight(self) -> None:
-        self.__dict__.pop("_float8_weight", None)
-        self.__dict__.pop("_float8_made_from", None)
+    def make_float8_copies(self) -> None:
+        weight = self.weight
+        self.float8_rows, self.float8_row_scales, self.float8_columns, self.float8_column_scales = (
+            rowwise_fp8_copies(weight))
+        self.float8_source_dtype = weight.dtype
+        # made inside a compiled graph: the next eager forward makes them again, once, to record the address
+        self.float8_made_from = None if torch.compiler.is_compiling() else (weight.data_ptr(), weight._version)
+
+    def drop_float8_copies(self) -> None:
+        for name in ("float8_rows", "float8_row_scales", "float8_columns", "float8_column_scales",
+                     "float8_source_dtype", "float8_made_from"):
+            self.__dict__.pop(name, None)
 
 
 @dataclass
@@ -206,6 +209,17 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return decoder
 
 
+@torch.compiler.disable
+def refresh_float8_copies(decoder: nn.Module, *_) -> None:
+    """Forward pre-hook of a converted decoder: before its layers run, the FP8 copies of its frozen weights made
+    again where stale, eagerly. Compiled layers then find them current: compiled code cannot see a weight changed
+    in place, and making them there is a side effect (refused inside a checkpointed region)."""
+    for module in decoder.modules():
+        if isinstance(module, Float8FrozenLinear) and not module.weight.requires_grad:
+            if not module.float8_copies_current():
+                module.make_float8_copies()
+
+
 def unsupported_shape(linear: nn.Linear) -> str | None:
     if linear.in_features % ALIGNMENT or linear.out_features % ALIGNMENT:
         return (f"in_features {linear.in_features} x out_features {linear.out_features}: FP8 GEMMs need both "
@@ -218,7 +232,8 @@ def convert_frozen_linears_to_fp8(model: nn.Module) -> Float8Conversion:
     place (PEFT's wrappers keep their `base_layer`, now in FP8). Layers with a trainable weight (LoRA A/B, a
     module trained in full) stay; so do layers whose features are not divisible by 16 (logged). Refuses weights
     that are not bfloat16, float16 or float32, and a model in which no layer could be converted."""
-    inside_decoder = {id(module) for module in decoder_of(model).modules()}
+    decoder = decoder_of(model)
+    inside_decoder = {id(module) for module in decoder.modules()}
     done = Float8Conversion()
     for name, module in model.named_modules():
         if id(module) not in inside_decoder or type(module) is not nn.Linear or module.weight.requires_grad:
@@ -239,6 +254,8 @@ def convert_frozen_linears_to_fp8(model: nn.Module) -> Float8Conversion:
         why = "; ".join(f"{name}: {reason}" for name, reason in done.skipped.items()) or "none found"
         raise MiLoRAError(f"fp8_base: no frozen nn.Linear in the decoder layers of {type(model).__name__} can run "
                           f"in FP8 ({why})")
+    if getattr(decoder, "float8_copies_hook", None) is None:
+        decoder.float8_copies_hook = decoder.register_forward_pre_hook(refresh_float8_copies)
     logger.info("fp8_base: %d frozen linear layers compute in FP8 (%d skipped)", len(done.converted),
                 len(done.skipped))
     return done
@@ -249,8 +266,11 @@ def restore_linears(model: nn.Module) -> int:
     returns how many. Call it before merging adapters in memory or training the base weights."""
     restored = 0
     for module in model.modules():
+        hook = module.__dict__.pop("float8_copies_hook", None)
+        if hook is not None:
+            hook.remove()
         if isinstance(module, Float8FrozenLinear):
-            module.drop_float8_weight()
+            module.drop_float8_copies()
             module.__class__ = nn.Linear
             restored += 1
     return restored
