@@ -31,3 +31,16 @@ def test_torch_compile_compiles_the_decoder_layers_in_place(sft, tmp_path):
     assert runs["eager"][0].args.decoder_layer_compile is None
     eager_loss, compiled_loss = (run[1]["final_loss"] for run in runs.values())
     assert abs(eager_loss - compiled_loss) <= 1e-4 * abs(eager_loss)
+
+
+def test_torch_compile_with_an_fp8_base_trains_with_no_graph_break(sft, tmp_path):
+    """The two opt-ins together: the FP8 layers inside the compiled decoder layers, no graph break counted."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    sft.train([str(RECIPES / "tiny_milora.yaml"), "--output_dir", str(tmp_path), *FAST, "--fp8_base", "true",
+               "--torch_compile", "true", "--torch_compile_backend", "aot_eager"])
+    info = json.loads((tmp_path / "milora_run.json").read_text())
+    assert info["global_step"] == 2 and torch.isfinite(torch.tensor(info["final_loss"]))
+    assert not counters["graph_break"], dict(counters["graph_break"])
