@@ -112,12 +112,6 @@ def singular_components(
 # float64 would be 1.9 GB, held once per decomposition in flight.
 CHUNK_ELEMENTS = 1 << 25
 
-
-def _row_chunks(rows: int, cols: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, cols))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
 # The Gram matrix is symmetric: it is summed in column blocks of this width, its lower triangle of blocks only
 # (10 of 16 block products at n = 8192), the upper one mirrored. Blocks this wide keep each float64 GEMM
 # large enough to run at the tensor cores' peak.
@@ -128,6 +122,16 @@ def _block_slices(n: int, width: int) -> list[slice]:
     return [slice(start, min(start + width, n)) for start in range(0, n, width)]
 
 
+def _lower_block_pairs(n: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) of the `GRAM_BLOCK`-wide blocks on and below the diagonal of an n x n matrix."""
+    blocks = _block_slices(n, GRAM_BLOCK)
+    return [(block_i, block_j) for i, block_i in enumerate(blocks) for block_j in blocks[: i + 1]]
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    return _block_slices(rows, max(1, CHUNK_ELEMENTS // max(1, cols)))
+
+
 def smaller_gram(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The smaller Gram matrix of `weight` in float64 (`W W^T` if the weight is wide, else `W^T W`) and
     whether it is wide; summed over row chunks, so that no float64 copy of the whole weight exists, and over
@@ -135,17 +139,16 @@ def smaller_gram(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     wide = weight.shape[0] < weight.shape[1]
     tall = weight.T if wide else weight  # the Gram is tall^T tall
     n = tall.shape[1]
-    blocks = _block_slices(n, GRAM_BLOCK)
+    pairs = _lower_block_pairs(n)
     gram = None
     for rows in _row_chunks(*tall.shape):
         chunk = tall[rows].to(torch.float64)
         if gram is None:  # `new_zeros`: DeepSpeed's zero.Init casts what `torch.zeros` makes to its dtype
             gram = chunk.new_zeros(n, n)
-        for i, block_i in enumerate(blocks):
-            for block_j in blocks[: i + 1]:
-                gram[block_i, block_j].addmm_(chunk[:, block_i].T, chunk[:, block_j])
-    for i, block_i in enumerate(blocks):
-        for block_j in blocks[:i]:
+        for block_i, block_j in pairs:
+            gram[block_i, block_j].addmm_(chunk[:, block_i].T, chunk[:, block_j])
+    for block_i, block_j in pairs:
+        if block_i != block_j:
             gram[block_j, block_i] = gram[block_i, block_j].T
     return gram, wide
 
@@ -290,17 +293,15 @@ def _apply_shifted_inverse(inverse_factor: torch.Tensor, basis: torch.Tensor) ->
     """`(G - s I)^-1 basis = L^-T L^-1 basis` for the Cholesky factor `L` of `G - s I`: GEMMs over the lower
     triangle of `GRAM_BLOCK`-wide blocks of `L^-1` (10 of 16 at n = 8192), where `cholesky_solve`'s two
     triangular solves are latency-bound on a GPU (one small kernel per panel)."""
-    blocks = _block_slices(inverse_factor.shape[0], GRAM_BLOCK)
-    if len(blocks) == 1:
+    pairs = _lower_block_pairs(inverse_factor.shape[0])
+    if len(pairs) == 1:
         return inverse_factor.T @ (inverse_factor @ basis)
     half = torch.zeros_like(basis)  # L^-1 basis
-    for i, block_i in enumerate(blocks):
-        for block_j in blocks[: i + 1]:
-            half[block_i].addmm_(inverse_factor[block_i, block_j], basis[block_j])
+    for block_i, block_j in pairs:
+        half[block_i].addmm_(inverse_factor[block_i, block_j], basis[block_j])
     out = torch.zeros_like(basis)  # L^-T (L^-1 basis)
-    for i, block_i in enumerate(blocks):
-        for block_j in blocks[: i + 1]:
-            out[block_j].addmm_(inverse_factor[block_i, block_j].T, half[block_i])
+    for block_i, block_j in pairs:
+        out[block_j].addmm_(inverse_factor[block_i, block_j].T, half[block_i])
     return out
 
 
