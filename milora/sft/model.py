@@ -90,12 +90,9 @@ def with_fp8_base(peft_model, model_args: ModelArguments):
     `milora.fp8`); unchanged otherwise. The adapters are in place, so only the frozen layers are converted."""
     if not model_args.fp8_base:
         return peft_model
-    from milora.distributed import is_zero3_partitioned
     from milora.fp8 import convert_frozen_linears_to_fp8
 
-    if any(is_zero3_partitioned(p) for p in peft_model.parameters()):
-        raise RecipeError("fp8_base makes FP8 copies of whole frozen weights, which ZeRO-3 partitions across "
-                          "processes; use ZeRO-2 or plain data parallel with fp8_base")
+    # ZeRO-3 is refused before anything loads (milora.sft.checks.check_fp8_launch)
     convert_frozen_linears_to_fp8(peft_model)
     return peft_model
 
@@ -152,7 +149,7 @@ def set_lora_dropout(peft_model, p: float, adapter_name: str = ADAPTER_NAME) -> 
 def compile_decoder_layers(model, training: MiloraSFTConfig) -> int:
     """Compile the model's decoder layers in place when the recipe asks (`torch_compile: true`, see
     `MiloraSFTConfig`); the number of layers compiled (0 when not asked). They compile at the first steps."""
-    options = getattr(training, "decoder_layer_compile", None)
+    options = training.decoder_layer_compile
     if not options:
         return 0
     from milora.regional_compile import compile_repeated_blocks

@@ -172,7 +172,7 @@ def save_outputs(trainer, recipe, original_fingerprint: dict | None = None, step
         "global_step": trainer.state.global_step,
         "final_loss": final_training_loss(trainer.state.log_history),
         "step0_check": step0,
-        "fp8_base": bool(getattr(model_args, "fp8_base", False)),
+        "fp8_base": model_args.fp8_base,
     }
     if main:
         common = {"method": model_args.method, "original_model": info["base_model"]}
