@@ -42,8 +42,8 @@ def _settings(run: dict) -> str:
         parts.append("compiled")
     if s.get("compile_layers"):
         parts.append("decoder layers compiled")
-    if s.get("optim") == "adamw_torch_fused":
-        parts.append("fused AdamW")
+    if s.get("optim") in ("adamw_torch_fused", "adamw_torch"):
+        parts.append("fused AdamW" if s["optim"] == "adamw_torch_fused" else "unfused AdamW")
     if s.get("fp8_base"):
         parts.append("FP8 frozen base")
     if s["lora_dropout"] == 0:
