@@ -195,9 +195,11 @@ def _components_from_gram_eigenpairs(weight, wide, eigenvalues, vectors, indices
     return SingularComponents(U, sigma, Vh, indices)
 
 
-# `auto` takes the subspace solver when r <= min(shape) / SUBSPACE_MAX_RANK_FRACTION (r = 64 on LLaMA's k/v
-# projections of 1024 rows and up).
-SUBSPACE_MAX_RANK_FRACTION = 16
+# `auto` takes the subspace solver when r <= min(shape) / SUBSPACE_MAX_RANK_FRACTION (r = 64 from 2048 rows up).
+# Below that the block of SUBSPACE_BLOCK * r vectors is half the Gram matrix or more, and one `eigh` of it is
+# faster: LLaMA-2-70B's 1024-row k/v projections (r = 64) took 34 ms by subspace iteration, and the 70B init
+# went from ~38 to ~34 s from CPU memory (docs/benchmarks.md).
+SUBSPACE_MAX_RANK_FRACTION = 32
 # Block size of the subspace iteration is SUBSPACE_BLOCK * r: the extra directions speed convergence
 # where the minor end of the spectrum is dense (as it is for trained and random weights alike): per
 # iteration, the residual of the r-th wanted pair shrinks by (lambda_r - s) / (lambda_block+1 - s).

@@ -8,8 +8,7 @@ weight. Around that step:
 - weights on the decomposition device: the step runs on the weight itself;
 - weights elsewhere (a model in CPU memory, `device="cuda"`): the weight is staged through one pinned host
   buffer per worker, copied to the GPU, decomposed there, and the residual comes back in the weight's dtype
-  through the same buffer, in chunks so that host memcpy and PCIe transfers overlap. Nothing is computed in
-  float64 on the host;
+  through the same buffer. Nothing is computed in float64 on the host;
 - on a GPU, `workers` threads each run one matrix at a time on their own CUDA stream, so one matrix's copies
   and host-side memcpy overlap the others' decompositions, and the device holds at most `workers` matrices
   (their low-precision copy, one float64 Gram matrix and its Cholesky factor each; see
@@ -108,11 +107,6 @@ def decompose_in_place(
     return B, A
 
 
-# Host memcpy (pageable <-> pinned) and the DMA over PCIe go chunk by chunk, so that one chunk's memcpy overlaps
-# the previous chunk's transfer instead of the two running one after the other for the whole weight.
-STAGING_CHUNK_BYTES = 64 << 20
-
-
 class _Staging:
     """One worker's way to and from the decomposition device: a host buffer (pinned for a GPU) that holds
     one weight in its dtype, and, on a GPU, the worker's CUDA stream and the events that time its copies."""
@@ -128,57 +122,32 @@ class _Staging:
         nbytes = like.numel() * like.element_size()
         return self.buffer[:nbytes].view(like.dtype).view(like.shape)
 
-    def _chunks(self, tensor: torch.Tensor) -> list[slice]:
-        step = max(1, STAGING_CHUNK_BYTES // tensor.element_size())
-        return [slice(start, min(start + step, tensor.numel())) for start in range(0, tensor.numel(), step)]
-
-    def _record(self) -> torch.cuda.Event | None:
+    def _timed_copy(self, destination: torch.Tensor, source: torch.Tensor) -> float:
         if not self.cuda:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self.stream)
-        return event
-
-    def _add_stats(self, to_device: int, to_host: int, timings: list) -> None:
-        seconds = sum(start.elapsed_time(end) for start, end in timings) / 1000 if self.cuda else 0.0
-        self.stats.add(to_device, to_host, seconds)
+            destination.copy_(source)
+            return 0.0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        destination.copy_(source, non_blocking=True)
+        end.record(self.stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         """A copy of `host` on the device, through the staging buffer."""
         staged = self._host_view(host)
+        staged.copy_(host)  # pageable -> pinned (host memcpy, several threads)
         work = torch.empty_like(staged, device=self.device)
-        host_flat, staged_flat, work_flat = host.reshape(-1), staged.view(-1), work.view(-1)
-        timings = []
-        for chunk in self._chunks(staged_flat):
-            staged_flat[chunk].copy_(host_flat[chunk])  # pageable -> pinned (host memcpy)
-            start = self._record()
-            work_flat[chunk].copy_(staged_flat[chunk], non_blocking=self.cuda)  # pinned -> device, asynchronous
-            timings.append((start, self._record()))
-        if self.cuda:
-            timings[-1][1].synchronize()
-        self._add_stats(staged.numel() * staged.element_size(), 0, timings)
+        seconds = self._timed_copy(work, staged)
+        self.stats.add(staged.numel() * staged.element_size(), 0, seconds)
         return work
 
     def download(self, work: torch.Tensor, host: torch.Tensor) -> None:
         """Write the device tensor `work` into `host`, through the staging buffer."""
         staged = self._host_view(host)
-        staged_flat, work_flat = staged.view(-1), work.reshape(-1)
-        # every device -> pinned copy queued at once; each chunk goes on to pageable memory as soon as it is in
-        chunks, timings = self._chunks(staged_flat), []
-        for chunk in chunks:
-            start = self._record()
-            staged_flat[chunk].copy_(work_flat[chunk], non_blocking=self.cuda)
-            timings.append((start, self._record()))
-        host_flat = host.view(-1) if host.is_contiguous() else None
-        for chunk, (_, end) in zip(chunks, timings, strict=True):
-            if end is not None:
-                end.synchronize()
-            if host_flat is not None:
-                host_flat[chunk].copy_(staged_flat[chunk])
-        if host_flat is None:
-            host.copy_(staged)
-        # every chunk is out: the next upload may overwrite the buffer
-        self._add_stats(0, staged.numel() * staged.element_size(), timings)
+        seconds = self._timed_copy(staged, work)  # waits for the copy: the buffer is then free again
+        self.stats.add(0, staged.numel() * staged.element_size(), seconds)
+        host.copy_(staged)
 
 
 def _process(matrix: Matrix, mode: str, solver: str, device: torch.device, staging: _Staging | None,
