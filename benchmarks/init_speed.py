@@ -134,17 +134,15 @@ def end_to_end(device, layers, r, dtype):
 
 
 def override_constant(parser, option: str) -> None:
-    """Set `NAME=VALUE` (a Python literal) on the solver or streaming module that defines NAME."""
+    """Set `NAME=VALUE` (a Python literal) on milora.decomposition, for trials of its solver constants."""
     import ast
 
-    import milora.decomposition
-    import milora.streaming
+    import milora.decomposition as decomposition
 
     name, _, value = option.partition("=")
-    module = next((m for m in (milora.decomposition, milora.streaming) if hasattr(m, name)), None)
-    if module is None or not name.isupper():
-        parser.error(f"--solver_option: neither milora.decomposition nor milora.streaming has a constant {name}")
-    setattr(module, name, ast.literal_eval(value))
+    if not (name.isupper() and hasattr(decomposition, name)):
+        parser.error(f"--solver_option: milora.decomposition has no constant {name}")
+    setattr(decomposition, name, ast.literal_eval(value))
 
 
 def main():
@@ -160,8 +158,7 @@ def main():
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--workers", type=int, default=None, help="70b: decompositions in flight on the GPU")
     parser.add_argument("--solver_option", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a constant of milora.decomposition or milora.streaming, e.g. GRAM_BLOCK=1024 "
-                        "(repeatable)")
+                        help="override a milora.decomposition constant, e.g. GRAM_BLOCK=1024 (repeatable)")
     args = parser.parse_args()
     for option in args.solver_option:
         override_constant(parser, option)
