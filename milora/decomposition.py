@@ -77,6 +77,13 @@ def component_indices(rank: int, r: int, mode: str, generator: torch.Generator |
     return torch.randperm(rank, generator=generator)[:r].sort().values
 
 
+def auto_solver(shape: tuple[int, int], r: int, mode: str, on_gpu: bool) -> str:
+    """The solver `auto` stands for: `subspace` for a minor slice on a GPU with r small against the matrix
+    (`SUBSPACE_MAX_RANK_FRACTION`), else `gram`."""
+    small_rank = SUBSPACE_MAX_RANK_FRACTION * r <= min(shape)
+    return "subspace" if mode == "minor" and on_gpu and small_rank else "gram"
+
+
 def singular_components(
     weight: torch.Tensor,
     r: int,
@@ -92,8 +99,7 @@ def singular_components(
         raise ValueError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
     indices = component_indices(min(weight.shape), r, mode, generator)
     if solver == "auto":
-        small_rank = SUBSPACE_MAX_RANK_FRACTION * r <= min(weight.shape)
-        solver = "subspace" if mode == "minor" and weight.is_cuda and small_rank else "gram"
+        solver = auto_solver(tuple(weight.shape), r, mode, weight.is_cuda)
     if solver == "svd":
         U, S, Vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
         idx = indices.to(weight.device)

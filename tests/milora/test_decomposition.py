@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from milora.decomposition import (
+    auto_solver,
     component_indices,
     lora_factors,
     residual_weight,
@@ -211,3 +212,16 @@ def test_shifted_inverse_over_blocks_equals_the_dense_product(monkeypatch):
     basis = torch.randn(1000, 40, generator=generator, dtype=torch.float64)
     expected = inverse_factor.T @ (inverse_factor @ basis)
     assert torch.allclose(decomposition._apply_shifted_inverse(inverse_factor, basis), expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize(("shape", "r", "mode", "on_gpu", "expected"), [
+    ((4096, 4096), 64, "minor", True, "subspace"),     # LLaMA-2-7B's projections
+    ((11008, 4096), 128, "minor", True, "subspace"),
+    ((4096, 4096), 256, "minor", True, "gram"),        # a block of 8 r = 2048 vectors: half the Gram matrix
+    ((1024, 8192), 64, "minor", True, "gram"),         # LLaMA-2-70B's k/v projections (docs/benchmarks.md)
+    ((8192, 28672), 64, "minor", True, "subspace"),
+    ((4096, 4096), 64, "principal", True, "gram"),     # the subspace iteration finds the minor end only
+    ((4096, 4096), 64, "minor", False, "gram"),        # the CPU's LAPACK eigh is the faster there
+])
+def test_auto_takes_the_subspace_solver_only_for_a_small_minor_slice_on_a_gpu(shape, r, mode, on_gpu, expected):
+    assert auto_solver(shape, r, mode, on_gpu) == expected
