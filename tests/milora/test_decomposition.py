@@ -221,7 +221,7 @@ def test_shifted_inverse_over_blocks_equals_the_dense_product(monkeypatch):
     ((1024, 8192), 64, "minor", True, "gram"),         # LLaMA-2-70B's k/v projections (docs/benchmarks.md)
     ((8192, 28672), 64, "minor", True, "subspace"),
     ((4096, 4096), 64, "principal", True, "gram"),     # the subspace iteration finds the minor end only
-    ((4096, 4096), 64, "minor", False, "gram"),        # the CPU's LAPACK eigh is the faster there
+    ((4096, 4096), 64, "minor", False, "gram"),        # on the CPU, always the Gram matrix's eigh
 ])
 def test_auto_takes_the_subspace_solver_only_for_a_small_minor_slice_on_a_gpu(shape, r, mode, on_gpu, expected):
     assert auto_solver(shape, r, mode, on_gpu) == expected
