@@ -27,6 +27,9 @@ def _spread(runs: list[dict]) -> str:
     return f"±{50 * (max(values) - min(values)) / statistics.median(values):.1f}%"
 
 
+OPTIMIZER_NAMES = {"adamw_torch_fused": "fused AdamW", "adamw_torch": "unfused AdamW"}
+
+
 def _settings(run: dict) -> str:
     s = run["settings"]
     attention = s["attention"] + (" (sdpa fallback)" if s["attention"] != "sdpa" and not run["varlen_kernel"] else "")
@@ -42,8 +45,8 @@ def _settings(run: dict) -> str:
         parts.append("compiled")
     if s.get("compile_layers"):
         parts.append("decoder layers compiled")
-    if s.get("optim") in ("adamw_torch_fused", "adamw_torch"):
-        parts.append("fused AdamW" if s["optim"] == "adamw_torch_fused" else "unfused AdamW")
+    if s.get("optim") in OPTIMIZER_NAMES:
+        parts.append(OPTIMIZER_NAMES[s["optim"]])
     if s.get("fp8_base"):
         parts.append("FP8 frozen base")
     if s["lora_dropout"] == 0:
