@@ -34,6 +34,8 @@ def _settings(run: dict) -> str:
     s = run["settings"]
     attention = s["attention"] + (" (sdpa fallback)" if s["attention"] != "sdpa" and not run["varlen_kernel"] else "")
     batches = f"{run['spec']['token_budget']}-token budget" if s["grouping"] == "budget" else "fixed rows"
+    if s.get("pad_to_budget"):
+        batches += ", padded to it"
     if s["micro_batch"] and s["micro_batch"] < run["spec"]["batch_size"]:
         batches += f" in {s['micro_batch']}-row micro-batches"
     liger = "Liger" if s["liger"] else "no Liger"
@@ -44,7 +46,7 @@ def _settings(run: dict) -> str:
     if s.get("compile"):
         parts.append("compiled")
     if s.get("compile_layers"):
-        parts.append("decoder layers compiled")
+        parts.append("decoder layers compiled" + (f" ({s['compile_mode']})" if s.get("compile_mode") else ""))
     if s.get("optim") in OPTIMIZER_NAMES:
         parts.append(OPTIMIZER_NAMES[s["optim"]])
     if s.get("fp8_base"):

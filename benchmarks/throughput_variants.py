@@ -43,11 +43,15 @@ class Variant:
     peft_input_cast: bool = False  # keep PEFT's float32 copy of LoRA inputs under autocast (milora.autocast)
     load_in_4bit: bool = False  # nf4 base (QLoRA / QMiLoRA): the residual quantized after the decomposition
     fp8_base: bool = False  # frozen decoder GEMMs in FP8 after the adapters are in place (milora.fp8)
+    compile_mode: str | None = None  # torch.compile mode of the compiled layers ("reduce-overhead": CUDA graphs)
+    pad_to_budget: bool = False  # every batch padded to token_budget tokens (SFTConfig.pad_to_multiple_of): one shape
 
 
 FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True, grouping="budget", micro_batch=0)
 # decoder layers compiled in place, Liger for the LM head and cross-entropy only (the recipes' fused AdamW kept)
 COMPILED = dict(compile_layers=True, liger_ops=())
+# ... and replayed as CUDA graphs, which need one shape: every batch padded to the token budget
+GRAPHED = dict(**COMPILED, compile_mode="reduce-overhead", pad_to_budget=True)
 VARIANTS = {  # in run order: the comparisons that matter most first, in case a time budget cuts a round
     "trl_defaults": Variant("lora", "trl_defaults", "SFTConfig defaults + PEFT LoraConfig (padded, GC on, sdpa)"),
     "lora_fast": Variant("lora", "recipe", "LoRA, all levers: GC off, varlen, Liger, token budget, 1 micro-batch",
@@ -97,6 +101,17 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                                          **COMPILED, fp8_base=True),
     "milora_fast_layers_flce_fp8": Variant("milora", "recipe", "milora_fast_layers_flce + FP8 frozen base", **FAST,
                                            **COMPILED, fp8_base=True),
+    "lora_fast_layers_flce_padded": Variant("lora", "recipe", "lora_fast_layers_flce, batches padded to the token "
+                                            "budget (the cost of the padding alone)", **FAST, **COMPILED,
+                                            pad_to_budget=True),
+    "lora_fast_graphs": Variant("lora", "recipe", "lora_fast_layers_flce, the layers replayed as CUDA graphs "
+                                "(torch_compile_mode reduce-overhead), batches padded to the token budget",
+                                **FAST, **GRAPHED),
+    "milora_fast_graphs": Variant("milora", "recipe", "MiLoRA, as lora_fast_graphs", **FAST, **GRAPHED),
+    "lora_fast_graphs_fp8": Variant("lora", "recipe", "lora_fast_graphs + FP8 frozen base", **FAST, **GRAPHED,
+                                    fp8_base=True),
+    "milora_fast_graphs_fp8": Variant("milora", "recipe", "milora_fast_graphs + FP8 frozen base", **FAST, **GRAPHED,
+                                      fp8_base=True),
 }
 QUANTIZED_VARIANTS = ["trl_defaults", "qlora_lowmem", "qmilora_lowmem", "lora_lowmem", "qlora_fast", "qmilora_fast"]
 FP8_VARIANTS = ["lora_fast", "lora_fast_fp8", "milora_fast", "milora_fast_fp8"]
@@ -155,6 +170,7 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
         settings["optim"] = variant.optim
     return {**settings, "method": variant.method, "base": variant.base, "grouping": variant.grouping,
             "compile": variant.compile, "compile_layers": variant.compile_layers, "liger_ops": variant.liger_ops,
+            "compile_mode": variant.compile_mode, "pad_to_budget": variant.pad_to_budget,
             "bf16": on_gpu,
             "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults",
             "load_in_4bit": variant.load_in_4bit, "fp8_base": variant.fp8_base}

@@ -115,6 +115,18 @@ def step_timer():
     return StepTimer()
 
 
+def graph_step_marker():
+    from transformers import TrainerCallback
+
+    class GraphStepMarker(TrainerCallback):
+        """Tells the compiled layers' CUDA graphs that a new optimizer step begins (the last one's outputs are dead)."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.compiler.cudagraph_mark_step_begin()
+
+    return GraphStepMarker()
+
+
 def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str | None):
     """The model with the variant's adapters (None for TRL's own PEFT wrapping) and the PEFT config TRL needs."""
     from peft import LoraConfig
@@ -147,7 +159,7 @@ def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str |
     if variant.compile_layers:
         from milora.regional_compile import compile_repeated_blocks
 
-        compile_repeated_blocks(model)
+        compile_repeated_blocks(model, **({"mode": variant.compile_mode} if variant.compile_mode else {}))
     return model, None
 
 
@@ -178,6 +190,10 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
         if settings["liger"] and variant.liger_ops is not None:
             # SFTTrainer fuses the LM head with Liger's cross-entropy itself whenever use_liger_kernel is on
             recipe_args["liger_kernel_config"] = {op: op in variant.liger_ops for op in ("rope", "swiglu", "rms_norm")}
+        if variant.pad_to_budget:
+            if variant.grouping != "budget":
+                raise ValueError(f"{variant_name}: pad_to_budget needs the budget grouping")
+            recipe_args["pad_to_multiple_of"] = spec["token_budget"]
     training_args = SFTConfig(
         output_dir=output_dir, max_steps=len(groups), per_device_train_batch_size=len(loader_batches[0]),
         gradient_accumulation_steps=accumulation, report_to="none", save_strategy="no", logging_steps=10**6,
@@ -187,6 +203,8 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
     dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
     timer = step_timer()
     callbacks = [timer]
+    if variant.compile_mode == "reduce-overhead":
+        callbacks.append(graph_step_marker())
     if profile_table is not None:
         callbacks.append(profiled_steps(spec["warmup"], 2, profile_table))
     trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, callbacks)

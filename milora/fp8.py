@@ -184,6 +184,11 @@ class Float8FrozenLinear(nn.Linear):
         self.float8_source_dtype = weight.dtype
         # made inside a compiled graph: the next eager forward makes them again, once, to record the address
         self.float8_made_from = None if torch.compiler.is_compiling() else (weight.data_ptr(), weight._version)
+        if not torch.compiler.is_compiling():
+            # CUDA graphs of a compiled layer (torch_compile_mode: reduce-overhead) then read the copies where they
+            # are, as they do parameters, instead of copying 2 bytes a weight into the graph's buffers every replay
+            for copy in (self.float8_rows, self.float8_row_scales, self.float8_columns, self.float8_column_scales):
+                torch._dynamo.mark_static_address(copy)
 
     def drop_float8_copies(self) -> None:
         for name in ("float8_rows", "float8_row_scales", "float8_columns", "float8_column_scales",

@@ -3,6 +3,7 @@ table, the FLOP count, and one real run of the command line (so a GPU run does n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -105,6 +106,30 @@ def test_worker_trains_on_the_saved_batches(data, variant, tmp_path):
         assert settings["attention"] == recipe["attn_implementation"]
         per_device = recipe["per_device_train_batch_size"]
         assert settings["micro_batch"] == (None if per_device >= SMOKE["batch_size"] else per_device)
+
+
+def test_padded_batches_hold_the_token_budget_and_change_no_loss(data, tmp_path, monkeypatch):
+    """pad_to_budget (the CUDA-graph variants' one shape), without the compilation: every batch the model sees holds
+    exactly token_budget tokens, and the padding adds nothing to the loss."""
+    padded = dataclasses.replace(tt.VARIANTS["lora_fast"], pad_to_budget=True)
+    monkeypatch.setitem(tt.VARIANTS, "lora_fast_padded_test", padded)
+    shapes = []
+    collate = tt.RecordingCollator.__call__
+
+    def recording_shapes(self, examples):
+        batch = collate(self, examples)
+        shapes.append(tuple(batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(tt.RecordingCollator, "__call__", recording_shapes)
+    result = tt.run_worker("lora_fast_padded_test", data, str(tmp_path / "padded"))
+    assert shapes and set(shapes) == {(1, SMOKE["token_budget"])}
+    shapes.clear()
+    plain = tt.run_worker("lora_fast", data, str(tmp_path / "plain"))
+    assert all(tokens < SMOKE["token_budget"] for _, tokens in shapes)  # so the padding above was real
+    assert result["tokens"] == plain["tokens"]  # tokens/s counts the real tokens only
+    assert result["training_loss"] == pytest.approx(plain["training_loss"], rel=1e-4)
+    assert result["settings"]["pad_to_budget"] and not plain["settings"]["pad_to_budget"]
 
 
 def _fake_run(variant, repeat, tokens_per_s, step, grouping="fixed", digest="d1"):

@@ -142,6 +142,15 @@ def test_fp8_copies_follow_the_weight():
     assert layer(x.float()).dtype == torch.float32
 
 
+def test_fp8_copies_are_static_inputs_for_cuda_graphs():
+    """made eagerly, the copies are marked as static addresses, so a CUDA graph of a compiled layer reads them in place
+    (as it does parameters) instead of copying them into its buffers at every replay"""
+    layer = converted(frozen_linear(bias=False))
+    layer(torch.randn(16, 64, dtype=torch.bfloat16))
+    copies = (layer.float8_rows, layer.float8_row_scales, layer.float8_columns, layer.float8_column_scales)
+    assert all(getattr(copy, "_dynamo_static_input_type", None) == "unguarded" for copy in copies)
+
+
 def test_trained_weight_takes_the_plain_linear():
     linear = frozen_linear().requires_grad_(True)
     layer = converted(linear)
