@@ -85,6 +85,37 @@ def _cached_cu_seqlens(position_ids: torch.Tensor, batch_size: int) -> tuple[tor
     return boundaries
 
 
+PACKED_BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _boundaries_beside_layers(decoder, args, kwargs):
+    """Forward pre-hook of a decoder (`keep_boundaries_out_of_layers`): the packed row's boundaries go to the
+    attention through the position-ids cache, and the layers are called without them."""
+    global _last_boundaries
+    position_ids, cu_seqlens, max_len = (kwargs.get(key) for key in ("position_ids", "cu_seq_lens_q", "max_length_q"))
+    if position_ids is None or cu_seqlens is None or max_len is None or position_ids.shape[0] != 1:
+        return None
+    _last_boundaries = (position_ids, (cu_seqlens.to(device=position_ids.device, dtype=torch.int32), int(max_len)))
+    return args, {key: value for key, value in kwargs.items() if key not in PACKED_BOUNDARY_KEYS}
+
+
+def keep_boundaries_out_of_layers(model: torch.nn.Module) -> bool:
+    """For compiled decoder layers (`milora.regional_compile`): the boundaries of a padding-free batch that TRL's
+    collator passes (`cu_seq_lens_q`, `max_length_q`, ...) reach this module's attention through its position-ids
+    cache instead of as arguments of every layer. As arguments, their length (the batch's number of sequences) and
+    its longest sequence change from batch to batch: each change was a recompilation at the start, and with CUDA
+    graphs (`torch_compile_mode: reduce-overhead`) a new recording. Whether a hook was added: only a decoder whose
+    attention is `VARLEN_ATTENTION` reads the cache (transformers' flash attention reads the arguments)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    config = getattr(decoder, "config", None)
+    if not isinstance(decoder, torch.nn.Module) or getattr(config, "_attn_implementation", None) != VARLEN_ATTENTION:
+        return False
+    if getattr(decoder, "packed_boundaries_hook", None) is None:
+        decoder.packed_boundaries_hook = decoder.register_forward_pre_hook(_boundaries_beside_layers, with_kwargs=True)
+    return True
+
+
 def packed_boundaries(query, key, attention_mask, module, kwargs) -> tuple[torch.Tensor, int] | None:
     """(cu_seqlens, max_len) of the flattened batch when this call can run as varlen attention, else None."""
     if attention_mask is not None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):

@@ -6,12 +6,15 @@ place, so parameter names, `state_dict` and adapter saving are unchanged) gives 
 layers share, made dynamic in the token dimension after the first change of shape. Inside it the adapter's
 dropout, scaling and sum, the residual adds and the norms fuse into few kernels, which cuts the launches
 that leave the GPU idle between small kernels. The variable-length attention stays eager
-(`milora.attention`).
+(`milora.attention`), and the boundaries of a padding-free batch reach it beside the layers, not through them
+(`keep_boundaries_out_of_layers`): the layers' inputs then change shape with the token count only.
 """
 
 from __future__ import annotations
 
 import torch
+
+from milora.attention import keep_boundaries_out_of_layers
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
@@ -43,4 +46,5 @@ def compile_repeated_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     for stack in stacks:
         for block in stack:
             block.compile(**compile_kwargs)
+    keep_boundaries_out_of_layers(model)
     return sum(len(stack) for stack in stacks)

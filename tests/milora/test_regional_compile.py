@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -56,3 +58,47 @@ def test_compiled_layers_train_as_eager_ones_across_changing_token_counts():
 def test_a_model_without_repeated_blocks_is_refused():
     with pytest.raises(ValueError, match="no repeated blocks"):
         compile_repeated_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+
+
+def test_packed_boundaries_reach_the_attention_beside_the_compiled_layers():
+    """TRL's padding-free batches carry cu_seq_lens_q / max_length_q, whose length changes with the number of
+    sequences: passed through the compiled layers, each new count compiled them again (and with CUDA graphs recorded
+    new graphs). Beside the layers, batches of one token count and different sequence counts reuse one graph, and the
+    loss is the eager model's."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from milora.attention import VARLEN_ATTENTION, register_varlen_attention
+
+    register_varlen_attention()
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    eager = tiny_llama()
+    eager.set_attn_implementation(VARLEN_ATTENTION)
+    vocab = eager.config.vocab_size
+
+    def batch(lengths, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return collate([{"input_ids": torch.randint(3, vocab, (n,), generator=generator).tolist()} for n in lengths])
+
+    batches = [batch(lengths, seed) for seed, lengths in enumerate([[12, 12], [6, 6, 6, 6], [24], [3, 13, 8]])]
+    assert len({b["cu_seq_lens_q"].numel() for b in batches}) == 4 and {b["input_ids"].shape for b in batches} == {
+        (1, 24)}
+
+    def graphs_compiled(model, hook):
+        torch._dynamo.reset()
+        compile_repeated_blocks(model, backend="eager")
+        if not hook:
+            model.model.packed_boundaries_hook.remove()
+        losses = []
+        for b in batches:
+            if len(losses) == 1:
+                before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            losses.append(model(**b).loss.detach())
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before, losses
+
+    reference = [eager(**b).loss.detach() for b in batches]
+    new_graphs, losses = graphs_compiled(copy.deepcopy(eager), hook=True)
+    assert new_graphs == 0
+    assert torch.allclose(torch.stack(losses), torch.stack(reference), rtol=1e-5, atol=1e-6)
+    new_graphs, losses = graphs_compiled(copy.deepcopy(eager), hook=False)  # the arguments through the layers
+    assert new_graphs > 0
+    assert torch.allclose(torch.stack(losses), torch.stack(reference), rtol=1e-5, atol=1e-6)
