@@ -69,7 +69,7 @@ def train(argv: list[str] | None = None):
         adapters_to_float32(trainer.model)
     # The initialised model must still be the base model: one forward pass of the first batch through both.
     step0 = run_step0_check(trainer, model_args, training_args).as_dict() if training_args.step0_check else None
-    compile_decoder_layers(trainer.model, training_args)  # torch_compile: the layers, after the eager step-0 check
+    compile_decoder_layers(trainer, training_args)  # torch_compile: the layers, after the eager step-0 check
     trainer.add_callback(stop_at_max_steps_callback())
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

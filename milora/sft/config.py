@@ -314,6 +314,13 @@ class MiloraSFTConfig(SFTConfig):
         if self.torch_compile:
             self.decoder_layer_compile = {"backend": self.torch_compile_backend or "inductor",
                                           "mode": self.torch_compile_mode}
+            if self.torch_compile_mode == "reduce-overhead" and self.pad_to_multiple_of is None:
+                warnings.warn(
+                    "torch_compile_mode: reduce-overhead replays the compiled layers as CUDA graphs, recorded anew for "
+                    "every batch length; set pad_to_multiple_of (the token budget of a step, or 512) so that few "
+                    "lengths occur",
+                    stacklevel=3,
+                )
             self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
 
     def _set_up_processes_without_gpus(self) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 
 import torch
+from transformers import TrainerCallback
 
 from milora.distributed import ADAPTER_NAME, adapted_module_names, lora_layers
 from milora.layout import INIT_SUBDIR
@@ -146,15 +147,26 @@ def set_lora_dropout(peft_model, p: float, adapter_name: str = ADAPTER_NAME) -> 
     peft_model.peft_config[adapter_name].lora_dropout = p
 
 
-def compile_decoder_layers(model, training: MiloraSFTConfig) -> int:
-    """Compile the model's decoder layers in place when the recipe asks (`torch_compile: true`, see
-    `MiloraSFTConfig`); the number of layers compiled (0 when not asked). They compile at the first steps."""
+def compile_decoder_layers(trainer, training: MiloraSFTConfig) -> int:
+    """Compile the trainer's model's decoder layers in place when the recipe asks (`torch_compile: true`, see
+    `MiloraSFTConfig`); the number of layers compiled (0 when not asked). They compile at the first steps. With
+    `torch_compile_mode: reduce-overhead` (CUDA graphs) the trainer also marks where each optimizer step begins."""
     options = training.decoder_layer_compile
     if not options:
         return 0
     from milora.regional_compile import compile_repeated_blocks
 
-    compiled = compile_repeated_blocks(model, **options)
+    compiled = compile_repeated_blocks(trainer.model, **options)
     logger.info("torch_compile: %d decoder layers compiled in place (%s)", compiled, options["backend"])
+    if options.get("mode") == "reduce-overhead":
+        trainer.add_callback(CudaGraphStepMarker())
     return compiled
+
+
+class CudaGraphStepMarker(TrainerCallback):
+    """Tells the compiled layers' CUDA graphs where an optimizer step begins: the last step's graph outputs are then
+    known to be dead, and their memory is reused without a check."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
 

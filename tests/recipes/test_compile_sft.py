@@ -44,3 +44,20 @@ def test_torch_compile_with_an_fp8_base_trains_with_no_graph_break(sft, tmp_path
     info = json.loads((tmp_path / "milora_run.json").read_text())
     assert info["global_step"] == 2 and torch.isfinite(torch.tensor(info["final_loss"]))
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_cuda_graph_mode_marks_each_step_and_trains_as_the_eager_run(sft, tmp_path):
+    """torch_compile_mode: reduce-overhead with the lengths bucketed (pad_to_multiple_of): the layers compiled in
+    that mode, a step marker for their CUDA graphs, and the eager run's loss (the padding adds none)."""
+    from milora.sft.model import CudaGraphStepMarker
+
+    torch._dynamo.reset()
+    losses = []
+    for name, extra in {"eager": [], "graphs": ["--torch_compile", "true", "--torch_compile_backend", "aot_eager",
+                                                 "--torch_compile_mode", "reduce-overhead"]}.items():
+        trainer = sft.train([str(RECIPES / "tiny_lora.yaml"), "--output_dir", str(tmp_path / name), *FAST, *extra,
+                             "--pad_to_multiple_of", "256"])
+        markers = [c for c in trainer.callback_handler.callbacks if isinstance(c, CudaGraphStepMarker)]
+        assert len(markers) == (name == "graphs")
+        losses.append(json.loads((tmp_path / name / "milora_run.json").read_text())["final_loss"])
+    assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,16 @@ def test_liger_is_off_without_cuda(tmp_path):
     with pytest.warns(UserWarning, match="use_liger_kernel"):
         training = config(tmp_path, use_liger_kernel=True)
     assert training.use_liger_kernel is False and training.bf16 is False
+
+
+def test_cuda_graphs_without_bucketed_lengths_are_warned_about(tmp_path):
+    graphs = ["--torch_compile", "true", "--torch_compile_mode", "reduce-overhead"]
+    with pytest.warns(UserWarning, match="set pad_to_multiple_of"):
+        recipe = parsing.parse_recipe([TINY, "--output_dir", str(tmp_path), *graphs])
+    assert recipe.training.decoder_layer_compile == {"backend": "inductor", "mode": "reduce-overhead"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        parsing.parse_recipe([TINY, "--output_dir", str(tmp_path), *graphs, "--pad_to_multiple_of", "512"])
 
 
 @pytest.mark.end_to_end
