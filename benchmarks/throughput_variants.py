@@ -101,9 +101,6 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                                          **COMPILED, fp8_base=True),
     "milora_fast_layers_flce_fp8": Variant("milora", "recipe", "milora_fast_layers_flce + FP8 frozen base", **FAST,
                                            **COMPILED, fp8_base=True),
-    "lora_fast_layers_flce_padded": Variant("lora", "recipe", "lora_fast_layers_flce, batches padded to the token "
-                                            "budget (the cost of the padding alone)", **FAST, **COMPILED,
-                                            pad_to_budget=True),
     "lora_fast_graphs": Variant("lora", "recipe", "lora_fast_layers_flce, the layers replayed as CUDA graphs "
                                 "(torch_compile_mode reduce-overhead), batches padded to the token budget",
                                 **FAST, **GRAPHED),

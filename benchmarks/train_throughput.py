@@ -115,18 +115,6 @@ def step_timer():
     return StepTimer()
 
 
-def graph_step_marker():
-    from transformers import TrainerCallback
-
-    class GraphStepMarker(TrainerCallback):
-        """Tells the compiled layers' CUDA graphs that a new optimizer step begins (the last one's outputs are dead)."""
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            torch.compiler.cudagraph_mark_step_begin()
-
-    return GraphStepMarker()
-
-
 def adapted_model(variant: Variant, spec: dict, settings: dict, cache_dir: str | None):
     """The model with the variant's adapters (None for TRL's own PEFT wrapping) and the PEFT config TRL needs."""
     from peft import LoraConfig
@@ -203,8 +191,10 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
     dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
     timer = step_timer()
     callbacks = [timer]
-    if variant.compile_mode == "reduce-overhead":
-        callbacks.append(graph_step_marker())
+    if variant.compile_mode == "reduce-overhead":  # as recipes/sft.py does for its CUDA graphs
+        from milora.sft.model import CudaGraphStepMarker
+
+        callbacks.append(CudaGraphStepMarker())
     if profile_table is not None:
         callbacks.append(profiled_steps(spec["warmup"], 2, profile_table))
     trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, callbacks)

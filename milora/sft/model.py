@@ -169,4 +169,3 @@ class CudaGraphStepMarker(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-
