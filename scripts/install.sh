@@ -9,9 +9,7 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-# --no-compile: bytecode is written at first import, for the modules that are imported (a fraction of the ~100
-# packages); compiling every file at install took ~45 s of a ~2 min install.
-PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check --no-compile"
+PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 $PIP "$TORCH_SPEC"
 DS_BUILD_OPS=0 $PIP --no-build-isolation "deepspeed>=0.16"
 $PIP -e ".[dev,quantization]"
