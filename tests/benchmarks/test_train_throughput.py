@@ -159,7 +159,7 @@ def test_table_medians_ratios_and_batch_check(tmp_path):
 
 
 @pytest.mark.end_to_end
-def test_command_line_smoke_run_resumes_and_refuses_bad_input(tmp_path):
+def test_command_line_smoke_run_resumes_and_refuses_bad_input(tmp_path, capsys):
     script = str(BENCHMARKS / "train_throughput.py")
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, script, "--smoke", "--variants", "lora_fast", "--repeats", "1",
@@ -169,14 +169,14 @@ def test_command_line_smoke_run_resumes_and_refuses_bad_input(tmp_path):
     result = json.loads((out / "lora_fast__r0.json").read_text())
     assert result["spec"]["model"] == "tiny" and result["variant"] == "lora_fast"
 
-    again = subprocess.run([sys.executable, script, "--smoke", "--variants", "lora_fast", "--repeats", "1",
-                            "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "rc=" not in again.stdout  # nothing rerun
+    # the same command again, in this process (a worker would be a new process): nothing is rerun
+    tt.main(["--smoke", "--variants", "lora_fast", "--repeats", "1", "--out", str(out)])
+    again = capsys.readouterr().out
+    assert "| lora_fast |" in again and "rc=" not in again
 
-    bad = subprocess.run([sys.executable, script, "--smoke", "--variants", "lora_fastest", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "unknown variant(s) lora_fastest" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit) as bad:  # argparse's one-line error, no traceback
+        tt.main(["--smoke", "--variants", "lora_fastest", "--out", str(out)])
+    assert bad.value.code == 2 and "unknown variant(s) lora_fastest" in capsys.readouterr().err
 
 
 def test_lora_twin_and_paired_step_ratio():
@@ -193,15 +193,12 @@ def test_lora_twin_and_paired_step_ratio():
 
 
 @pytest.mark.end_to_end
-def test_cached_init_and_profile_runs(tmp_path):
+def test_cached_init_and_profile_runs(tmp_path, capsys):
     """milora_fast_cached: one process computes the factors, the timed run loads them; --profile writes the
-    kernel table of two steps."""
-    script = str(BENCHMARKS / "train_throughput.py")
+    kernel table of two steps. (The orchestration runs in this process; each run is a worker process.)"""
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, script, "--smoke", "--variants", "milora_fast_cached", "--repeats", "1",
-                          "--profile", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "milora_fast_cached__prepare_cache: rc=0" in run.stdout
+    tt.main(["--smoke", "--variants", "milora_fast_cached", "--repeats", "1", "--profile", "--out", str(out)])
+    assert "milora_fast_cached__prepare_cache: rc=0" in capsys.readouterr().out
     assert len([p for p in (out / "init_cache").iterdir() if p.is_dir()]) == 1  # the timed runs found the cache
     result = json.loads((out / "milora_fast_cached__r0.json").read_text())
     assert result["init_cache"] and "profiled" not in result
