@@ -99,17 +99,15 @@ def _boundaries_beside_layers(decoder, args, kwargs):
     return args, {key: value for key, value in kwargs.items() if key not in PACKED_BOUNDARY_KEYS}
 
 
-def keep_boundaries_out_of_layers(model: torch.nn.Module) -> bool:
+def keep_boundaries_out_of_layers(decoder: torch.nn.Module) -> bool:
     """For compiled decoder layers (`milora.regional_compile`): the boundaries of a padding-free batch that TRL's
     collator passes (`cu_seq_lens_q`, `max_length_q`, ...) reach this module's attention through its position-ids
-    cache instead of as arguments of every layer. As arguments, their length (the batch's number of sequences) and
-    its longest sequence change from batch to batch: each change was a recompilation at the start, and with CUDA
-    graphs (`torch_compile_mode: reduce-overhead`) a new recording. Whether a hook was added: only a decoder whose
-    attention is `VARLEN_ATTENTION` reads the cache (transformers' flash attention reads the arguments)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    config = getattr(decoder, "config", None)
-    if not isinstance(decoder, torch.nn.Module) or getattr(config, "_attn_implementation", None) != VARLEN_ATTENTION:
+    cache instead of as arguments of every layer of `decoder`. As arguments, their length (the batch's number of
+    sequences) and its longest sequence change from batch to batch: each change was a recompilation at the start,
+    and with CUDA graphs (`torch_compile_mode: reduce-overhead`) a new recording. Whether a hook was added: only a
+    decoder whose attention is `VARLEN_ATTENTION` reads the cache (transformers' flash attention reads the
+    arguments)."""
+    if getattr(getattr(decoder, "config", None), "_attn_implementation", None) != VARLEN_ATTENTION:
         return False
     if getattr(decoder, "packed_boundaries_hook", None) is None:
         decoder.packed_boundaries_hook = decoder.register_forward_pre_hook(_boundaries_beside_layers, with_kwargs=True)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from milora.errors import MiLoRAError
+from milora.regional_compile import decoder_stack
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +207,9 @@ class Float8Conversion:
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (the language model of a LLaVA model), PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if not isinstance(decoder, nn.Module):
+    decoder = decoder_stack(model)
+    if decoder is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         raise MiLoRAError(f"fp8_base: {type(base).__name__} has no decoder (get_decoder) whose layers could run in "
                           "FP8; it converts causal LMs and LLaVA models")
     return decoder

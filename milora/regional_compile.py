@@ -17,6 +17,13 @@ import torch
 from milora.attention import keep_boundaries_out_of_layers
 
 
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder of a causal LM (the language model of a LLaVA model), PEFT-wrapped or not; None without one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) else None
+
+
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
     """Every `ModuleList` of two or more modules of one class (decoder layers; a vision tower's layers), outermost
     first, none inside another one found."""
@@ -46,5 +53,7 @@ def compile_repeated_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     for stack in stacks:
         for block in stack:
             block.compile(**compile_kwargs)
-    keep_boundaries_out_of_layers(model)
+    decoder = decoder_stack(model)
+    if decoder is not None:
+        keep_boundaries_out_of_layers(decoder)
     return sum(len(stack) for stack in stacks)
