@@ -19,7 +19,7 @@ A *solver* computes the triplets, always in float64 (the family names milora/pis
   exact in float64 for the spectra of trained weights (the squared condition number stays far above
   float64 round-off).
 - ``svd``: `torch.linalg.svd`, the reference (and what the paper's code runs per matrix).
-- ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (a block of 8 r vectors;
+- ``subspace``: for the minor mode only, block inverse iteration on the Gram matrix (a block of 4 r vectors;
   each iteration two GEMMs with the explicit inverse of the shifted Gram matrix's Cholesky factor, work which
   GPUs run far faster than the tridiagonalisation inside `eigh` or triangular solves). The first shift is a
   Lanczos estimate of the smallest eigenvalue (matrix-vector products only); each Rayleigh-Ritz step moves the
@@ -202,16 +202,21 @@ def _components_from_gram_eigenpairs(weight, wide, eigenvalues, vectors, indices
 
 
 # `auto` takes the subspace solver when r <= min(shape) / SUBSPACE_MAX_RANK_FRACTION (r = 64 from 2048 rows up).
-# Below that the block of SUBSPACE_BLOCK * r vectors is half the Gram matrix or more, and one `eigh` of it is
+# Below that the block of SUBSPACE_BLOCK * r vectors is a large part of the Gram matrix, and one `eigh` of it is
 # faster: LLaMA-2-70B's 1024-row k/v projections (r = 64) took 34 ms by subspace iteration, and the 70B init
 # went from ~38 to ~34 s from CPU memory (docs/benchmarks.md).
 SUBSPACE_MAX_RANK_FRACTION = 32
 # Block size of the subspace iteration is SUBSPACE_BLOCK * r: the extra directions speed convergence
 # where the minor end of the spectrum is dense (as it is for trained and random weights alike): per
 # iteration, the residual of the r-th wanted pair shrinks by (lambda_r - s) / (lambda_block+1 - s).
-# 8 against 4 cuts the iterations by about a quarter (benchmarks/subspace_iterations.py); the solves are
-# latency-bound on a GPU (docs/benchmarks.md), so their extra right-hand sides should cost little.
-SUBSPACE_BLOCK = 8
+# Since the solves became GEMMs (`_apply_shifted_inverse`) an iteration costs in proportion to the block, and
+# so do the Rayleigh-Ritz `eigh` calls: 4 r takes a few more iterations than 8 r (13 against 9 on the scaled
+# up_proj of benchmarks/subspace_iterations.py) but less work in all; one 70B up_proj decomposition held
+# 106 ms of GPU kernels with 4 r, 113 with 6 r, 124 with 8 r (docs/benchmarks.md).
+SUBSPACE_BLOCK = 4
+# ... and at least this many vectors: a block of a few vectors (small r) converges slowly, and on a GPU costs
+# no less per iteration than 64.
+SUBSPACE_MIN_BLOCK = 64
 SUBSPACE_MAX_ITERATIONS = 40
 # Stop when every wanted Ritz pair has ||G v - theta v|| <= tolerance * mean eigenvalue. The subspace angle is
 # at most residual / gap, which keeps the overlap with the exact minor subspace within ~1e-10 of 1 for
@@ -359,7 +364,7 @@ def _minor_components_by_subspace_iteration(
     lanczos_steps = LANCZOS_STEPS if lanczos_steps is None else lanczos_steps
     shift_margin = SHIFT_MARGIN if shift_margin is None else shift_margin
     n = gram.shape[0]
-    block = min(n, block_factor * r)
+    block = min(n, max(block_factor * r, SUBSPACE_MIN_BLOCK))
     tolerance = SUBSPACE_TOLERANCE * float(torch.diagonal(gram).mean())
     generator = torch.Generator(device=w.device).manual_seed(0)
     factor = None
