@@ -1,4 +1,5 @@
-"""Finetune a causal LM with LoRA, PiSSA or MiLoRA through TRL's `SFTTrainer`, from one YAML recipe.
+"""Finetune a causal LM with LoRA, PiSSA or MiLoRA through TRL's `SFTTrainer` (as
+`milora.sft.trainer.SFTTrainer`: the same, with no host synchronisation inside a step), from one YAML recipe.
 
     python recipes/sft.py recipes/tiny_milora.yaml                       # offline, CPU, about a minute
     accelerate launch recipes/sft.py recipes/llama2-7b_math_milora.yaml  # any recipe key can follow as --key value
@@ -43,7 +44,7 @@ from milora.sft.step0 import run_step0_check
 
 def train(argv: list[str] | None = None):
     """Parse, data, model, trainer, train, save; returns the finished `SFTTrainer`."""
-    from trl import SFTTrainer
+    from milora.sft.trainer import SFTTrainer
 
     recipe = parse_recipe(argv)
     model_args, training_args = recipe.model, recipe.training

@@ -283,7 +283,16 @@ class MiloraSFTConfig(SFTConfig):
                   "(float32), 5e-2 (bfloat16, float16)."},
     )
 
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Replace NaN/inf step losses in the logged average (TrainingArguments' default: on). Off "
+                  "here: the check reads every step's loss on the host, which makes each step wait for the GPU."},
+    )
+
     def __post_init__(self):
+        if self.accelerator_config is None and self.dataloader_pin_memory:
+            # pinned batches copied without blocking: no wait for the previous step at each batch's copy
+            self.accelerator_config = {"non_blocking": True}
         if self.bf16 is None:
             self.bf16 = not self.fp16 and default_dtype() == torch.bfloat16
         if self.use_liger_kernel and not liger_usable():

@@ -121,6 +121,16 @@ def test_liger_is_off_without_cuda(tmp_path):
     assert training.use_liger_kernel is False and training.bf16 is False
 
 
+def test_steps_do_not_wait_for_the_gpu_unless_asked(tmp_path):
+    """The settings that would make each step wait for the GPU are off by default, and a recipe can turn them on."""
+    training = parsing.parse_recipe([TINY, "--output_dir", str(tmp_path)]).training
+    assert training.logging_nan_inf_filter is False
+    assert training.dataloader_pin_memory and training.accelerator_config.non_blocking is True
+    training = parsing.parse_recipe([TINY, "--output_dir", str(tmp_path), "--logging_nan_inf_filter", "true",
+                                     "--dataloader_pin_memory", "false"]).training
+    assert training.logging_nan_inf_filter is True and training.accelerator_config.non_blocking is False
+
+
 def test_cuda_graphs_without_bucketed_lengths_are_warned_about(tmp_path):
     graphs = ["--torch_compile", "true", "--torch_compile_mode", "reduce-overhead"]
     with pytest.warns(UserWarning, match="set pad_to_multiple_of"):
