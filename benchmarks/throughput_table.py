@@ -51,6 +51,8 @@ def _settings(run: dict) -> str:
         parts.append(OPTIMIZER_NAMES[s["optim"]])
     if s.get("fp8_base"):
         parts.append("FP8 frozen base")
+    if s.get("sync_free"):
+        parts.append("no host wait in a step")
     if s["lora_dropout"] == 0:
         parts.append("dropout 0")
     if s.get("peft_input_cast") and s.get("base") != "trl_defaults":

@@ -45,6 +45,9 @@ class Variant:
     fp8_base: bool = False  # frozen decoder GEMMs in FP8 after the adapters are in place (milora.fp8)
     compile_mode: str | None = None  # torch.compile mode of the compiled layers ("reduce-overhead": CUDA graphs)
     pad_to_budget: bool = False  # every batch padded to token_budget tokens (SFTConfig.pad_to_multiple_of): one shape
+    # no host wait inside a step, as recipes/sft.py trains: milora.sft.trainer.SFTTrainer (TRL's step metrics kept on
+    # the device), logging_nan_inf_filter off, batches pinned and copied without blocking
+    sync_free: bool = False
 
 
 FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True, grouping="budget", micro_batch=0)
@@ -52,6 +55,7 @@ FAST = dict(gradient_checkpointing=False, attention=VARLEN_ATTENTION, liger=True
 COMPILED = dict(compile_layers=True, liger_ops=())
 # ... and replayed as CUDA graphs, which need one shape: every batch padded to the token budget
 GRAPHED = dict(**COMPILED, compile_mode="reduce-overhead", pad_to_budget=True)
+NO_SYNC = dict(sync_free=True)
 VARIANTS = {  # in run order: the comparisons that matter most first, in case a time budget cuts a round
     "trl_defaults": Variant("lora", "trl_defaults", "SFTConfig defaults + PEFT LoraConfig (padded, GC on, sdpa)"),
     "lora_fast": Variant("lora", "recipe", "LoRA, all levers: GC off, varlen, Liger, token budget, 1 micro-batch",
@@ -109,6 +113,17 @@ VARIANTS = {  # in run order: the comparisons that matter most first, in case a 
                                     fp8_base=True),
     "milora_fast_graphs_fp8": Variant("milora", "recipe", "milora_fast_graphs + FP8 frozen base", **FAST, **GRAPHED,
                                       fp8_base=True),
+    # the same with no host synchronisation inside a step (the recipes' trainer and settings)
+    "lora_fast_layers_flce_nosync": Variant("lora", "recipe", "lora_fast_layers_flce, no host wait in a step",
+                                            **FAST, **COMPILED, **NO_SYNC),
+    "milora_fast_layers_flce_nosync": Variant("milora", "recipe", "milora_fast_layers_flce, no host wait in a step",
+                                              **FAST, **COMPILED, **NO_SYNC),
+    "lora_fast_layers_flce_fp8_nosync": Variant("lora", "recipe", "lora_fast_layers_flce_fp8, no host wait in a step",
+                                                **FAST, **COMPILED, fp8_base=True, **NO_SYNC),
+    "lora_fast_graphs_fp8_nosync": Variant("lora", "recipe", "lora_fast_graphs_fp8, no host wait in a step", **FAST,
+                                           **GRAPHED, fp8_base=True, **NO_SYNC),
+    "milora_fast_graphs_fp8_nosync": Variant("milora", "recipe", "milora_fast_graphs_fp8, no host wait in a step",
+                                             **FAST, **GRAPHED, fp8_base=True, **NO_SYNC),
 }
 QUANTIZED_VARIANTS = ["trl_defaults", "qlora_lowmem", "qmilora_lowmem", "lora_lowmem", "qlora_fast", "qmilora_fast"]
 FP8_VARIANTS = ["lora_fast", "lora_fast_fp8", "milora_fast", "milora_fast_fp8"]
@@ -170,7 +185,7 @@ def resolved_settings(variant: Variant, batch_size: int, r: int) -> dict:
             "compile_mode": variant.compile_mode, "pad_to_budget": variant.pad_to_budget,
             "bf16": on_gpu,
             "peft_input_cast": variant.peft_input_cast or variant.base == "trl_defaults",
-            "load_in_4bit": variant.load_in_4bit, "fp8_base": variant.fp8_base}
+            "load_in_4bit": variant.load_in_4bit, "fp8_base": variant.fp8_base, "sync_free": variant.sync_free}
 
 
 def micro_batches(groups: list[list[int]], micro: int | None) -> tuple[list[list[int]], int]:

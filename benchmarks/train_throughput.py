@@ -78,15 +78,18 @@ def sync():
         torch.cuda.synchronize()
 
 
-def make_trainer(model, training_args, dataset, tokenizer, loader_batches, peft_config, callbacks):
+def make_trainer(model, training_args, dataset, tokenizer, loader_batches, peft_config, callbacks, sync_free=False):
     from torch.utils.data import DataLoader
     from trl import SFTTrainer
 
-    class SavedBatchesTrainer(SFTTrainer):
+    from milora.sft.trainer import SFTTrainer as SyncFreeSFTTrainer
+
+    class SavedBatchesTrainer(SyncFreeSFTTrainer if sync_free else SFTTrainer):
         """SFTTrainer whose training batches are exactly `loader_batches` (row indices), in order."""
 
         def get_train_dataloader(self):
-            loader = DataLoader(self.train_dataset, batch_sampler=loader_batches, collate_fn=self.data_collator)
+            loader = DataLoader(self.train_dataset, batch_sampler=loader_batches, collate_fn=self.data_collator,
+                                pin_memory=sync_free and torch.cuda.is_available())
             return self.accelerator.prepare(loader)
 
     trainer = SavedBatchesTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
@@ -99,18 +102,36 @@ def step_timer():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Device-synchronised time at the start of training and at the end of every optimizer step."""
+        """Times of the start of training and of the end of every optimizer step (`ends`, seconds, host clock).
+
+        On a GPU each step's end is an event recorded on the stream and read after training, so that timing adds
+        no wait to the step: a synchronisation at every step would hide whether the step itself waits for the GPU.
+        The events' times are the GPU's, mapped onto the host clock at the synchronised start."""
 
         def __init__(self):
-            self.ends = []
+            self.ends, self.events = [], []
 
         def on_train_begin(self, args, state, control, **kwargs):
             sync()
             self.ends = [time.perf_counter()]
+            self.events = []
+            if torch.cuda.is_available():
+                self.events.append(torch.cuda.Event(enable_timing=True))
+                self.events[0].record()
 
         def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            self.ends.append(time.perf_counter())
+            if self.events:
+                self.events.append(torch.cuda.Event(enable_timing=True))
+                self.events[-1].record()
+            else:
+                self.ends.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.events:
+                sync()
+                start = self.ends[0]
+                self.ends = [start + self.events[0].elapsed_time(event) / 1000 for event in self.events]
+                self.events = []
 
     return StepTimer()
 
@@ -182,6 +203,9 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
             if variant.grouping != "budget":
                 raise ValueError(f"{variant_name}: pad_to_budget needs the budget grouping")
             recipe_args["pad_to_multiple_of"] = spec["token_budget"]
+        if variant.sync_free:  # as MiloraSFTConfig sets them for recipes/sft.py
+            recipe_args |= dict(logging_nan_inf_filter=False, accelerator_config={"non_blocking": True},
+                                dataloader_pin_memory=torch.cuda.is_available())
     training_args = SFTConfig(
         output_dir=output_dir, max_steps=len(groups), per_device_train_batch_size=len(loader_batches[0]),
         gradient_accumulation_steps=accumulation, report_to="none", save_strategy="no", logging_steps=10**6,
@@ -197,7 +221,8 @@ def run_worker(variant_name: str, data: dict, output_dir: str, cache_dir: str | 
         callbacks.append(CudaGraphStepMarker())
     if profile_table is not None:
         callbacks.append(profiled_steps(spec["warmup"], 2, profile_table))
-    trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, callbacks)
+    trainer = make_trainer(model, training_args, dataset, tiny_tokenizer(), loader_batches, peft_config, callbacks,
+                           sync_free=variant.sync_free)
     if variant.load_in_4bit:  # as recipes/sft.py: float32 adapters, not the bf16 ones SFTTrainer makes of them
         from milora.quantization import adapters_to_float32
 
