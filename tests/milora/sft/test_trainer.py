@@ -28,7 +28,7 @@ def train(trainer_class, tmp_path, padding_free: bool, loss_type: str = "nll"):
             for n in torch.randint(6, 30, (24,), generator=generator)]
     dataset = Dataset.from_dict({"input_ids": rows})
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    args = SFTConfig(output_dir=str(tmp_path / trainer_class.__name__), max_steps=6, per_device_train_batch_size=4,
+    args = SFTConfig(output_dir=str(tmp_path / trainer_class.__module__), max_steps=6, per_device_train_batch_size=4,
                      logging_steps=2, learning_rate=1e-2, report_to="none", save_strategy="no", seed=0,
                      padding_free=padding_free, max_length=None, loss_type=loss_type, logging_nan_inf_filter=False,
                      use_cpu=True, dataloader_pin_memory=False)
