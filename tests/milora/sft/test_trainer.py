@@ -21,17 +21,18 @@ class KeepLogs(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def train(trainer_class, tmp_path, padding_free: bool, loss_type: str = "nll"):
+def train(trainer_class, tmp_path, padding_free: bool, loss_type: str = "nll", accumulation: int = 1):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 250, (int(n),), generator=generator).tolist()
             for n in torch.randint(6, 30, (24,), generator=generator)]
     dataset = Dataset.from_dict({"input_ids": rows})
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    args = SFTConfig(output_dir=str(tmp_path / trainer_class.__module__), max_steps=6, per_device_train_batch_size=4,
+    args = SFTConfig(output_dir=str(tmp_path / trainer_class.__module__), max_steps=6,
+                     per_device_train_batch_size=4 // accumulation,
                      logging_steps=2, learning_rate=1e-2, report_to="none", save_strategy="no", seed=0,
                      padding_free=padding_free, max_length=None, loss_type=loss_type, logging_nan_inf_filter=False,
-                     use_cpu=True, dataloader_pin_memory=False)
+                     use_cpu=True, dataloader_pin_memory=False, gradient_accumulation_steps=accumulation)
     logs = KeepLogs()
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer(),
                             callbacks=[logs])
@@ -40,10 +41,11 @@ def train(trainer_class, tmp_path, padding_free: bool, loss_type: str = "nll"):
     return [log for log in logs.logs if "loss" in log], weights
 
 
-@pytest.mark.parametrize("padding_free,loss_type", [(True, "nll"), (False, "nll"), (True, "dft")])
-def test_same_losses_metrics_and_weights_as_trl(tmp_path, padding_free, loss_type):
-    ours, our_weights = train(SFTTrainer, tmp_path, padding_free, loss_type)
-    theirs, their_weights = train(TRLSFTTrainer, tmp_path, padding_free, loss_type)
+@pytest.mark.parametrize("padding_free,loss_type,accumulation",
+                         [(True, "nll", 1), (False, "nll", 1), (True, "dft", 1), (True, "nll", 2)])
+def test_same_losses_metrics_and_weights_as_trl(tmp_path, padding_free, loss_type, accumulation):
+    ours, our_weights = train(SFTTrainer, tmp_path, padding_free, loss_type, accumulation)
+    theirs, their_weights = train(TRLSFTTrainer, tmp_path, padding_free, loss_type, accumulation)
     assert len(ours) == len(theirs) == 3
     for mine, reference in zip(ours, theirs, strict=True):
         for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
