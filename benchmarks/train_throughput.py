@@ -88,8 +88,9 @@ def make_trainer(model, training_args, dataset, tokenizer, loader_batches, peft_
         """SFTTrainer whose training batches are exactly `loader_batches` (row indices), in order."""
 
         def get_train_dataloader(self):
+            pinned = self.args.dataloader_pin_memory and self.args.accelerator_config.non_blocking
             loader = DataLoader(self.train_dataset, batch_sampler=loader_batches, collate_fn=self.data_collator,
-                                pin_memory=sync_free and torch.cuda.is_available())
+                                pin_memory=pinned)
             return self.accelerator.prepare(loader)
 
     trainer = SavedBatchesTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
