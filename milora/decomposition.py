@@ -122,6 +122,9 @@ CHUNK_ELEMENTS = 1 << 25
 # (10 of 16 block products at n = 8192), the upper one mirrored. Blocks this wide keep each float64 GEMM
 # large enough to run at the tensor cores' peak.
 GRAM_BLOCK = 2048
+# ... and each diagonal block by the lower triangle of its sub-blocks of this width (3 of 4 products), which
+# leaves 36 of the 64 (1024-wide) parts of the product at n = 8192 instead of 40.
+GRAM_DIAGONAL_BLOCK = 1024
 
 
 def _block_slices(n: int, width: int) -> list[slice]:
@@ -134,6 +137,19 @@ def _lower_block_pairs(n: int) -> list[tuple[slice, slice]]:
     return [(block_i, block_j) for i, block_i in enumerate(blocks) for block_j in blocks[: i + 1]]
 
 
+def _gram_block_pairs(n: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) of the blocks of an n x n Gram matrix that are summed: the `GRAM_BLOCK`-wide ones below
+    the diagonal, and those of `GRAM_DIAGONAL_BLOCK` width on and below the diagonal of each diagonal block."""
+    pairs = []
+    blocks = _block_slices(n, GRAM_BLOCK)
+    for i, block in enumerate(blocks):
+        pairs += [(block, left) for left in blocks[:i]]
+        parts = [slice(block.start + part.start, block.start + part.stop)
+                 for part in _block_slices(block.stop - block.start, GRAM_DIAGONAL_BLOCK)]
+        pairs += [(part, left) for k, part in enumerate(parts) for left in parts[: k + 1]]
+    return pairs
+
+
 def _row_chunks(rows: int, cols: int) -> list[slice]:
     return _block_slices(rows, max(1, CHUNK_ELEMENTS // max(1, cols)))
 
@@ -141,11 +157,11 @@ def _row_chunks(rows: int, cols: int) -> list[slice]:
 def smaller_gram(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The smaller Gram matrix of `weight` in float64 (`W W^T` if the weight is wide, else `W^T W`) and
     whether it is wide; summed over row chunks, so that no float64 copy of the whole weight exists, and over
-    the lower triangle of column blocks only."""
+    the lower triangle of column blocks only (`_gram_block_pairs`)."""
     wide = weight.shape[0] < weight.shape[1]
     tall = weight.T if wide else weight  # the Gram is tall^T tall
     n = tall.shape[1]
-    pairs = _lower_block_pairs(n)
+    pairs = _gram_block_pairs(n)
     gram = None
     for rows in _row_chunks(*tall.shape):
         chunk = tall[rows].to(torch.float64)
@@ -230,20 +246,31 @@ RESHIFT = 0.1
 SHIFT_ATTEMPTS = 4
 # Lanczos steps (matrix-vector products with the Gram matrix) for the first shift's estimate; at most n / 4.
 LANCZOS_STEPS = 60
+# The Lanczos estimate runs on a float32 copy of the Gram matrix: each step reads the whole matrix (memory-bound),
+# and half the bytes halve its time. Its error (~1e-7 of the largest eigenvalue) only moves the first shift, which
+# the Cholesky factorisation then checks (a shift above the smallest eigenvalue fails and is lowered).
+LANCZOS_IN_FLOAT32 = True
 # At most this many iterations between convergence checks once the shift has settled.
 MAX_SKIPPED = 8
 
 
-def _orthonormal(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the columns of `x`: CholeskyQR2 (two GEMM-shaped passes), Householder QR of the
-    last good input when `x` is too ill-conditioned for it. Both passes' status is read at once: one device
-    synchronisation instead of two."""
+def _cholesky_qr2(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """CholeskyQR2 (two GEMM-shaped passes) of the columns of `x`, without reading its status: the result, each
+    pass's input and each pass's `cholesky_ex` status (a device tensor; nonzero where `x` was too ill-conditioned
+    and the result is not orthonormal)."""
     inputs, infos = [], []
     for _ in range(2):
         inputs.append(x)
         factor, info = torch.linalg.cholesky_ex(x.T @ x, upper=True)
         infos.append(info)
         x = torch.linalg.solve_triangular(factor, x, upper=True, left=False)
+    return x, inputs, infos
+
+
+def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of `x`: CholeskyQR2, Householder QR of the last good input when `x` is
+    too ill-conditioned for it. Both passes' status is read at once: one device synchronisation instead of two."""
+    x, inputs, infos = _cholesky_qr2(x)
     for failed, x_in in zip(torch.stack(infos).ne(0).tolist(), inputs, strict=True):
         if failed:  # as if the passes had stopped at the first failure
             return torch.linalg.qr(x_in)[0]
@@ -283,12 +310,43 @@ def _factor_below(gram: torch.Tensor, shift: float, safe_shift: float | None) ->
 # Triangular inverses are formed by recursive halving down to blocks of this size (solved directly): all but
 # those small solves are GEMMs.
 TRIANGULAR_INVERSE_BLOCK = 512
+# Products with a triangular matrix skip its zero half by recursive halving down to blocks of this size, which are
+# multiplied as full GEMMs: about half the multiply-adds of one full GEMM, in GEMMs still large enough to run near
+# the float64 peak. (torch has no triangular matrix product, cuBLAS's `trmm`.)
+TRIANGULAR_PRODUCT_BLOCK = 1024
+
+
+def lower_times(lower: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`lower @ x` for a lower-triangular `lower` (the zero blocks above its diagonal blocks are not read)."""
+    n = lower.shape[0]
+    if n <= TRIANGULAR_PRODUCT_BLOCK:
+        return lower @ x
+    half = n // 2
+    out = x.new_empty(n, x.shape[1])
+    out[:half] = lower_times(lower[:half, :half], x[:half])
+    out[half:] = lower_times(lower[half:, half:], x[half:])
+    out[half:].addmm_(lower[half:, :half], x[:half])
+    return out
+
+
+def times_lower(x: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """`x @ lower` for a lower-triangular `lower` (the zero blocks above its diagonal blocks are not read)."""
+    n = lower.shape[0]
+    if n <= TRIANGULAR_PRODUCT_BLOCK:
+        return x @ lower
+    half = n // 2
+    out = x.new_empty(x.shape[0], n)
+    out[:, :half] = times_lower(x[:, :half], lower[:half, :half])
+    out[:, :half].addmm_(x[:, half:], lower[half:, :half])
+    out[:, half:] = times_lower(x[:, half:], lower[half:, half:])
+    return out
 
 
 def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
     """The inverse of a lower-triangular matrix, by halves: inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1,
-    D^-1]]. About n^3 / 3 multiply-adds, nearly all in GEMMs: on a GPU it costs a few triangular solves with
-    `block` right-hand sides, which are latency-bound (one small kernel per panel) where a GEMM is not."""
+    D^-1]]. About 0.22 n^3 multiply-adds at n = 8192 (0.33 n^3 with full GEMMs: the products with the
+    triangular halves skip most of their zeros), nearly all in GEMMs: on a GPU, a triangular solve with many
+    right-hand sides is latency-bound (one small kernel per panel) where a GEMM is not."""
     n = lower.shape[0]
     if n <= TRIANGULAR_INVERSE_BLOCK:
         identity = lower.new_zeros(n, n)  # not `torch.eye`: zero.Init casts what it makes to its dtype
@@ -298,7 +356,8 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
     inverse = torch.zeros_like(lower)
     inverse[:half, :half] = lower_triangular_inverse(lower[:half, :half])
     inverse[half:, half:] = lower_triangular_inverse(lower[half:, half:])
-    inverse[half:, :half] = -inverse[half:, half:] @ (lower[half:, :half] @ inverse[:half, :half])
+    inverse[half:, :half] = lower_times(inverse[half:, half:], times_lower(lower[half:, :half], inverse[:half, :half]))
+    inverse[half:, :half].neg_()
     return inverse
 
 
@@ -323,7 +382,8 @@ def _lowest_eigenvalue_estimate(gram: torch.Tensor, steps: int, generator: torch
     one matrix-vector product a step, no solve) and its residual: an eigenvalue lies within the residual of it.
 
     Without reorthogonalisation Lanczos repeats converged Ritz values but its extreme one stays an upper bound
-    of the smallest eigenvalue, which is all the first shift needs (a failed factorisation would lower it)."""
+    of the smallest eigenvalue, which is all the first shift needs (a failed factorisation would lower it).
+    Runs in `gram`'s dtype (see `LANCZOS_IN_FLOAT32`)."""
     q = torch.randn(gram.shape[0], dtype=gram.dtype, device=gram.device, generator=generator)
     q, previous, beta = q / q.norm(), torch.zeros_like(q), gram.new_zeros(())
     alphas, betas = [], []
@@ -336,7 +396,7 @@ def _lowest_eigenvalue_estimate(gram: torch.Tensor, steps: int, generator: torch
         betas.append(beta)
         previous, q = q, v / beta.clamp_min(torch.finfo(gram.dtype).tiny)
     # one synchronisation; the eigenproblem of the small tridiagonal matrix is solved on the host
-    alphas, betas = torch.stack(alphas + betas).cpu().split(steps)
+    alphas, betas = torch.stack(alphas + betas).to("cpu", torch.float64).split(steps)
     tridiagonal = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
     values, vectors = torch.linalg.eigh(tridiagonal)
     lowest, residual = torch.stack([values[0], (betas[-1] * vectors[-1, 0]).abs()]).tolist()
@@ -370,7 +430,11 @@ def _minor_components_by_subspace_iteration(
     factor = None
     steps = min(lanczos_steps, n // 4)
     if steps > 1:
-        lowest, residual = _lowest_eigenvalue_estimate(gram, steps, generator)
+        lanczos_gram = gram.to(torch.float32) if LANCZOS_IN_FLOAT32 else gram
+        lowest, residual = _lowest_eigenvalue_estimate(lanczos_gram, steps, generator)
+        if LANCZOS_IN_FLOAT32:  # the float32 copy's eigenvalues are within eps * ||G||_F <= eps * trace of G's
+            residual += torch.finfo(torch.float32).eps * float(torch.diagonal(gram).sum())
+        del lanczos_gram
         if lowest - residual > 0:
             factor, shift = _factor_below(gram, lowest - residual, 0.0)
     if factor is None:
@@ -381,18 +445,35 @@ def _minor_components_by_subspace_iteration(
     del factor
     basis = torch.randn(n, block, dtype=gram.dtype, device=w.device, generator=generator)
     next_check, last_worst, last_check = 1, None, 0
+    # CholeskyQR2's status is not read after each iteration (a read waits for the GPU) but with the next
+    # Rayleigh-Ritz step's values. Where it failed since the last step, that step runs on the last step's basis
+    # instead (chosen on the device), and the iteration goes on from there reading every status (Householder QR
+    # where CholeskyQR2 fails).
+    checked_basis, failures, read_each = basis, [], False
     for iteration in range(1, SUBSPACE_MAX_ITERATIONS + 1):
         basis = _apply_shifted_inverse(inverse_factor, basis)
         # unit columns first: they scale by 1 / (lambda - s), which CholeskyQR2 would see as ill-conditioning
-        basis = _orthonormal(basis / basis.norm(dim=0).clamp_min(torch.finfo(basis.dtype).tiny))
+        basis = basis / basis.norm(dim=0).clamp_min(torch.finfo(basis.dtype).tiny)
+        if read_each:
+            basis = _orthonormal(basis)
+        else:
+            basis, _, infos = _cholesky_qr2(basis)
+            failures += infos
         if iteration < next_check:
             continue
+        failed = torch.stack(failures).ne(0).any() if failures else torch.zeros((), dtype=torch.bool, device=w.device)
+        basis = torch.where(failed, checked_basis, basis)
+        failures = []
         values, basis = _rayleigh_ritz(gram, basis)
+        checked_basis = basis
         wanted_values, wanted_vectors = values[:r], basis[:, :r]
         residuals = (gram @ wanted_vectors - wanted_vectors * wanted_values).norm(dim=0)
-        worst, lowest, lowest_residual, highest_wanted, next_value = torch.stack(
-            [residuals.max(), values[0], residuals[0], values[r - 1], values[min(r, block - 1)]]
+        worst, lowest, lowest_residual, highest_wanted, next_value, went_back = torch.stack(
+            [residuals.max(), values[0], residuals[0], values[r - 1], values[min(r, block - 1)], failed.to(values)]
         ).tolist()
+        if went_back:
+            read_each, next_check = True, iteration + 1
+            continue
         if worst <= tolerance:
             # descending singular order: the last of the r minor triplets first
             order = torch.arange(r - 1, -1, -1, device=w.device)

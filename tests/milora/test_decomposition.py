@@ -131,6 +131,37 @@ def test_subspace_iteration_converges_itself_on_a_dense_minor_spectrum(shape):
     torch.testing.assert_close(found.product(), (U * S) @ Vh, rtol=0, atol=1e-8 * float(S.max()))
 
 
+def test_a_cholesky_qr_failure_between_checks_restarts_from_the_last_checked_basis(monkeypatch):
+    """The iteration reads CholeskyQR2's status only at its Rayleigh-Ritz steps. A failure in between (forced here
+    on the third orthonormalisation, whose result is then garbage) sends it back to the last checked basis,
+    reading every status from then on; it still converges to the float64 SVD's minor subspace."""
+    import milora.decomposition as decomposition
+
+    weight = random_weight(896, 256, seed=6, dtype=torch.bfloat16)
+    r = 16
+    calls = {"unchecked": 0, "checked": 0}
+    unchecked, checked = decomposition._cholesky_qr2, decomposition._orthonormal
+
+    def failing_third(x):
+        calls["unchecked"] += 1
+        q, inputs, infos = unchecked(x)
+        if calls["unchecked"] == 3:
+            return torch.full_like(q, float("nan")), inputs, [infos[0] + 1, infos[1]]
+        return q, inputs, infos
+
+    def counted(x):
+        calls["checked"] += 1
+        return checked(x)
+
+    monkeypatch.setattr(decomposition, "_cholesky_qr2", failing_third)
+    monkeypatch.setattr(decomposition, "_orthonormal", counted)
+    found = decomposition._minor_components_by_subspace_iteration(weight, *decomposition.smaller_gram(weight), r)
+    assert found is not None and calls["checked"] > 0
+    U, S, Vh = reference(weight, torch.arange(256 - r, 256))
+    assert subspace_overlap(found.U, U) > 1 - 1e-10
+    assert subspace_overlap(found.Vh.T, Vh.T) > 1 - 1e-10
+
+
 def test_shift_is_lowered_until_the_factorisation_succeeds():
     from milora.decomposition import _factor_below
 
@@ -186,13 +217,33 @@ def test_lower_triangular_inverse_matches_float64_solve(n):
     assert torch.allclose(inverse, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [5, 64, 300])
+def test_triangular_products_equal_full_products_and_never_read_the_upper_triangle(n, monkeypatch):
+    """`lower_times` / `times_lower` split by halves down to 16-wide blocks here: the same product as a float64
+    GEMM with the full lower-triangular matrix, and NaN in its upper right quarter is never read."""
+    import milora.decomposition as decomposition
+
+    monkeypatch.setattr(decomposition, "TRIANGULAR_PRODUCT_BLOCK", 16)
+    generator = torch.Generator().manual_seed(n)
+    lower = torch.randn(n, n, generator=generator, dtype=torch.float64).tril()
+    poisoned = lower.clone()
+    if n > 16:
+        poisoned[: n // 2, n // 2 :] = float("nan")
+    right = torch.randn(n, 7, generator=generator, dtype=torch.float64)
+    left = torch.randn(9, n, generator=generator, dtype=torch.float64)
+    assert torch.allclose(decomposition.lower_times(poisoned, right), lower @ right, rtol=0, atol=1e-12)
+    assert torch.allclose(decomposition.times_lower(left, poisoned), left @ lower, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("diagonal_block", [1000, 400])
 @pytest.mark.parametrize("shape", [(2300, 5000), (4500, 2100)])
-def test_gram_over_column_blocks_equals_the_full_product(shape, monkeypatch):
-    """Summed over the lower triangle of column blocks (here 3 blocks of at most 1000 columns) and row
-    chunks, mirrored: the same Gram matrix as the one float64 product."""
+def test_gram_over_column_blocks_equals_the_full_product(shape, diagonal_block, monkeypatch):
+    """Summed over the lower triangle of column blocks (here 3 blocks of at most 1000 columns, the diagonal ones
+    whole or by sub-blocks of 400) and row chunks, mirrored: the same Gram matrix as the one float64 product."""
     import milora.decomposition as decomposition
 
     monkeypatch.setattr(decomposition, "GRAM_BLOCK", 1000)
+    monkeypatch.setattr(decomposition, "GRAM_DIAGONAL_BLOCK", diagonal_block)
     monkeypatch.setattr(decomposition, "CHUNK_ELEMENTS", 1 << 20)
     weight = random_weight(*shape, seed=3, dtype=torch.bfloat16)
     gram, wide = decomposition.smaller_gram(weight)
