@@ -15,6 +15,7 @@ Random weights are fine: the cost depends on the shapes only. Prints one table:
     python benchmarks/init_speed.py --layers 2       # quick look
     python benchmarks/init_speed.py --preset 70b --out OUT   # LLaMA-2-70B shapes, weights in CPU and in GPU
                                                              # memory, 4 layers projected to 80 (init_placements.py)
+    python benchmarks/init_speed.py --preset 70b --layers 80 --no_profile   # all 400 matrices, no projection
     python benchmarks/init_speed.py --preset 70b --device cpu   # the same code on small shapes, on the CPU
 
 milora must be importable (installed, or the repository root on PYTHONPATH).
@@ -157,6 +158,11 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--workers", type=int, default=None, help="70b: decompositions in flight on the GPU")
+    parser.add_argument("--placements", default="cpu,gpu", choices=["cpu,gpu", "cpu", "gpu"],
+                        help="70b: where the weights live in the timed runs")
+    parser.add_argument("--no_profile", action="store_true", help="70b: skip the per-shape phases and kernels")
+    parser.add_argument("--busy", action="store_true",
+                        help="70b: also profile one run with the weights on the GPU: how busy the GPU is")
     parser.add_argument("--solver_option", action="append", default=[], metavar="NAME=VALUE",
                         help="override a milora.decomposition constant, e.g. GRAM_BLOCK=1024 (repeatable)")
     args = parser.parse_args()
