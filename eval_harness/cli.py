@@ -153,11 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     `milora.reporting.run_reporting_errors` to report as one line, or with ``--debug`` to re-raise as it was raised."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        return evaluate(args)
+        status = evaluate(args)
     except USER_ERRORS:
         raise
     except Exception as error:
         raise CommandFailed(f"{one_line(error)}; run again with --debug for the traceback") from error
+    from milora.processes import end_processes  # under `accelerate launch`: see there
+
+    end_processes()
+    return status
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ ZeRO-3, and merging after ZeRO-3 training.
   then partitioned as `from_pretrained` partitions a checkpoint (`partition_if_zero3`).
 - After ZeRO-3 training the full state dict is gathered onto the main process, which writes the merged
   checkpoint from it (`save_merged_from_state_dict`) without materialising the partitioned model.
+- At the end of a run the process group is destroyed (`end_processes`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ from peft.utils.other import transpose
 from milora.distributed import ADAPTER_NAME, lora_layers
 from milora.init_dir import plain_base_key, plain_state_dict
 from milora.io import atomic_directory
+
+
+def end_processes() -> None:
+    """Destroy the default process group once a run has done its last collective (every process calls it); nothing
+    without one. A process that exits with its gloo group alive can abort at interpreter exit (the group's worker
+    threads still hold tensors: SIGABRT, "terminate called without an active exception"), so that a run which
+    trained and saved everything ends with a failure. Called on success only: after an error another rank may
+    still be inside a collective, and the launcher tears the processes down anyway."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _launched_several_processes() -> bool:

@@ -33,6 +33,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from milora import MiLoRAError
 from milora.data import DataError
 from milora.io import DamagedFileError
+from milora.processes import end_processes
 from milora.sft.checkpoints import TrainingAlreadyDone, stop_at_max_steps_callback
 from milora.sft.config import RecipeError
 from milora.sft.data import load_training_data
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, MiLoRAError, DamagedFileError) as error:  # bad input: one line, no traceback
         print(f"sft.py: error: {error}", file=sys.stderr)
         return 2
+    end_processes()
     return 0
 
 

@@ -30,3 +30,16 @@ def test_merged_state_dict_is_the_merged_model(kind, targets, input_ids, tmp_pat
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert relative_error(reloaded(input_ids).logits, expected) <= 1e-5
+
+
+def test_end_processes_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    processes.end_processes()  # no process group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        processes.end_processes()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
