@@ -231,7 +231,7 @@ def kernel_profile(shapes, r, device) -> str:
     return ""
 
 
-def busy_profile(shapes, layers, r, gpu) -> dict:
+def busy_profile(shapes, layers, r, gpu, workers=None) -> dict:
     """How busy the GPU is during `apply_milora` with the weights on it: the wall time, the sum of its kernels'
     (and copies') times, and the time during which at least one ran (their union; kernels of several streams
     overlap). Busy well below the wall time means host waits; a sum well above it, overlap."""
@@ -242,7 +242,7 @@ def busy_profile(shapes, layers, r, gpu) -> dict:
     sync(gpu)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        peft_model = apply_milora(model, TARGETS, r, method="milora", show_progress=False)
+        peft_model = apply_milora(model, TARGETS, r, method="milora", show_progress=False, workers=workers)
         sync(gpu)
         wall = time.perf_counter() - start
     del peft_model, model
@@ -312,7 +312,7 @@ def run(args):
     busy = None
     if getattr(args, "busy", False) and on_cuda:
         try:
-            busy = busy_profile(shapes, min(args.layers, 4), args.r, gpu)
+            busy = busy_profile(shapes, min(args.layers, 4), args.r, gpu, getattr(args, "workers", None))
         except Exception as error:  # a diagnostic: the measurements above stand without it
             print(f"\nGPU activity profile failed: {error!r}")
     if busy is not None:
