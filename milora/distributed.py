@@ -94,10 +94,17 @@ def _matrix(name: str, layer, index: int, seed: int, factors=None, refit=None) -
 
 @torch.no_grad()
 def set_factors(layer, B: torch.Tensor, A: torch.Tensor) -> None:
-    """Copy the factors (any dtype and device) into the layer's LoRA weights."""
-    lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-    lora_A.data.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
-    lora_B.data.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
+    """Copy the factors (any dtype and device) into the layer's LoRA weights. LoRA weights made without values
+    (on the meta device, `milora.model.wrap_model`) become the factors in their dtype, on the device of the
+    layer's base weight, where PEFT puts its adapters."""
+    for module, factor in ((layer.lora_A[ADAPTER_NAME], A), (layer.lora_B[ADAPTER_NAME], B)):
+        weight = module.weight
+        if weight.is_meta:
+            values = torch.empty(weight.shape, dtype=weight.dtype, device=layer.get_base_layer().weight.device)
+            values.copy_(factor)  # contiguous, whatever the factor's strides: DDP compares them across ranks
+            module.weight = torch.nn.Parameter(values, requires_grad=weight.requires_grad)
+        else:
+            weight.data.copy_(factor.to(device=weight.device, dtype=weight.dtype))
 
 
 def _initialize(layers, indices, mode, device, solver, seed, workers, progress=None, factors=None, stats=None,

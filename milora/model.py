@@ -214,11 +214,15 @@ def wrap_model(
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     device: torch.device | str | None = None,
+    adapter_values: bool = True,
     **lora_kwargs,
 ) -> PeftModel:
     """`model` checked and wrapped in PEFT LoRA layers as `apply_milora` configures them, not yet initialised
     (PEFT's default LoRA init, base weights untouched). The weights may be on the meta device (their values are
-    then not checked): `milora.sharded_init` builds the adapter that way. Arguments as in `apply_milora`."""
+    then not checked): `milora.sharded_init` builds the adapter that way. `adapter_values=False` leaves the LoRA
+    weights on the meta device, without values, for `milora.distributed.set_factors` to fill: PEFT's random init
+    of 400 adapters at 70B shapes takes seconds on the CPU, and every SVD method overwrites it. Other arguments as
+    in `apply_milora`."""
     method = check_method(method)
     if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
         raise MiLoRAError("the model already carries LoRA layers; pass the plain base model to apply_milora")
@@ -246,7 +250,7 @@ def wrap_model(
         task_type=task_type,
         **lora_kwargs,
     )
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config, low_cpu_mem_usage=not adapter_values)
     skip_input_casts_under_autocast(peft_model)
     return peft_model
 
@@ -314,8 +318,11 @@ def apply_milora(
                           "SVD method (pissa, milora, ...)")
     if quantization is not None and quantize_residual and method == "lora":
         quantize_base(model, quantization, device, lora_kwargs.get("modules_to_save"))  # QLoRA
+    # the SVD methods write every LoRA weight: PEFT need not draw random ones first (not under ZeRO-3, whose
+    # partitioned LoRA weights are written in place)
+    adapter_values = method == "lora" or _under_zero3(model)
     peft_model = wrap_model(model, targets, r, method=method, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            device=device, **lora_kwargs)
+                            device=device, adapter_values=adapter_values, **lora_kwargs)
     record_method(peft_model, method)
     if method == "lora":
         return peft_model
@@ -338,6 +345,12 @@ def apply_milora(
         # them: hand them back to the device
         torch.cuda.empty_cache()
     return peft_model
+
+
+def _under_zero3(model: torch.nn.Module) -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() or any(is_zero3_partitioned(p) for p in model.parameters())
 
 
 def _default_task_type(model: torch.nn.Module) -> str | None:

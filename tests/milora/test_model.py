@@ -223,3 +223,26 @@ class TestErrors:
         peft_model = apply_milora(llama, ["q_proj"], 4, show_progress=False)
         with pytest.raises(MiLoRAError, match="already carries LoRA"):
             apply_milora(peft_model, ["q_proj"], 4, show_progress=False)
+
+
+def test_svd_methods_fill_adapters_made_without_values():
+    """For the SVD methods the LoRA weights are made on the meta device (PEFT draws no random values for them)
+    and become the factors: PEFT's adapter dtype (float32 beside a bf16 base), the base weight's device,
+    trainable; plain LoRA keeps PEFT's own init."""
+    from milora.distributed import lora_layers
+    from milora.model import wrap_model
+
+    wrapped = wrap_model(tiny_model("llama", dtype=torch.bfloat16), LLAMA_TARGETS, 4, adapter_values=False)
+    assert all(layer.lora_A["default"].weight.is_meta and layer.lora_B["default"].weight.is_meta
+               for _, layer in lora_layers(wrapped))
+    model = apply_milora(tiny_model("llama", dtype=torch.bfloat16), LLAMA_TARGETS, 4, show_progress=False)
+    for _, layer in lora_layers(model):
+        for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            assert weight.dtype == torch.float32 and weight.device == layer.get_base_layer().weight.device
+            assert weight.requires_grad and weight.is_contiguous() and torch.isfinite(weight).all()
+            assert weight.abs().sum() > 0
+    assert set(model.get_base_model().state_dict()) == set(
+        apply_milora(tiny_model("llama", dtype=torch.bfloat16), LLAMA_TARGETS, 4, method="lora").get_base_model()
+        .state_dict())
+    lora = apply_milora(tiny_model("llama", dtype=torch.bfloat16), LLAMA_TARGETS, 4, method="lora")
+    assert all(float(layer.lora_B["default"].weight.abs().sum()) == 0 for _, layer in lora_layers(lora))
