@@ -311,8 +311,8 @@ def _factor_below(gram: torch.Tensor, shift: float, safe_shift: float | None) ->
 # those small solves are GEMMs.
 TRIANGULAR_INVERSE_BLOCK = 512
 # Products with a triangular matrix skip its zero half by recursive halving down to blocks of this size, which are
-# multiplied as full GEMMs: about half the multiply-adds of one full GEMM, in GEMMs still large enough to run near
-# the float64 peak. (torch has no triangular matrix product, cuBLAS's `trmm`.)
+# multiplied as full GEMMs: a little over half the multiply-adds of one full GEMM, in GEMMs still large enough to
+# run near the float64 peak. (torch has no triangular matrix product, cuBLAS's `trmm`.)
 TRIANGULAR_PRODUCT_BLOCK = 1024
 
 
