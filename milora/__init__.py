@@ -9,11 +9,19 @@ adapters start from the minor singular components of the weights they adapt (MiL
 import importlib
 import logging
 
-# bitsandbytes, which peft imports whenever it is installed, logs on every import on a CPU with AVX512-BF16 that the
-# optional `kernels` package is missing (its own CPU code runs instead). Only that message is dropped.
+# bitsandbytes, which peft imports whenever it is installed, looks up a CPU kernel on the Hub on every import on a CPU
+# with AVX512-BF16, and logs when it cannot have it (its own CPU code runs instead): that the optional `kernels`
+# package is missing or the kernel is not there, and, from `kernels` (which transformers >= 5.25 installs), that the
+# Hub is offline. Only those messages about that kernel are dropped.
 BITSANDBYTES_CPU_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+BITSANDBYTES_CPU_KERNEL_OFFLINE_NOTICE = (
+    "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
+)
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith(BITSANDBYTES_CPU_KERNELS_NOTICE)
+)
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: not str(record.msg).startswith(BITSANDBYTES_CPU_KERNEL_OFFLINE_NOTICE)
 )
 
 # Public names and the module each lives in. They load on first use (PEP 562), so that `import milora.prompts`
