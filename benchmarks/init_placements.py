@@ -57,6 +57,7 @@ def build(shapes: dict, layers: int, device: str, gpu: str):
     either placement. The decoder layers' other weights (o_proj, gate_proj, the norms) are no target: all layers
     share one tensor of each, so that the 80 layers' targets (88 GB) fit in memory without the rest of the model
     (another 50 GB)."""
+    from init_speed import rebuild_rotary_embedding
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{**shapes, "num_hidden_layers": layers})
@@ -79,8 +80,7 @@ def build(shapes: dict, layers: int, device: str, gpu: str):
                     shared[key, parameter.shape] = drawn(parameter.shape)
                 values = shared[key, parameter.shape]
             setattr(module, key, torch.nn.Parameter(values, requires_grad=parameter.requires_grad))
-    with torch.device(device):  # meta buffers: rebuild the rotary embedding (its inv_freq) for real
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    rebuild_rotary_embedding(model, config, device)
     return model
 
 

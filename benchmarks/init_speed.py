@@ -93,6 +93,13 @@ def per_shape_rows(device, r, repeats, dtype):
     return rows
 
 
+def rebuild_rotary_embedding(model, config, device):
+    """A Llama built on the meta device, or moved with `to_empty`, has no values in its buffers: rebuild the rotary
+    embedding (its inv_freq) on `device`."""
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+
+
 def random_llama(config, dtype, device):
     """A LlamaForCausalLM of `config` with N(0, 0.02) weights, built straight on `device` (no CPU copy)."""
     from transformers import LlamaForCausalLM
@@ -100,9 +107,7 @@ def random_llama(config, dtype, device):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
-    # to_empty leaves buffers uninitialised: rebuild the rotary embedding (its inv_freq) on the device
-    with torch.device(device):
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    rebuild_rotary_embedding(model, config, device)  # to_empty leaves buffers uninitialised
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
