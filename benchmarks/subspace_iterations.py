@@ -9,10 +9,10 @@ of size `n`, with `r = 64 n / 8192` (the 70B ratio r / min(shape)) or a given `-
 
 Per shape and solver variant it prints: iterations (applications of the shifted Gram matrix's inverse),
 factorisations of the n x n Gram matrix, `eigh` calls (Rayleigh-Ritz, size = block), small Cholesky factorisations and
-triangular solves (CholeskyQR2 of the n x block basis), host synchronisations (`float`, `int`, `.tolist()`,
-`.item()` on tensors, and each `eigh`, which checks its status on the host) and 1 - overlap of the found
-minor subspace with the float64 `eigh` of the Gram matrix ("fallback": the solver gave up). Counting wraps
-the torch functions the solver calls; the solver itself carries no instrumentation.
+triangular solves (CholeskyQR of the n x block basis: two passes before a Rayleigh-Ritz step, one otherwise), host
+synchronisations (`float`, `int`, `.tolist()`, `.item()` on tensors, and each `eigh`, which checks its status on
+the host) and 1 - overlap of the found minor subspace with the float64 `eigh` of the Gram matrix ("fallback": the
+solver gave up). Counting wraps the torch functions the solver calls; the solver itself carries no instrumentation.
 Variants: `before` (the solver before issue 25: shift 0.9 x the lowest Ritz value once, Rayleigh-Ritz every
 second iteration from the fourth) and the current solver with a block of `k x r` (`bk`, options below);
 `b8-l0` is the current solver without its Lanczos first shift, `b8` the default. The Lanczos steps (60
@@ -106,7 +106,7 @@ def counting():
 
         setattr(owner, name, counted)
 
-    # CholeskyQR2 factors x^T x as upper, the shifted Gram matrix is factored as lower
+    # CholeskyQR factors x^T x as upper, the shifted Gram matrix is factored as lower
     wrap(torch.linalg, "cholesky_ex", lambda a, upper=False, **_: "small_cholesky" if upper else "factorisations")
     wrap(torch, "cholesky_solve", "solves")  # the `before` variant
     wrap(dec, "_apply_shifted_inverse", "solves")

@@ -254,14 +254,19 @@ LANCZOS_STEPS = 60
 LANCZOS_IN_FLOAT32 = True
 # At most this many iterations between convergence checks once the shift has settled.
 MAX_SKIPPED = 8
+# CholeskyQR passes on the iterations that no Rayleigh-Ritz step follows: inverse iteration depends on the basis's
+# column space only, which one pass keeps (a failed pass is caught like any other). Two throughout took 3-7% longer
+# at the 70B shapes (docs/benchmarks.md).
+ORTHONORMAL_PASSES_BETWEEN_CHECKS = 1
 
 
-def _cholesky_qr2(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """CholeskyQR2 (two GEMM-shaped passes) of the columns of `x`, without reading its status: the result, each
-    pass's input and each pass's `cholesky_ex` status (a device tensor; nonzero where `x` was too ill-conditioned
-    and the result is not orthonormal)."""
+def _cholesky_qr(x: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """CholeskyQR of the columns of `x` in `passes` GEMM-shaped passes (2: CholeskyQR2, orthonormal to round-off;
+    1: the same column space, orthonormal to about cond(x)^2 x round-off), without reading its status: the result,
+    each pass's input and each pass's `cholesky_ex` status (a device tensor; nonzero where `x` was too
+    ill-conditioned and the result is not orthonormal)."""
     inputs, infos = [], []
-    for _ in range(2):
+    for _ in range(passes):
         inputs.append(x)
         factor, info = torch.linalg.cholesky_ex(x.T @ x, upper=True)
         infos.append(info)
@@ -272,7 +277,7 @@ def _cholesky_qr2(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], li
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of `x`: CholeskyQR2, Householder QR of the last good input when `x` is
     too ill-conditioned for it. Both passes' status is read at once: one device synchronisation instead of two."""
-    x, inputs, infos = _cholesky_qr2(x)
+    x, inputs, infos = _cholesky_qr(x)
     for failed, x_in in zip(torch.stack(infos).ne(0).tolist(), inputs, strict=True):
         if failed:  # as if the passes had stopped at the first failure
             return torch.linalg.qr(x_in)[0]
@@ -447,19 +452,19 @@ def _minor_components_by_subspace_iteration(
     del factor
     basis = torch.randn(n, block, dtype=gram.dtype, device=w.device, generator=generator)
     next_check, last_worst, last_check = 1, None, 0
-    # CholeskyQR2's status is not read after each iteration (a read waits for the GPU) but with the next
+    # CholeskyQR's status is not read after each iteration (a read waits for the GPU) but with the next
     # Rayleigh-Ritz step's values. Where it failed since the last step, that step runs on the last step's basis
     # instead (chosen on the device), and the iteration goes on from there reading every status (Householder QR
-    # where CholeskyQR2 fails).
+    # where CholeskyQR fails).
     checked_basis, failures, read_each = basis, [], False
     for iteration in range(1, SUBSPACE_MAX_ITERATIONS + 1):
         basis = _apply_shifted_inverse(inverse_factor, basis)
-        # unit columns first: they scale by 1 / (lambda - s), which CholeskyQR2 would see as ill-conditioning
+        # unit columns first: they scale by 1 / (lambda - s), which CholeskyQR would see as ill-conditioning
         basis = basis / basis.norm(dim=0).clamp_min(torch.finfo(basis.dtype).tiny)
         if read_each:
             basis = _orthonormal(basis)
-        else:
-            basis, _, infos = _cholesky_qr2(basis)
+        else:  # one pass keeps the column space, all the iteration needs; two before a Rayleigh-Ritz step
+            basis, _, infos = _cholesky_qr(basis, 2 if iteration >= next_check else ORTHONORMAL_PASSES_BETWEEN_CHECKS)
             failures += infos
         if iteration < next_check:
             continue

@@ -132,7 +132,7 @@ def test_subspace_iteration_converges_itself_on_a_dense_minor_spectrum(shape):
 
 
 def test_a_cholesky_qr_failure_between_checks_restarts_from_the_last_checked_basis(monkeypatch):
-    """The iteration reads CholeskyQR2's status only at its Rayleigh-Ritz steps. A failure in between (forced here
+    """The iteration reads CholeskyQR's status only at its Rayleigh-Ritz steps. A failure in between (forced here
     on the third orthonormalisation, whose result is then garbage) sends it back to the last checked basis,
     reading every status from then on; it still converges to the float64 SVD's minor subspace."""
     import milora.decomposition as decomposition
@@ -140,23 +140,54 @@ def test_a_cholesky_qr_failure_between_checks_restarts_from_the_last_checked_bas
     weight = random_weight(896, 256, seed=6, dtype=torch.bfloat16)
     r = 16
     calls = {"unchecked": 0, "checked": 0}
-    unchecked, checked = decomposition._cholesky_qr2, decomposition._orthonormal
+    unchecked, checked = decomposition._cholesky_qr, decomposition._orthonormal
 
-    def failing_third(x):
+    def failing_third(x, passes=2):
         calls["unchecked"] += 1
-        q, inputs, infos = unchecked(x)
+        q, inputs, infos = unchecked(x, passes)
         if calls["unchecked"] == 3:
-            return torch.full_like(q, float("nan")), inputs, [infos[0] + 1, infos[1]]
+            return torch.full_like(q, float("nan")), inputs, [infos[0] + 1, *infos[1:]]
         return q, inputs, infos
 
     def counted(x):
         calls["checked"] += 1
         return checked(x)
 
-    monkeypatch.setattr(decomposition, "_cholesky_qr2", failing_third)
+    monkeypatch.setattr(decomposition, "_cholesky_qr", failing_third)
     monkeypatch.setattr(decomposition, "_orthonormal", counted)
     found = decomposition._minor_components_by_subspace_iteration(weight, *decomposition.smaller_gram(weight), r)
     assert found is not None and calls["checked"] > 0
+    U, S, Vh = reference(weight, torch.arange(256 - r, 256))
+    assert subspace_overlap(found.U, U) > 1 - 1e-10
+    assert subspace_overlap(found.Vh.T, Vh.T) > 1 - 1e-10
+
+
+def test_one_cholesky_qr_pass_between_checks_keeps_the_iteration_count(monkeypatch):
+    """Between Rayleigh-Ritz steps the basis gets one CholeskyQR pass (its column space is all inverse iteration
+    uses), before each step two. The iteration needs as many steps as with two passes throughout and finds the
+    float64 SVD's minor subspace."""
+    import milora.decomposition as decomposition
+
+    weight = random_weight(896, 256, seed=6, dtype=torch.bfloat16)
+    r = 16
+    original = decomposition._cholesky_qr
+
+    def run(passes_between_checks):
+        passes = []
+
+        def recorded(x, passes_asked=2):
+            passes.append(passes_asked)
+            return original(x, passes_asked)
+
+        monkeypatch.setattr(decomposition, "_cholesky_qr", recorded)
+        monkeypatch.setattr(decomposition, "ORTHONORMAL_PASSES_BETWEEN_CHECKS", passes_between_checks)
+        found = decomposition._minor_components_by_subspace_iteration(weight, *decomposition.smaller_gram(weight), r)
+        return found, passes
+
+    found, passes = run(1)
+    _, passes_two = run(2)
+    assert found is not None and 1 in passes and 2 in passes
+    assert len(passes) == len(passes_two) and set(passes_two) == {2}
     U, S, Vh = reference(weight, torch.arange(256 - r, 256))
     assert subspace_overlap(found.U, U) > 1 - 1e-10
     assert subspace_overlap(found.Vh.T, Vh.T) > 1 - 1e-10
