@@ -165,4 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(PROG, main))
+    from milora.processes import exit_process  # under `accelerate launch`: see there
+
+    exit_process(run_command(PROG, main))

@@ -9,14 +9,19 @@ ZeRO-3, and merging after ZeRO-3 training.
   then partitioned as `from_pretrained` partitions a checkpoint (`partition_if_zero3`).
 - After ZeRO-3 training the full state dict is gathered onto the main process, which writes the merged
   checkpoint from it (`save_merged_from_state_dict`) without materialising the partitioned model.
-- At the end of a run the process group is destroyed (`end_processes`).
+- At the end of a run the process group is destroyed (`end_processes`) and, on success, the process ends without
+  the interpreter's teardown (`exit_process`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from peft.utils.other import transpose
@@ -27,15 +32,38 @@ from milora.io import atomic_directory
 
 
 def end_processes() -> None:
-    """Destroy the default process group once a run has done its last collective (every process calls it); nothing
-    without one. A process that exits with its gloo group alive can abort at interpreter exit (the group's worker
-    threads still hold tensors: SIGABRT, "terminate called without an active exception"), so that a run which
-    trained and saved everything ends with a failure. Called on success only: after an error another rank may
-    still be inside a collective, and the launcher tears the processes down anyway."""
+    """Wait for every process, then destroy the process group, once a run has done its last collective (every
+    process calls it); nothing without one. Without the barrier a fast process could tear its gloo connections
+    down while another still sends. Without the destruction, a process that exits with its gloo group alive can
+    abort at interpreter exit (the group's worker threads still hold tensors: SIGABRT, "terminate called without
+    an active exception"), so that a run which trained and saved everything ends with a failure. Called on success
+    only: after an error another rank may still be inside a collective, and the launcher tears the processes down
+    anyway."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """`sys.exit(status)`, except in a process launched as one of several whose run succeeded (status 0): there the
+    non-daemon threads are joined, the exit handlers run (trackers, logging) and the standard streams are flushed,
+    as at a normal exit, and then the process ends at once (`os._exit`), skipping the interpreter's teardown.
+
+    Native threads of the communication libraries (gloo, DeepSpeed's) that outlive the process group can abort that
+    teardown (SIGABRT, "terminate called without an active exception") after everything was written and the group
+    destroyed (`end_processes`); the launcher then reports the whole run as failed. Seen rarely, on CPU runs under
+    DeepSpeed ZeRO-3."""
+    if status != 0 or not _launched_several_processes():
+        sys.exit(status)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _launched_several_processes() -> bool:

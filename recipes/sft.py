@@ -33,7 +33,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from milora import MiLoRAError
 from milora.data import DataError
 from milora.io import DamagedFileError
-from milora.processes import end_processes
+from milora.processes import end_processes, exit_process
 from milora.sft.checkpoints import TrainingAlreadyDone, stop_at_max_steps_callback
 from milora.sft.config import RecipeError
 from milora.sft.data import load_training_data
@@ -79,7 +79,8 @@ def train(argv: list[str] | None = None):
         trainer.accelerator.print(f"sft.py: {done}; writing the outputs")
     save_outputs(trainer, recipe, original_fingerprint, step0)
     trainer.accelerator.print(f"sft.py: done, outputs in {training_args.output_dir}")
-    if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group
+    end_processes()  # every rank done (a barrier), then no process group left for `trainer.end` to destroy
+    if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers
         trainer.end()
     return trainer
 
@@ -90,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, MiLoRAError, DamagedFileError) as error:  # bad input: one line, no traceback
         print(f"sft.py: error: {error}", file=sys.stderr)
         return 2
-    end_processes()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

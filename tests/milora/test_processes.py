@@ -43,3 +43,46 @@ def test_end_processes_destroys_the_process_group_and_is_a_no_op_without_one(tmp
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+EXITING = """
+import atexit, sys, threading, time
+from pathlib import Path
+from milora.processes import exit_process
+
+out = Path(sys.argv[1])
+
+class Teardown:  # what the interpreter's teardown runs (the module's globals are released)
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __del__(self, open=open):  # the builtins may be gone by then
+        with open(self.path, "w") as file:
+            file.write("ran")
+
+held_until_teardown = Teardown(out / "teardown")
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("ran"))).start()
+print("buffered", end="")
+exit_process(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("launched,status", [(True, 0), (True, 3), (False, 0)])
+def test_exit_process_skips_only_the_teardown_of_a_launched_process_that_succeeded(tmp_path, launched, status):
+    """A process launched as one of several that succeeded ends without the interpreter's teardown (where native
+    threads of the communication libraries can abort it), but after its non-daemon threads, its exit handlers and
+    its buffered output; any other exit is `sys.exit`'s."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "LOCAL_RANK")}
+    if launched:
+        env.update(WORLD_SIZE="2", LOCAL_RANK="0", RANK="0")
+    result = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path), str(status)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == status, result.stderr
+    assert result.stdout == "buffered"
+    assert (tmp_path / "thread").is_file() and (tmp_path / "atexit").is_file()
+    assert (tmp_path / "teardown").is_file() == (not launched or status != 0)

@@ -76,9 +76,10 @@ def launch_command(launcher: str, processes: list[str], recipe: str, out_dir: Pa
 
 
 def launch_environment() -> dict[str, str]:
-    """DeepSpeed's CPU accelerator, one thread per process (the same float32 arithmetic in every process), offline."""
+    """DeepSpeed's CPU accelerator, one thread per process (the same float32 arithmetic in every process), offline;
+    a process killed by a signal prints its Python threads' stacks into the log (faulthandler)."""
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
 
 
 def launch(launcher: str, recipe: str, out_dir: Path, *overrides: str, extra_env: dict | None = None,
