@@ -255,8 +255,8 @@ LANCZOS_IN_FLOAT32 = True
 # At most this many iterations between convergence checks once the shift has settled.
 MAX_SKIPPED = 8
 # CholeskyQR passes on the iterations that no Rayleigh-Ritz step follows: inverse iteration depends on the basis's
-# column space only, which one pass keeps (a failed pass is caught like any other). Two throughout took 3-7% longer
-# at the 70B shapes (docs/benchmarks.md).
+# column space only, which one pass keeps (a failed pass is caught like any other). With two throughout, the 70B
+# up/down projections took 3-7% longer, q_proj as long (docs/benchmarks.md).
 ORTHONORMAL_PASSES_BETWEEN_CHECKS = 1
 
 
