@@ -140,17 +140,21 @@ EVAL_ENTRY_POINTS = {"milora eval": [sys.executable, "-m", "milora.cli", "eval"]
 
 
 @pytest.mark.end_to_end
-@pytest.mark.parametrize("entry_point", EVAL_ENTRY_POINTS)
-def test_eval_reports_bad_input_like_every_command_and_debug_shows_the_traceback(tmp_path, entry_point):
+@pytest.mark.parametrize("entry_point,debug_position", [("milora eval", "first"),
+                                                        ("python -m eval_harness.cli", "last")])
+def test_eval_reports_bad_input_like_every_command_and_debug_shows_the_traceback(tmp_path, entry_point,
+                                                                                 debug_position):
+    """Each entry point in its own process; `--debug` before the options for one, after them for the other (both
+    positions for both run in process: `test_debug_reraises_eval_errors_in_process`)."""
     command = [*EVAL_ENTRY_POINTS[entry_point], "--suite", "gsm8k", "--model", str(tmp_path / "missing")]
     plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr, plain.stderr
     [line] = [line for line in plain.stderr.splitlines() if line.strip()]
     assert line.startswith("milora eval: error: --model ") and str(tmp_path / "missing") in line
-    for debug_command in ([*command[:3], "--debug", *command[3:]], [*command, "--debug"]):  # first or last
-        debugged = subprocess.run(debug_command, capture_output=True, text=True, timeout=300)
-        assert debugged.returncode not in (0, 2), debugged.stderr
-        assert "Traceback" in debugged.stderr and "UsageError: --model " in debugged.stderr
+    debug_command = [*command[:3], "--debug", *command[3:]] if debug_position == "first" else [*command, "--debug"]
+    debugged = subprocess.run(debug_command, capture_output=True, text=True, timeout=300)
+    assert debugged.returncode not in (0, 2), debugged.stderr
+    assert "Traceback" in debugged.stderr and "UsageError: --model " in debugged.stderr
 
 
 @pytest.mark.parametrize("position", ["global", "after the command"])
